@@ -1,0 +1,29 @@
+# make train: set up .venv (if needed) and run the main training job on embedded defaults.
+# make test:  set up .venv (if needed) and run every test, unit and integration.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dfmvr-installed
+
+.PHONY: setup test train unit bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,pytorch3d]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# pytest's exit status passes through: an empty selection (exit 5) fails too.
+test: setup
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+train: setup
+	$(PY) jobs/train.py
+
+clean:
+	rm -rf $(VENV) work .pytest_cache
