@@ -79,6 +79,105 @@ class RenderConfig:
             raise ValueError(f"render.znear/zfar: expected 0 < znear < zfar, got {self.znear}, {self.zfar}")
 
 
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where shards are and how they are streamed into workers."""
+
+    url: str = ""
+    """Shard root holding ``manifest.json``: a local directory or ``s3://bucket/prefix``;
+    empty means ``<work_dir>/shards`` (made with synthetic data when missing)."""
+    split: str = "train"
+    """Split to train on (the manifest lists them)."""
+    val_split: str = "val"
+    """Split to validate on."""
+    image_size: int = 224
+    """Side in pixels the model sees (shards are resized if they differ)."""
+    batch_size: int = 8
+    """Triplets per batch per worker."""
+    num_workers: int = 2
+    """DataLoader worker processes per training worker."""
+    shuffle_buffer: int = 256
+    """Samples held in the shuffle buffer."""
+    resampled: bool = True
+    """Sample shards with replacement so every rank sees the same number of batches."""
+    epoch_samples: int = 1024
+    """Samples per epoch per rank in resampled mode."""
+    color_jitter: float = 0.0
+    """Strength of the colour jitter applied identically to the three views (0 = off)."""
+    weight_map: Literal["paper", "reference"] = "paper"
+    """Photometric weight map: the paper's 254/128/32 levels or the reference code's variant."""
+    s3_endpoint: str = ""
+    """S3 endpoint URL; empty means ``AWS_ENDPOINT_URL`` or the AWS default."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"data.image_size: expected >= 16 px, got {self.image_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size: expected >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        _check_positive("data.color_jitter", self.color_jitter, allow_zero=True)
+        _check_choice("data.weight_map", self.weight_map, ("paper", "reference"))
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The reconstruction network (paper Sec. III) and its ablation switches (Tab. II)."""
+
+    backbone: str = "fusion"
+    """Registered backbone: ``fusion`` (deep fusion, ours), ``unet`` (v2), ``cnn`` (v1)."""
+    regressor: str = "rednet50"
+    """Registered regressor: ``rednet50`` or ``resnet50``."""
+    width: int = 64
+    """Channels of the first encoder level; level i has ``width * 2**i`` (64..1024 at paper size)."""
+    levels: int = 5
+    """Encoder levels (max-pool between them)."""
+    regressor_width: int = 64
+    """Stem width of the regressor (64 for ResNet-50 proper)."""
+    mask_input: bool = True
+    """Concatenate each view's parsing mask to its image (paper: yes)."""
+    parse_net: str = ""
+    """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.regressor_width < 1:
+            raise ValueError(f"model.width/regressor_width: expected >= 1, got {self.width}, {self.regressor_width}")
+        if not 2 <= self.levels <= 6:
+            raise ValueError(f"model.levels: expected 2..6, got {self.levels}")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """Loss weights (reference defaults, DESIGN.md table) and switches."""
+
+    photo: float = 24.0
+    """Mask-weighted photometric loss."""
+    mask: float = 1.0
+    """Cross-entropy of the frozen parse net on the render against the input mask."""
+    lm2d: float = 2e-2
+    """68-point landmark loss (pixels at 224)."""
+    lm3d: float = 1.0
+    """Sparse 3D-landmark loss."""
+    reg: float = 3e-4
+    """Coefficient regulariser."""
+    gamma: float = 10.0
+    """SH lighting colour-variance regulariser."""
+    reflect: float = 5.0
+    """Albedo variance over the skin."""
+    mask_loss: bool = True
+    """Use the mask loss (paper switch)."""
+    lm3d_loss: bool = True
+    """Use the 3D-landmark loss when samples carry 3D landmarks (paper switch)."""
+    mask_loss_start_step: int = 0
+    """Optimiser step from which the mask loss is on."""
+
+    def __post_init__(self) -> None:
+        for name in ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect"):
+            _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
+        if self.mask_loss_start_step < 0:
+            raise ValueError(f"loss.mask_loss_start_step: expected >= 0, got {self.mask_loss_start_step}")
+
+
 def _field_type(cls: type, name: str) -> Any:
     hints = typing.get_type_hints(cls)
     return hints[name]
@@ -306,6 +405,9 @@ class Config:
 
     facemodel: FaceModelConfig = field(default_factory=FaceModelConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     work_dir: str = "work"
     """Where embedded defaults live: shards, MLflow store, checkpoints."""
     seed: int = 0
