@@ -1,0 +1,73 @@
+import pytest
+
+from dfmvr.config import (
+    Config,
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_yaml,
+    parse_cli_overrides,
+    to_dict,
+)
+
+
+def test_overrides_convert_strings_to_field_types():
+    cfg = apply_overrides(Config(), {"loss.photo": "8", "data.resampled": "false", "model.backbone": "unet",
+                                     "data.batch_size": "4", "render.backend": "torch"})
+    assert cfg.loss.photo == 8.0 and isinstance(cfg.loss.photo, float)
+    assert cfg.data.resampled is False
+    assert cfg.model.backbone == "unet"
+    assert cfg.data.batch_size == 4
+    assert cfg.render.backend == "torch"
+    # the original is untouched
+    assert Config().loss.photo == 24.0
+
+
+def test_unknown_key_names_the_key_and_valid_fields():
+    with pytest.raises(KeyError) as e:
+        apply_overrides(Config(), {"optimm.lr": 1})
+    assert "optimm" in str(e.value) and "render" in str(e.value)
+    with pytest.raises(KeyError) as e:
+        apply_overrides(Config(), {"model.bogus": 1})
+    assert "bogus" in str(e.value) and "backbone" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key,value,expect",
+    [
+        ("render.backend", "vulkan", "['auto', 'torch', 'pytorch3d']"),
+        ("data.batch_size", "four", "expected an integer"),
+        ("data.batch_size", "0", "data.batch_size"),
+        ("loss.photo", "-1", "loss.photo"),
+        ("data.resampled", "maybe", "expected true or false"),
+        ("facemodel.source", "bfm", "facemodel.bfm_path"),
+    ],
+)
+def test_bad_values_name_the_field(key, value, expect):
+    with pytest.raises(ValueError) as e:
+        apply_overrides(Config(), {key: value})
+    assert expect in str(e.value)
+
+
+def test_round_trip_through_dict_and_flat_form():
+    cfg = apply_overrides(Config(), {"loss.lm2d": 0.5, "work_dir": "/tmp/x"})
+    again = from_dict(Config, to_dict(cfg))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["loss.lm2d"] == 0.5 and flat["work_dir"] == "/tmp/x"
+    assert apply_overrides(Config(), flat) == cfg
+
+
+def test_yaml_and_cli_forms(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("loss:\n  photo: 12\nmodel.backbone: cnn\n")
+    flat = load_yaml(p)
+    assert flat == {"loss.photo": 12, "model.backbone": "cnn"}
+    assert parse_cli_overrides(["optim.lr=1e-4", "a.b=c=d"]) == {"optim.lr": "1e-4", "a.b": "c=d"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_cli_overrides(["nonsense"])
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="list.yaml"):
+        load_yaml(tmp_path / "list.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_yaml(tmp_path / "missing.yaml")
