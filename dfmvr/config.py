@@ -138,12 +138,17 @@ class ModelConfig:
     """Concatenate each view's parsing mask to its image (paper: yes)."""
     parse_net: str = ""
     """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
+    view_yaw_deg: tuple[float, ...] = (-45.0, 0.0, 45.0)
+    """Nominal yaw of each view (left, front, right) in degrees; the regressor's head starts at
+    the mean face turned by these angles (the y-angle of each view's rotation)."""
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.regressor_width < 1:
             raise ValueError(f"model.width/regressor_width: expected >= 1, got {self.width}, {self.regressor_width}")
         if not 2 <= self.levels <= 6:
             raise ValueError(f"model.levels: expected 2..6, got {self.levels}")
+        if not self.view_yaw_deg or any(not -180.0 <= a <= 180.0 for a in self.view_yaw_deg):
+            raise ValueError(f"model.view_yaw_deg: expected one angle in -180..180 per view, got {self.view_yaw_deg!r}")
 
 
 @dataclass(kw_only=True, slots=True)
