@@ -1,0 +1,149 @@
+"""The full DF-MVR reconstruction model: images -> backbone -> regressor -> face model -> renders.
+
+Paper Sec. III. ``DFMVR.forward`` returns everything the losses and visualisations need in one
+:class:`ReconOutput`. Shapes: ``B`` samples, ``V`` views (left, front, right), ``N`` vertices,
+``K`` sparse 3D landmarks, ``S`` image side.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from dfmvr.facemodel import geometry
+from dfmvr.facemodel.layout import Coeffs
+from dfmvr.facemodel.model import N_PARSE_CLASSES, FaceModel
+from dfmvr.nets import create_backbone, create_regressor
+from dfmvr.render import create_renderer
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconOutput:
+    """What one forward pass produces.
+
+    Attributes:
+        coeffs: ``[B, 269]`` raw coefficients.
+        parts: the same split by :class:`dfmvr.facemodel.layout.CoeffLayout`.
+        shape: ``[B, N, 3]`` model-frame vertices, decimetres.
+        albedo: ``[B, N, 3]`` in [0, 1].
+        posed: ``[B, V, N, 3]`` world-frame vertices per view.
+        colors: ``[B, V, N, 3]`` shaded vertex colours per view.
+        image: ``[B, V, 3, S, S]`` rendered colour (0 outside the face), or None without rendering.
+        render_mask: ``[B, V, 1, S, S]`` coverage, or None.
+        region: ``[B, V, S, S]`` parsing class of the rendered surface, or None.
+        lm2d: ``[B, V, 68, 2]`` projected landmarks, pixels.
+        lm3d: ``[B, K, 3]`` model-frame sparse 3D landmarks.
+    """
+
+    coeffs: torch.Tensor
+    parts: Coeffs
+    shape: torch.Tensor
+    albedo: torch.Tensor
+    posed: torch.Tensor
+    colors: torch.Tensor
+    image: torch.Tensor | None
+    render_mask: torch.Tensor | None
+    region: torch.Tensor | None
+    lm2d: torch.Tensor
+    lm3d: torch.Tensor
+
+
+class FaceModelBuffers(nn.Module):
+    """Holds a :class:`FaceModel`'s tensors as non-persistent buffers so ``.to(device)`` and DDP
+    move them with the network while checkpoints stay small (the face model is rebuilt from
+    config, and its :meth:`FaceModel.signature` is checked at load)."""
+
+    def __init__(self, face_model: FaceModel):
+        super().__init__()
+        self._name = face_model.name
+        self._keys = []
+        for f in fields(face_model):
+            value = getattr(face_model, f.name)
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(f.name, value.clone(), persistent=False)
+                self._keys.append(f.name)
+
+    @property
+    def model(self) -> FaceModel:
+        return FaceModel(**{k: getattr(self, k) for k in self._keys}, name=self._name)
+
+
+def mask_channel(masks: torch.Tensor) -> torch.Tensor:
+    """``[..., S, S]`` class ids -> ``[..., 1, S, S]`` in [-1, 1], the mask channel of the input."""
+    return (masks.float() / (N_PARSE_CLASSES - 1) * 2 - 1).unsqueeze(-3)
+
+
+class DFMVR(nn.Module):
+    """Deep-fusion multi-view reconstruction network with its differentiable decoder.
+
+    Args:
+        model_cfg: :class:`dfmvr.config.ModelConfig` (backbone, regressor, widths, mask input).
+        render_cfg: :class:`dfmvr.config.RenderConfig` (image size, camera, backend).
+        face_model: the morphable model the coefficients drive.
+    """
+
+    def __init__(self, model_cfg, render_cfg, face_model: FaceModel):
+        super().__init__()
+        self.cfg = model_cfg
+        self.image_size = render_cfg.image_size
+        self.n_views = len(model_cfg.view_yaw_deg)
+        self.layout = face_model.layout(self.n_views)
+        self.face = FaceModelBuffers(face_model)
+        in_channels = 4 if model_cfg.mask_input else 3
+        self.backbone = create_backbone(model_cfg.backbone, in_channels=in_channels, width=model_cfg.width,
+                                        levels=model_cfg.levels, n_views=self.n_views)
+        self.regressor = create_regressor(model_cfg.regressor, in_channels=self.backbone.out_channels,
+                                          width=model_cfg.regressor_width, layout=self.layout,
+                                          view_yaw_deg=tuple(model_cfg.view_yaw_deg))
+        self.renderer = create_renderer(render_cfg)
+
+    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, V, 3, S, S]`` in [-1, 1] (+ ``masks [B, V, S, S]``) -> coefficients ``[B, 269]``."""
+        b, v, c, h, w = images.shape
+        if (v, c, h, w) != (self.n_views, 3, self.image_size, self.image_size):
+            raise ValueError(
+                f"images must have shape (B, {self.n_views}, 3, {self.image_size}, {self.image_size}); "
+                f"got {tuple(images.shape)}"
+            )
+        x = images
+        if self.cfg.mask_input:
+            if masks is None:
+                raise ValueError("model.mask_input is on but no masks were given (run the parse net first)")
+            x = torch.cat([images, mask_channel(masks).to(images.dtype)], dim=2)
+        return self.regressor(self.backbone(x))
+
+    def decode(self, coeffs: torch.Tensor, *, render: bool = True) -> ReconOutput:
+        """Coefficients ``[B, 269]`` -> meshes, per-view poses, shading, renders and landmarks."""
+        fm = self.face.model
+        parts = self.layout.split(coeffs)
+        b, v = coeffs.shape[0], self.n_views
+        shape = geometry.compute_shape(fm, parts.id, parts.exp)
+        albedo = geometry.compute_albedo(fm, parts.tex)
+        shape_v = geometry.expand_views(shape, v)  # [B*V, N, 3]
+        posed = geometry.rigid_transform(shape_v, parts.angles.reshape(-1, 3), parts.trans.reshape(-1, 3))
+        normals = geometry.vertex_normals(posed, fm.tri)
+        colors = geometry.sh_shading(geometry.expand_views(albedo, v), normals, geometry.expand_views(parts.gamma, v))
+        cam = self.renderer.camera
+        lm2d = cam.project(posed[:, fm.keypoints])
+        image = mask = region = None
+        if render:
+            out = self.renderer(posed, fm.tri, colors, labels=fm.region)
+            s = self.image_size
+            image = out.image.view(b, v, 3, s, s)
+            mask = out.mask.view(b, v, 1, s, s)
+            region = out.region.view(b, v, s, s)
+        n = shape.shape[1]
+        return ReconOutput(
+            coeffs=coeffs, parts=parts, shape=shape, albedo=albedo,
+            posed=posed.view(b, v, n, 3), colors=colors.view(b, v, n, 3),
+            image=image, render_mask=mask, region=region,
+            lm2d=lm2d.view(b, v, 68, 2), lm3d=shape[:, fm.lm3d_index],
+        )
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True) -> ReconOutput:
+        return self.decode(self.encode(images, masks), render=render)
