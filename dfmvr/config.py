@@ -183,6 +183,97 @@ class LossConfig:
             raise ValueError(f"loss.mask_loss_start_step: expected >= 0, got {self.mask_loss_start_step}")
 
 
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Adam with the reference schedule: constant, then cosine decay after ``cosine_after`` steps."""
+
+    lr: float = 1e-4
+    """Learning rate during the constant phase."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    cosine_after: int = 0
+    """Step at which cosine decay to ``lr * min_lr_ratio`` begins (0: cosine over the whole run)."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        if self.cosine_after < 0:
+            raise ValueError(f"optim.cosine_after: expected >= 0, got {self.cosine_after}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The training run: length, cadence, scaling, fault tolerance."""
+
+    steps: int = 2000
+    """Optimiser steps in the whole run."""
+    val_every: int = 200
+    """Validate (and checkpoint) every this many steps, and at the end."""
+    ckpt_every: int = 100
+    """Checkpoint every this many steps."""
+    val_samples: int = 64
+    """Validation triplets per validation (all of the split if fewer)."""
+    log_every: int = 10
+    """Log metrics every this many steps."""
+    num_workers: int = 0
+    """Ray Train workers; 0 = auto (one per GPU when the cluster has GPUs, else 2 CPU workers)."""
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    """Use GPUs: ``auto`` when the cluster has them."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per Ray Train worker."""
+    amp: bool = True
+    """bf16/fp16 autocast on GPU (ignored on CPU)."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP."""
+    max_failures: int = 2
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    keep_checkpoints: int = 3
+    """Best checkpoints kept (by validation RMSE)."""
+    resume_from: str = ""
+    """Checkpoint (directory or URI) to continue an earlier run from."""
+    max_nan_steps: int = 5
+    """Non-finite losses in a row that stop the run (each is skipped and counted)."""
+    storage_path: str = ""
+    """Ray Train storage (local dir or ``s3://``); empty means ``<work_dir>/ray_results``."""
+    run_name: str = "dfmvr-train"
+    """Ray Train run name: re-running with the same name and storage resumes."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "val_every", "ckpt_every", "log_every", "val_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers: expected >= 0 (0 = auto), got {self.num_workers}")
+        _check_choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        if self.max_nan_steps < 1:
+            raise ValueError(f"train.max_nan_steps: expected >= 1, got {self.max_nan_steps}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty means ``MLFLOW_TRACKING_URI`` or the embedded SQLite store under work_dir."""
+    experiment: str = "dfmvr"
+    """Experiment name."""
+    registered_model: str = "dfmvr"
+    """Registered model name for the best checkpoint (empty: do not register)."""
+    log_images: bool = True
+    """Log image grids (input | render | overlay) at each validation."""
+
+
 def _field_type(cls: type, name: str) -> Any:
     hints = typing.get_type_hints(cls)
     return hints[name]
@@ -413,6 +504,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     work_dir: str = "work"
     """Where embedded defaults live: shards, MLflow store, checkpoints."""
     seed: int = 0
