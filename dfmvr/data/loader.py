@@ -1,0 +1,486 @@
+"""Stream a manifest's split from a local directory or S3 into typed batches.
+
+::
+
+    loader = make_loader(cfg.data, "train")          # rank/world size from RANK/WORLD_SIZE
+    for batch in loader:                             # dfmvr.data.batch.Batch
+        ...
+    loader.skipped                                   # bad samples skipped so far, all workers
+
+Pipeline (one ``webdataset.DataPipeline`` per DataLoader worker)::
+
+    shard URLs (manifest) --split_by_node (rank/world size)--> split_by_worker --shard shuffle-->
+      [resampled: webdataset.ResampledShards instead of the three steps above]
+    open (dfmvr.data.storage.open_read: streaming S3 get_object body or a local file)
+      --> tar entries --> samples grouped by key  (webdataset's tar_file_expander / group_by_keys,
+                                                  errors go to our handler: logged, counted)
+    --> sample shuffle buffer (encoded samples: cheaper to hold than decoded ones)
+    --> decode + check + resize + colour jitter + weight maps (bad samples: logged, counted, dropped)
+    --> batch + collate --> Batch (carries the worker's skip count since its previous batch)
+
+Bad input never stops the stream. Every skipped sample is counted exactly once:
+
+- a sample that fails to decode or check (missing view, undecodable image, wrong image size,
+  NaN landmarks, ...) is counted by the decode stage;
+- samples that never come out of a shard (truncated or corrupt tar; tarfile treats a corrupt
+  header after the first as the end of the archive, silently) are counted by comparing what a
+  shard yielded with the manifest's count for it, when the shard ends.
+
+Worker processes cannot change the parent's counter, so each batch carries its worker's count
+and :class:`ShardLoader` adds them up (``loader.skipped``); a worker whose last samples were bad
+sends a :class:`SkipReport` instead of a batch at the end of the epoch, which the loader
+consumes. In resampled mode the stream is cut after a fixed number of batches, so skips counted
+after a worker's last batch of an epoch are not reported (they are still logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset
+from webdataset import tariterators
+
+from dfmvr.data import storage  # noqa: F401  (registers the s3 gopen scheme in every worker)
+from dfmvr.data.batch import Batch, TripletItem, collate
+from dfmvr.data.shards import VIEWS, Manifest, decode_sample, read_manifest
+from dfmvr.data.transforms import color_jitter, resize_views, to_model_range, weight_map
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SkipReport:
+    """Sent by a worker at the end of its stream when bad samples followed its last batch."""
+
+    skipped: int
+
+
+@dataclass(kw_only=True, slots=True)
+class _Tally:
+    """Skip count of one worker process (each worker has its own copy)."""
+
+    skipped: int = 0
+
+    def take(self) -> int:
+        count, self.skipped = self.skipped, 0
+        return count
+
+
+@dataclass(kw_only=True, slots=True)
+class _EpochState:
+    """Set by the parent before each epoch; workers read it (fork / pickle copies it)."""
+
+    epoch: int = 0
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass(kw_only=True, slots=True)
+class _SplitByRank:
+    """Explicit node splitter: shard i goes to rank ``i % world_size``."""
+
+    rank: int
+    world_size: int
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for index, item in enumerate(src):
+            if index % self.world_size == self.rank:
+                yield item
+
+
+@dataclass(kw_only=True, slots=True)
+class _ShardShuffle:
+    """Shuffle this worker's shard list, differently each epoch (same on every call of an epoch)."""
+
+    seed: int
+    rank: int
+    state: _EpochState
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        shards = list(src)
+        worker, _ = _worker_info()
+        random.Random(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 1)).shuffle(shards)
+        yield from shards
+
+
+@dataclass(kw_only=True, slots=True)
+class _WorkerSeed:
+    """Seed for ``webdataset.ResampledShards``: distinct per rank, worker and epoch."""
+
+    seed: int
+    rank: int
+    state: _EpochState
+
+    def __call__(self) -> int:
+        worker, _ = _worker_info()
+        return _mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
+
+
+class _ShardErrors:
+    """webdataset exception handler for one shard: keeps the first error and continues."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors.append(exn)
+        return True
+
+
+@dataclass(kw_only=True, slots=True)
+class _TarSamples:
+    """Open each shard (streaming), expand its tar, group entries into samples, count losses."""
+
+    expected: dict[str, int]
+    endpoint: str | None
+    tally: _Tally
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            url = shard["url"]
+            expected = self.expected.get(url)
+            handler = _ShardErrors()
+            yielded = 0
+            try:
+                stream = storage.open_read(url, endpoint=self.endpoint)
+            except Exception as exn:
+                handler(exn)
+                stream = None
+            if stream is not None:
+                try:
+                    files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                    for sample in tariterators.group_by_keys(files, handler=handler):
+                        yielded += 1
+                        yield sample
+                finally:
+                    stream.close()
+            if expected is None:
+                continue
+            lost = expected - yielded
+            if lost > 0 or handler.errors:
+                cause = f"; first error: {handler.errors[0]!r:.300}" if handler.errors else ""
+                _logger.warning(
+                    "shard %s: manifest lists %d samples, read %d; %d lost%s",
+                    url, expected, yielded, max(lost, 0), cause,
+                )
+                self.tally.skipped += max(lost, 0)
+            elif lost < 0:
+                _logger.warning("shard %s: manifest lists %d samples, read %d (manifest out of date?)", url, expected, yielded)
+
+
+@dataclass(kw_only=True, slots=True)
+class _SampleShuffle:
+    """Shuffle buffer over encoded samples, seeded per rank, worker and epoch."""
+
+    bufsize: int
+    seed: int
+    rank: int
+    state: _EpochState
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        if self.bufsize <= 1:
+            yield from src
+            return
+        worker, _ = _worker_info()
+        rng = random.Random(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
+        yield from webdataset.filters._shuffle(src, bufsize=self.bufsize, initial=self.bufsize, rng=rng)
+
+
+@dataclass(kw_only=True, slots=True)
+class _DecodeTriplets:
+    """Decode, check and transform samples; drop and count the bad ones."""
+
+    shard_size: int
+    image_size: int
+    color_jitter: float
+    weight_map: str
+    with_gt: bool
+    seed: int
+    rank: int
+    state: _EpochState
+    tally: _Tally
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
+        worker, _ = _worker_info()
+        rng = np.random.default_rng(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
+        logged: set[tuple[str, str]] = set()
+        for raw in src:
+            try:
+                item = self.decode(raw, rng)
+            except ValueError as exn:
+                self.tally.skipped += 1
+                where = (str(raw.get("__url__")), str(raw.get("__key__")))
+                if where not in logged:
+                    logged.add(where)
+                    _logger.warning("skipping sample %s in %s: %s", where[1], where[0], exn)
+                continue
+            yield item
+
+    def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
+        """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong."""
+        sample = decode_sample(raw)
+        if sample.image_size != self.shard_size:
+            raise ValueError(
+                f"sample {sample.key} in {raw.get('__url__')}: views are {sample.image_size} px, "
+                f"the manifest says {self.shard_size} px"
+            )
+        images = np.stack([sample.images[view] for view in VIEWS])
+        masks = np.stack([sample.masks[view] for view in VIEWS]) if sample.masks is not None else None
+        images, masks, lmk2d = resize_views(images, masks, sample.lmk2d.astype(np.float32), self.image_size)
+        if self.color_jitter > 0:
+            pixels = color_jitter(images.astype(np.float32) * np.float32(1 / 255), self.color_jitter, rng)
+            images_model = to_model_range(pixels)
+        else:
+            images_model = to_model_range(images)
+        size = self.image_size
+        if masks is not None:
+            weights = weight_map(masks, self.weight_map)[:, None]
+        else:
+            weights = np.ones((len(VIEWS), 1, size, size), dtype=np.float32)
+        yaw = sample.meta.get("yaw_deg")
+        yaw_deg = np.asarray(yaw, dtype=np.float32) if yaw is not None else np.full(len(VIEWS), np.nan, np.float32)
+        gt_vertices = gt_faces = None
+        if self.with_gt and sample.gt is not None:
+            gt_vertices = np.asarray(sample.gt["vertices"], dtype=np.float32)
+            gt_faces = np.asarray(sample.gt["faces"], dtype=np.int64)
+        return TripletItem(
+            key=sample.key,
+            subject=sample.subject,
+            images=images_model,
+            masks=masks,
+            weights=weights,
+            lmk2d=lmk2d,
+            yaw_deg=yaw_deg,
+            lmk3d=sample.lmk3d.astype(np.float32) if sample.lmk3d is not None else None,
+            coeffs=sample.coeffs.astype(np.float32) if sample.coeffs is not None else None,
+            gt_vertices=gt_vertices,
+            gt_faces=gt_faces,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class _Batcher:
+    """Group items into batches; each batch carries the skips counted since the previous one."""
+
+    batch_size: int
+    with_gt: bool
+    tally: _Tally
+
+    def __call__(self, src: Iterator[TripletItem]) -> Iterator[Batch | SkipReport]:
+        items: list[TripletItem] = []
+        for item in src:
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield collate(items, skipped=self.tally.take(), with_gt=self.with_gt)
+                items = []
+        if items:
+            yield collate(items, skipped=self.tally.take(), with_gt=self.with_gt)
+        pending = self.tally.take()
+        if pending:
+            yield SkipReport(pending)
+
+
+class ShardLoader:
+    """An iterable of :class:`~dfmvr.data.batch.Batch` over one split; see :func:`make_loader`.
+
+    Attributes:
+        skipped: bad samples skipped so far (all epochs, all DataLoader workers of this rank).
+        epoch: epochs started so far (each ``iter()`` starts one; seeds shuffles and jitter).
+        manifest: the manifest the loader reads.
+    """
+
+    def __init__(
+        self,
+        pipeline: webdataset.DataPipeline,
+        *,
+        manifest: Manifest,
+        split: str,
+        state: _EpochState,
+        num_workers: int,
+        batches_per_epoch: int | None,
+        pin_memory: bool,
+        prefetch_factor: int,
+    ) -> None:
+        self.pipeline = pipeline
+        self.manifest = manifest
+        self.split = split
+        self.num_workers = num_workers
+        self.batches_per_epoch = batches_per_epoch
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.skipped = 0
+        self.epoch = 0
+        self._state = state
+
+    def __len__(self) -> int:
+        """Batches per epoch (resampled mode only; a plain pass has no fixed length)."""
+        if self.batches_per_epoch is None:
+            raise TypeError("ShardLoader has no length in non-resampled mode (bad samples are skipped)")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._state.epoch = self.epoch
+        self.epoch += 1
+        loader = torch.utils.data.DataLoader(
+            self.pipeline,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        for item in loader:
+            self.skipped += item.skipped
+            if isinstance(item, Batch):
+                yield item
+
+
+def _batches_per_worker(epoch_samples: int, batch_size: int, num_workers: int) -> int:
+    return max(1, math.ceil(math.ceil(epoch_samples / batch_size) / max(1, num_workers)))
+
+
+def make_loader(
+    data_cfg: Any,
+    split: str,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch_samples: int | None = None,
+    resampled: bool | None = None,
+    seed: int = 0,
+    with_gt: bool = False,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    shuffle: bool = True,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> ShardLoader:
+    """Build the loader for one split of the manifest at ``data_cfg.url``.
+
+    Args:
+        data_cfg: :class:`dfmvr.config.DataConfig` (url, image_size, batch_size, num_workers,
+            shuffle_buffer, resampled, epoch_samples, color_jitter, weight_map, s3_endpoint).
+        split: split name in the manifest.
+        rank, world_size: this process's place among the training processes; None reads
+            ``RANK``/``WORLD_SIZE`` (set by Ray Train / torchrun) through webdataset.
+        epoch_samples: samples per epoch per rank in resampled mode (default ``data_cfg.epoch_samples``).
+        resampled: draw shards with replacement and cut each epoch at a fixed number of batches,
+            identical on every rank (default ``data_cfg.resampled``). False: one pass over this
+            rank's shards (shards split by rank, then by worker).
+        seed: base seed of shard order, sample shuffle and colour jitter.
+        with_gt: keep ground-truth meshes in the batches (evaluation).
+        batch_size, num_workers: override ``data_cfg``.
+        shuffle: shuffle shards and samples (False keeps manifest order within each worker).
+        pin_memory: pin batches for faster host-to-GPU copies.
+        prefetch_factor: batches each worker keeps ready.
+
+    Returns:
+        A :class:`ShardLoader` (iterate it once per epoch; ``.skipped`` counts bad samples).
+
+    Raises:
+        FileNotFoundError: no manifest at ``data_cfg.url``.
+        dfmvr.data.shards.ManifestError: unsupported schema version, unknown split, ...
+        ValueError: inconsistent arguments (naming them).
+    """
+    if not data_cfg.url:
+        raise ValueError("data.url: expected a shard root (local directory or s3://bucket/prefix), got ''")
+    endpoint = data_cfg.s3_endpoint or None
+    manifest = read_manifest(data_cfg.url, endpoint=endpoint)
+    urls = manifest.shard_urls(split)
+    if not urls:
+        raise ValueError(f"{manifest.url}: split {split!r} lists no shards")
+    resampled = data_cfg.resampled if resampled is None else resampled
+    epoch_samples = data_cfg.epoch_samples if epoch_samples is None else epoch_samples
+    batch_size = data_cfg.batch_size if batch_size is None else batch_size
+    num_workers = data_cfg.num_workers if num_workers is None else num_workers
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"rank and world_size: give both or neither, got rank={rank}, world_size={world_size}")
+    if world_size is not None and not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size >= 1 and num_workers >= 0 expected, got {batch_size}, {num_workers}")
+    seed_rank, seed_world = (rank, world_size) if rank is not None else webdataset.utils.pytorch_worker_info()[:2]
+
+    state = _EpochState()
+    tally = _Tally()
+    stages: list[Any] = []
+    if resampled:
+        if epoch_samples < 1:
+            raise ValueError(f"epoch_samples: expected >= 1 in resampled mode, got {epoch_samples}")
+        stages.append(
+            webdataset.ResampledShards(
+                urls, seed=seed, worker_seed=_WorkerSeed(seed=seed, rank=seed_rank, state=state), deterministic=True
+            )
+        )
+    else:
+        stages.append(webdataset.SimpleShardList(urls))
+        if rank is not None:
+            stages.append(_SplitByRank(rank=rank, world_size=world_size))
+        else:
+            stages.append(webdataset.split_by_node)
+        stages.append(webdataset.split_by_worker)
+        if shuffle:
+            stages.append(_ShardShuffle(seed=seed, rank=seed_rank, state=state))
+        slots = seed_world * max(1, num_workers)
+        if len(urls) < slots:
+            _logger.warning(
+                "%s split %r: %d shards for %d ranks x %d workers; some workers get no shards "
+                "(ranks may see different numbers of batches: use resampled mode for training)",
+                manifest.url, split, len(urls), seed_world, max(1, num_workers),
+            )
+    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally))
+    if shuffle:
+        stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
+    stages.append(
+        _DecodeTriplets(
+            shard_size=manifest.image_size,
+            image_size=data_cfg.image_size,
+            color_jitter=data_cfg.color_jitter,
+            weight_map=data_cfg.weight_map,
+            with_gt=with_gt,
+            seed=seed,
+            rank=seed_rank,
+            state=state,
+            tally=tally,
+        )
+    )
+    stages.append(_Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally))
+    pipeline = webdataset.DataPipeline(*stages)
+    batches_per_epoch = None
+    if resampled:
+        per_worker = _batches_per_worker(epoch_samples, batch_size, num_workers)
+        pipeline = pipeline.with_epoch(per_worker)
+        batches_per_epoch = per_worker * max(1, num_workers)
+    _logger.info(
+        "loader %s split %r: %d shards, %d samples, %s, batch %d, %d workers%s",
+        manifest.url, split, len(urls), manifest.split(split).count,
+        f"resampled {batches_per_epoch} batches/epoch" if resampled else "one pass",
+        batch_size, num_workers,
+        f", rank {rank}/{world_size}" if rank is not None else "",
+    )
+    return ShardLoader(
+        pipeline,
+        manifest=manifest,
+        split=split,
+        state=state,
+        num_workers=num_workers,
+        batches_per_epoch=batches_per_epoch,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+    )
+
+
+__all__ = ["ShardLoader", "SkipReport", "make_loader"]
