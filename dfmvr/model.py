@@ -145,5 +145,12 @@ class DFMVR(nn.Module):
             lm2d=lm2d.view(b, v, 68, 2), lm3d=shape[:, fm.lm3d_index],
         )
 
+    amp_dtype: torch.dtype | None = None
+    """Autocast dtype for the network part on GPU (bf16/fp16); the face model and the renderer
+    always run in float32 (depth tests and barycentrics need the precision)."""
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True) -> ReconOutput:
-        return self.decode(self.encode(images, masks), render=render)
+        use_amp = self.amp_dtype is not None and images.device.type == "cuda"
+        with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
+            coeffs = self.encode(images, masks)
+        return self.decode(coeffs.float(), render=render)

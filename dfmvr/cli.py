@@ -1,0 +1,37 @@
+"""What every job script shares: building the config from preset, YAML files and overrides, and
+printing the final summary."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from dfmvr.config import Config, apply_overrides, load_yaml, parse_cli_overrides
+from dfmvr.presets import get_preset
+
+
+def build_config(overrides: Sequence[str], yaml_files: Sequence[str] = (), *,
+                 default_preset: str = "tiny") -> tuple[Config, str]:
+    """``preset=NAME`` picks the base (default ``default_preset``), YAML files apply next, then
+    the dotted ``key=value`` overrides. Returns the config and a one-line note of what was applied.
+
+    Raises:
+        KeyError / ValueError: an unknown key or a bad value, naming it.
+    """
+    flat = parse_cli_overrides(overrides)
+    preset = flat.pop("preset", default_preset)
+    cfg = get_preset(preset)
+    for path in yaml_files:
+        cfg = apply_overrides(cfg, load_yaml(path))
+    cfg = apply_overrides(cfg, flat)
+    note = " ".join([f"preset={preset}", *(f"--config {p}" for p in yaml_files), *overrides])
+    return cfg, note
+
+
+def print_summary(title: str, summary: dict[str, Any]) -> None:
+    """A short, aligned block at the end of a job (stdout, for people)."""
+    print(f"\n== dfmvr {title} summary ==")
+    width = max(len(k) for k in summary) if summary else 0
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"  {key:<{width}}  {value}")

@@ -1,0 +1,130 @@
+"""Checkpoints: data, never code.
+
+A checkpoint is a directory with ``checkpoint.pt`` (a dict of tensors and plain Python values,
+loaded with ``torch.load(weights_only=True)``) and ``meta.json`` (step, metrics, config, the face
+model's signature) readable without torch. It carries everything to continue a run: model,
+optimizer, scheduler, step, config, data position and counters.
+
+``resolve_checkpoint`` accepts a local directory or file, ``s3://bucket/prefix``, an MLflow
+``runs:/RUN_ID/path`` or ``models:/NAME/VERSION`` URI, and returns a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, config: dict,
+                    face_signature: dict, metrics: dict | None = None, optimizer_state: dict | None = None,
+                    scheduler_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint into ``directory`` (created). Returns the directory.
+
+    The file is written under a temporary name and renamed, so a crash mid-write never leaves
+    a truncated ``checkpoint.pt`` where the last good one was.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler_state,
+        "step": int(step),
+        "config": config,
+        "face_signature": face_signature,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "extra": extra or {},
+    }
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(directory / CHECKPOINT_FILE)
+    meta = {k: payload[k] for k in ("format_version", "step", "config", "face_signature", "metrics", "extra")}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return directory
+
+
+def _find_checkpoint_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    direct = path / CHECKPOINT_FILE
+    if direct.is_file():
+        return direct
+    found = sorted(path.rglob(CHECKPOINT_FILE))
+    if not found:
+        raise FileNotFoundError(f"checkpoint {path}: no {CHECKPOINT_FILE} in it")
+    if len(found) > 1:
+        _logger.info("checkpoint %s holds %d checkpoint files; using %s", path, len(found), found[0])
+    return found[0]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint directory or file (local) with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        ValueError: the file is not a dfmvr checkpoint (corrupt, or unknown format version).
+    """
+    file = _find_checkpoint_file(Path(path))
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {file}: cannot be read as a dfmvr checkpoint ({e})") from e
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        got = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"checkpoint {file}: expected format_version {FORMAT_VERSION}, got {got!r}")
+    return payload
+
+
+def check_face_signature(payload: dict, face_signature: dict, source: str) -> None:
+    """Refuse a checkpoint made for another face model or coefficient layout, naming both."""
+    saved = payload.get("face_signature", {})
+    keys = ("n_vertices", "n_faces", "n_id", "n_exp", "n_tex")
+    diff = {k: (saved.get(k), face_signature.get(k)) for k in keys if saved.get(k) != face_signature.get(k)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"checkpoint {source}: made for face model {saved.get('name')!r}, not {face_signature.get('name')!r} "
+            f"({detail}); set facemodel.* as in the checkpoint's config"
+        )
+
+
+def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Local path for a checkpoint given as a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
+    if uri.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        dst = Path(cache_dir or tempfile.mkdtemp(prefix="dfmvr-ckpt-"))
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+        except Exception as e:
+            raise FileNotFoundError(f"checkpoint {uri}: cannot download from MLflow ({e})") from e
+        return Path(local)
+    if uri.startswith("s3://"):
+        from dfmvr.data import storage
+
+        dst = Path(cache_dir or tempfile.mkdtemp(prefix="dfmvr-ckpt-"))
+        prefix = uri.rstrip("/") + "/"
+        urls = [u for u in storage.list_urls(prefix) if u.startswith(prefix)]
+        if not urls:
+            raise FileNotFoundError(f"checkpoint {uri}: no objects under this prefix")
+        for url in urls:
+            target = dst / url[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(url))
+        return dst
+    path = Path(uri)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {uri}: no such file or directory")
+    return path

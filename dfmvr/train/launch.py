@@ -1,0 +1,162 @@
+"""The training driver: checks, data, MLflow run, ``TorchTrainer(...).fit()``, registration.
+
+Runs where ``python jobs/train.py`` runs: on the laptop with a local Ray, or on the head node
+under ``ray job submit``. Everything that can be checked before Ray starts is checked first
+(config, S3 endpoint, MLflow server), so a typo costs seconds, not a cluster start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dfmvr.config import Config, apply_overrides, flatten, to_dict
+from dfmvr.train.loop import VAL_METRIC
+
+_logger = logging.getLogger(__name__)
+
+
+def default_data_url(cfg: Config) -> str:
+    return str(Path(cfg.work_dir).resolve() / "shards")
+
+
+def ensure_data(cfg: Config) -> str:
+    """The shard root to train on; with ``data.url`` empty, ``<work_dir>/shards``, generated with
+    synthetic triplets (at the config's image size and face model) when it has no manifest."""
+    from dfmvr.data import storage
+    from dfmvr.data.shards import read_manifest
+
+    url = cfg.data.url or default_data_url(cfg)
+    manifest = storage.join(url, "manifest.json")
+    if storage.exists(manifest, endpoint=cfg.data.s3_endpoint or None):
+        read_manifest(url)  # schema version checked here, before Ray starts
+        return url
+    if cfg.data.url:
+        raise FileNotFoundError(f"data.url {url}: no manifest.json there (pack shards with python -m sharding.synth "
+                                "or python -m sharding.pack first)")
+    from sharding.synth import generate
+
+    _logger.info("no shards under %s: generating a synthetic dataset", url)
+    generate(url, n_subjects=48, n_captures=4, size=cfg.data.image_size, seed=cfg.seed,
+             n_vertices=cfg.facemodel.n_vertices, workers=2)
+    return url
+
+
+def _scaling(cfg: Config):
+    import ray
+    from ray.train import ScalingConfig
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and gpus > 0)
+    if use_gpu and gpus == 0:
+        raise ValueError("train.use_gpu=true but the Ray cluster has no GPUs; use train.use_gpu=auto or false")
+    n = cfg.train.num_workers or (int(gpus) if use_gpu else 2)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources), n, use_gpu
+
+
+def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
+    """Run one training job; returns the summary (also what ``--summary-json`` holds)."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from dfmvr import tracking
+    from dfmvr.train.ray_worker import train_func_per_worker
+
+    work = Path(cfg.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(cfg, {"work_dir": str(work)})
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, work)
+    tracking.check_reachable(tracking_uri)
+    data_url = ensure_data(cfg)
+    cfg = apply_overrides(cfg, {"data.url": data_url})
+    storage_path = cfg.train.storage_path or str(work / "ray_results")
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=True)
+    scaling, n_workers, use_gpu = _scaling(cfg)
+
+    experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name)
+    run_id = run.info.run_id
+    tracking.log_params(flatten(cfg))
+    mlflow.set_tags({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
+                     "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url, "dfmvr.overrides": overrides_note})
+    mlflow.log_dict(to_dict(cfg), "config.json")
+    _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
+
+    trainer = TorchTrainer(
+        train_func_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+    elapsed = time.perf_counter() - t0
+
+    best = _best_checkpoint(result)
+    summary: dict[str, Any] = {
+        "status": status,
+        "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
+        "train_seconds": elapsed,
+        "shards": data_url,
+        "mlflow_tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "mlflow_ui": _ui_command(tracking_uri),
+        "num_workers": n_workers,
+        "use_gpu": use_gpu,
+    }
+    if best is not None:
+        ckpt, metrics = best
+        summary["checkpoint"] = _checkpoint_uri(ckpt, storage_path)
+        summary["checkpoint_step"] = int(metrics.get("step", 0))
+        summary["val_rmse_mm"] = metrics.get(VAL_METRIC)
+        summary["mean_face_rmse_mm"] = metrics.get("val/mean_face_rmse_mm")
+        with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
+            local = ckpt.to_directory(tmp)
+            val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
+            reg = tracking.register_best(run_id, local, cfg.tracking.registered_model, val, to_dict(cfg))
+        summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"]})
+    return summary
+
+
+def _best_checkpoint(result):
+    """``(checkpoint, metrics)`` with the lowest finite validation RMSE, else the latest."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if math.isfinite(float(m.get(VAL_METRIC, math.inf)))]
+    if candidates:
+        return min(candidates, key=lambda cm: float(cm[1][VAL_METRIC]))
+    if result.checkpoint is not None:
+        return result.checkpoint, dict(result.metrics or {})
+    return None
+
+
+def _checkpoint_uri(ckpt, storage_path: str) -> str:
+    """The checkpoint's location as a user passes it back (``s3://...`` on S3 storage)."""
+    if storage_path.startswith("s3://") and not ckpt.path.startswith("s3://"):
+        return "s3://" + ckpt.path.lstrip("/")
+    return ckpt.path
+
+
+def _ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"

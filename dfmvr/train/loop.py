@@ -1,0 +1,328 @@
+"""The training loop, in plain PyTorch: usable with or without Ray.
+
+``run_loop(cfg, session)`` trains the model ``cfg`` describes. A *session* supplies what the
+environment owns: rank, world size, device, the checkpoint to restore, and ``report(metrics,
+checkpoint_dir)`` (Ray Train's, or :class:`LocalSession` for a plain single-process run).
+Every rank calls ``report`` the same number of times (Ray's contract); only rank 0 writes
+checkpoints and logs to MLflow.
+
+Checkpoints hold model, optimizer, scheduler, step, config and counters; the data position is
+the step: the resampled stream is re-seeded from it on restore, so a resumed run continues
+with fresh batches instead of replaying the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from dfmvr.config import Config, to_dict
+from dfmvr.facemodel import build_face_model
+from dfmvr.model import DFMVR
+from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint
+from dfmvr.train.metrics import aligned_vertex_rmse_mm
+from dfmvr.train.objective import reconstruction_losses
+from dfmvr.train.schedule import build_optimizer
+
+_logger = logging.getLogger(__name__)
+
+VAL_METRIC = "val/rmse_mm"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last good state was checkpointed."""
+
+
+@dataclass
+class LocalSession:
+    """A single-process session: checkpoints go to ``directory/step-XXXXXXX``."""
+
+    directory: Path
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    restore_from: str | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self.reports: list[dict] = []
+        self.checkpoints: list[Path] = []
+
+    def checkpoint_to_restore(self) -> str | None:
+        return self.restore_from
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dst = self.directory / f"step-{int(metrics['step']):07d}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint_dir).iterdir():
+                (dst / f.name).write_bytes(f.read_bytes())
+            self.checkpoints.append(dst)
+
+
+def unwrap(model: torch.nn.Module) -> DFMVR:
+    """The DF-MVR module inside a DDP wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def _broadcast(obj: Any, world_size: int) -> Any:
+    if world_size == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce_sum(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+@torch.no_grad()
+def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples: int | None = None,
+             step: int = 0) -> tuple[dict[str, float], dict | None]:
+    """Validation losses and, where ground truth exists, aligned vertex RMSE in mm beside the
+    mean face's on the same samples.
+
+    Returns:
+        ``(metrics, first_batch_view)``: metric dict (``val/...``) and what the image grid needs
+        from the first batch (inputs, renders, landmarks), or None when there was no batch.
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n_batches = n_samples = 0
+    rmse, mean_rmse = [], []
+    first = None
+    fm = model.face.model
+    try:
+        for batch in batches:
+            if max_samples is not None and n_samples >= max_samples:
+                break
+            batch = batch.to(next(model.parameters()).device)
+            out = model(batch.images, batch.masks if model.cfg.mask_input else None)
+            _, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_batches += 1
+            n_samples += batch.images.shape[0]
+            same_topology = [i for i, v in enumerate(batch.gt_vertices or []) if v.shape[0] == fm.n_vertices]
+            if same_topology:
+                gt = torch.stack([batch.gt_vertices[i] for i in same_topology])
+                rmse.append(aligned_vertex_rmse_mm(out.shape[same_topology], gt))
+                mean_rmse.append(aligned_vertex_rmse_mm(fm.mean_shape.unsqueeze(0).expand_as(gt), gt))
+            if first is None:
+                first = {"images": batch.images[:4].cpu(), "render": out.image[:4].cpu(),
+                         "render_mask": out.render_mask[:4].cpu(), "lm_pred": out.lm2d[:4].cpu(),
+                         "lm_true": batch.lmk2d[:4].cpu()}
+    finally:
+        model.train(was_training)
+    metrics = {f"val/loss_{k}" if k != "total" else "val/loss": v / max(1, n_batches) for k, v in sums.items()}
+    metrics["val/samples"] = float(n_samples)
+    if rmse:
+        metrics[VAL_METRIC] = float(torch.cat(rmse).mean())
+        metrics["val/mean_face_rmse_mm"] = float(torch.cat(mean_rmse).mean())
+    return metrics, first
+
+
+def _make_loaders(cfg: Config, rank: int, world_size: int, seed: int):
+    from dfmvr.data.loader import make_loader
+
+    train = make_loader(cfg.data, cfg.data.split, rank=rank, world_size=world_size, resampled=True,
+                        seed=seed)
+    return train
+
+
+def _val_batches(cfg: Config) -> Callable[[], Iterator]:
+    from dfmvr.data.loader import make_loader
+
+    def it():
+        loader = make_loader(cfg.data, cfg.data.val_split, rank=0, world_size=1, resampled=False,
+                             seed=0, with_gt=True, shuffle=False)
+        return iter(loader)
+
+    return it
+
+
+def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_model=None,
+             on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train ``cfg`` in ``session``; returns the last metrics.
+
+    Args:
+        cfg: the whole config.
+        session: :class:`LocalSession` or the Ray session adapter (``dfmvr.train.ray_worker``).
+        tracker: rank 0's :class:`dfmvr.train.ray_worker.RunLogger` (MLflow), or None.
+        parse_net: the frozen parse net (mask loss), or None.
+        prepare_model: wraps the model for DDP (Ray's ``prepare_model``); identity when None.
+        on_step: called after every completed step with its number (the step journal).
+
+    Raises:
+        NonFiniteLossError: after ``train.max_nan_steps`` non-finite losses in a row (the last
+            good state is checkpointed first).
+    """
+    device = session.device
+    rank, world = session.rank, session.world_size
+    torch.manual_seed(cfg.seed + rank)
+    face_model = build_face_model(cfg.facemodel)
+    core = DFMVR(cfg.model, cfg.render, face_model).to(device)
+    if cfg.train.amp and device.type == "cuda":
+        # bf16 needs no loss scaling; GPUs without it (pre-Ampere) train in float32
+        core.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    model = prepare_model(core) if prepare_model else core
+    core = unwrap(model)
+    opt, sched = build_optimizer(model.parameters(), cfg.optim, cfg.train.steps)
+
+    step = 0
+    counters = {"skipped_samples": 0.0, "nan_steps": 0.0}
+    restore = session.checkpoint_to_restore()
+    if restore:
+        payload = load_checkpoint(restore, map_location=device)
+        check_face_signature(payload, face_model.signature(), str(restore))
+        core.load_state_dict(payload["model"])
+        if payload.get("optimizer"):
+            opt.load_state_dict(payload["optimizer"])
+        if payload.get("scheduler"):
+            sched.load_state_dict(payload["scheduler"])
+        step = int(payload["step"])
+        counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
+        _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
+
+    loader = _make_loaders(cfg, rank, world, seed=cfg.seed * 1000003 + step)
+    val_iter = _val_batches(cfg)
+    it = iter(loader)
+    config_dict = to_dict(cfg)
+    best_val = math.inf
+    last_val: dict[str, float] = {}
+    nan_streak = 0
+    t_last, samples_since = time.perf_counter(), 0
+    window: dict[str, float] = {}
+    window_n = 0
+    metrics: dict[str, float] = {}
+
+    def checkpoint_dir(metrics_now: dict[str, float]) -> tempfile.TemporaryDirectory | None:
+        if rank != 0:
+            return None
+        tmp = tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-")
+        save_checkpoint(
+            tmp.name, model_state=core.state_dict(), optimizer_state=opt.state_dict(),
+            scheduler_state=sched.state_dict(), step=step, config=config_dict,
+            face_signature=face_model.signature(), metrics=metrics_now,
+            extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed}},
+        )
+        return tmp
+
+    def report(metrics_now: dict[str, float], with_checkpoint: bool) -> None:
+        tmp = checkpoint_dir(metrics_now) if with_checkpoint else None
+        try:
+            session.report(metrics_now, Path(tmp.name) if tmp else None)
+        finally:
+            if tmp:
+                tmp.cleanup()
+
+    model.train()
+    while step < cfg.train.steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
+        batch = batch.to(device)
+        out = model(batch.images, batch.masks if core.cfg.mask_input else None)
+        total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, parse_net)
+        finite = torch.isfinite(total).all()
+        if world > 1 and dist.is_initialized():
+            # every rank must agree to skip, or DDP's all-reduce would hang on the others
+            flag = finite.to(torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.item() > 0
+        if not bool(finite):
+            nan_streak += 1
+            counters["nan_steps"] += 1
+            opt.zero_grad(set_to_none=True)
+            _logger.warning("rank %d step %d: non-finite loss (%s), step skipped (%d in a row)",
+                            rank, step, {k: float(v) for k, v in terms.items()}, nan_streak)
+            if nan_streak >= cfg.train.max_nan_steps:
+                stop = {"step": float(step), "train/nan_steps": counters["nan_steps"], **last_val}
+                report(stop, with_checkpoint=True)
+                raise NonFiniteLossError(
+                    f"{nan_streak} non-finite losses in a row at step {step} (train.max_nan_steps="
+                    f"{cfg.train.max_nan_steps}); the last good state is checkpointed at step {step}"
+                )
+            continue
+        nan_streak = 0
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        if on_step:
+            on_step(step)
+        samples_since += batch.images.shape[0]
+        for k, v in terms.items():
+            window[k] = window.get(k, 0.0) + float(v.detach())
+        window_n += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            now = time.perf_counter()
+            local_rate = samples_since / max(now - t_last, 1e-9)
+            rate = _all_reduce_sum(local_rate, world, device)
+            t_last, samples_since = now, 0
+            metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v / window_n for k, v in window.items()}
+            metrics.update({"train/lr": sched.get_last_lr()[0], "train/triplets_per_s": rate,
+                            "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
+                            "train/nan_steps": counters["nan_steps"]})
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            window, window_n = {}, 0
+            if tracker:
+                tracker.log_metrics(metrics, step)
+            _logger.info("step %d/%d loss %.4f %.1f triplets/s", step, cfg.train.steps,
+                         metrics.get("train/loss", float("nan")), rate)
+
+        is_val = step % cfg.train.val_every == 0 or step == cfg.train.steps
+        is_ckpt = is_val or step % cfg.train.ckpt_every == 0
+        if is_val:
+            val_metrics, view = (validate(core, val_iter(), cfg, parse_net, max_samples=cfg.train.val_samples,
+                                          step=step) if rank == 0 else ({}, None))
+            last_val = _broadcast(val_metrics, world)
+            if tracker:
+                tracker.log_metrics(last_val, step)
+                if view is not None:
+                    tracker.log_validation_images(view, step)
+            best_val = min(best_val, last_val.get(VAL_METRIC, math.inf))
+        if is_ckpt:
+            # every checkpoint carries the latest validation metric: Ray keeps the best k by it
+            report({"step": float(step), **{k: v for k, v in metrics.items()}, **last_val,
+                    VAL_METRIC: last_val.get(VAL_METRIC, math.inf)}, with_checkpoint=True)
+    return {"step": float(step), **metrics, **last_val}
+
+
+def write_step_journal(path: Path) -> Callable[[int], None]:
+    """An ``on_step`` callback appending ``{"pid", "step"}`` lines: how a run's steps were spent
+    across restarts (read by the fault-tolerance test and useful when debugging restarts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+
+    def on_step(step: int) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"pid": pid, "step": step}) + "\n")
+
+    return on_step

@@ -1,0 +1,130 @@
+"""The Ray Train side: the per-worker function, its session adapter and rank 0's MLflow logger.
+
+``train_func_per_worker(config)`` is what ``TorchTrainer`` runs on every worker; it rebuilds the
+typed config, wraps the model with ``ray.train.torch.prepare_model`` (DDP: NCCL on GPU, gloo on
+CPU) and runs :func:`dfmvr.train.loop.run_loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfmvr.config import Config, from_dict
+
+_logger = logging.getLogger(__name__)
+
+
+class RaySession:
+    """Adapts Ray Train's context to what :func:`run_loop` needs."""
+
+    def __init__(self, resume_from: str = ""):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._resume_from = resume_from
+        self._restored_dir: str | None = None
+
+    def checkpoint_to_restore(self) -> str | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            # a worker-group restart (FailureConfig) or a re-run with the same name and storage
+            self._restored_dir = ckpt.to_directory()
+            return self._restored_dir
+        if self._resume_from:
+            from dfmvr.train.checkpoint import resolve_checkpoint
+
+            return str(resolve_checkpoint(self._resume_from))
+        return None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class RunLogger:
+    """Rank 0's MLflow logging into the run the driver created (by id, no global state)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_validation_images(self, view: dict, step: int) -> None:
+        from dfmvr.visualize import validation_grid
+
+        import cv2
+
+        grid = validation_grid(view)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"val_step{step:07d}.png"
+            cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            self.client.log_artifact(self.run_id, str(path), artifact_path="val_images")
+
+
+def _record_worker(cfg: Config, rank: int) -> None:
+    """Write ``<work_dir>/runs/<run_name>/workers/rank<r>.json`` (pid, host, start time): which
+    process is which rank, for operators (and the fault-tolerance test)."""
+    d = Path(cfg.work_dir) / "runs" / cfg.train.run_name / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank, "started": time.time()}
+    (d / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+def train_func_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker.
+
+    ``config``: ``{"cfg": to_dict(Config), "tracking_uri": str, "run_id": str | None}``.
+    """
+    import ray.train.torch
+
+    from dfmvr.train.loop import run_loop, write_step_journal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = from_dict(Config, config["cfg"])
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    session = RaySession(resume_from=cfg.train.resume_from)
+    _record_worker(cfg, session.rank)
+    parse_net = None
+    if cfg.model.parse_net and cfg.loss.mask_loss:
+        from dfmvr.nets import load_parsenet
+
+        parse_net = load_parsenet(cfg.model.parse_net, session.device)
+
+    def prepare(model: torch.nn.Module) -> torch.nn.Module:
+        if cfg.train.sync_bn and session.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return ray.train.torch.prepare_model(model)
+
+    tracker = None
+    if session.rank == 0 and config.get("run_id"):
+        tracker = RunLogger(config["tracking_uri"], config["run_id"])
+    journal = None
+    if session.rank == 0:
+        journal = write_step_journal(Path(cfg.work_dir) / "runs" / cfg.train.run_name / "steps.jsonl")
+    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal)
