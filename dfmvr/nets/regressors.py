@@ -10,8 +10,10 @@ the spatial op: an :class:`~dfmvr.nets.involution.Involution2d` (kernel 7 in the
 
 The head starts at the mean face turned to each view's nominal yaw: its weight is zero and
 its bias is :func:`initial_coefficients`. A zero weight still learns (its gradient is
-``dL/dy * features``, and the pooled features are non-zero); the layers below it get
-gradients from the first optimiser step on.
+``dL/dy * features``, and the pooled features are non-zero). Each bottleneck's last
+BatchNorm starts at zero scale, so every block is the identity at first. Hence gradients
+reach the network in waves: the first backward pass reaches the head only, the second
+also the stem, shortcuts and last-BN scales, the third every parameter.
 
 Every down-sampling rounds up (``ceil(H / 2)``), so any input of at least 1 x 1 pixels
 works; the map is ``H / 32`` after the last stage. In training mode BatchNorm needs more
@@ -144,6 +146,12 @@ class CoefficientRegressor(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(c_in, layout.size)
         init_weights(self)
+        for block in self.layers:
+            # Zero-init residual (Goyal et al. 2017; the reference RedNet's default): every block
+            # starts as the identity. Involution is quadratic in its input (the kernel is made
+            # from the input), so without this, eval mode before BatchNorm has statistics
+            # overflows to inf within a dozen blocks.
+            nn.init.zeros_(block.expand[1].weight)
         self.reset_head(view_yaw_deg)
 
     @torch.no_grad()
