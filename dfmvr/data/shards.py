@@ -759,7 +759,7 @@ def read_manifest(root_or_url: str, *, endpoint: str | None = None) -> Manifest:
             splits[split] = SplitEntry(
                 shards=entries,
                 count=int(body.get("count", sum(e.count for e in entries))),
-                subjects=list(body.get("subjects", sorted({s for e in entries for s in e.subjects}))),
+                subjects=sorted(set(body.get("subjects", [])) | {s for e in entries for s in e.subjects}),
             )
     except (KeyError, TypeError, ValueError, AttributeError) as exn:
         raise ManifestError(

@@ -14,7 +14,8 @@ Photometric weight maps (paper Fig. 4; DESIGN.md "Weight map")
 ``kind="reference"``:
     the reference implementation's variant: only the feature classes 2..9 are dilated, with a
     square ``k x k`` kernel, ``k = round(10 * S / 224)`` (OpenCV's anchor sits at the kernel
-    centre, so an even kernel reaches ``k/2`` pixels up/left and ``k/2 - 1`` down/right);
+    centre, ``(k/2, k/2)``, so an even kernel grows a region ``k/2 - 1`` pixels up/left and
+    ``k/2`` pixels down/right: 4 and 5 at 224 px);
     the dilated features get 0.99, the rest of the face (classes 1..9) 0.5, background 0.25.
 """
 
