@@ -274,6 +274,55 @@ class TrackingConfig:
     """Log image grids (input | render | overlay) at each validation."""
 
 
+@dataclass(kw_only=True, slots=True)
+class ParseNetConfig:
+    """The face parse net's own training job (``jobs/train_parsenet.py``, :mod:`dfmvr.parsing`).
+
+    It trains on the ``data`` section's shards (samples with masks; its splits and image size).
+    """
+
+    width: int = 64
+    """BiSeNet base width (64 = ResNet-18 context path; 8-16 train on CPU)."""
+    steps: int = 20000
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Triplets per step (each gives its three views as images)."""
+    lr: float = 1e-3
+    """Adam learning rate; decays by a cosine to ``lr * min_lr_ratio`` over the run."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    aux_weight: float = 1.0
+    """Weight of each auxiliary head's cross-entropy (BiSeNet's reference uses 1)."""
+    hflip: bool = True
+    """Random horizontal flips (left/right brow and eye classes swapped to match)."""
+    val_every: int = 1000
+    """Validate every this many steps, and at the end."""
+    val_samples: int = 0
+    """Validation triplets per validation (0: the whole split)."""
+    log_every: int = 20
+    """Log training metrics every this many steps."""
+    out: str = ""
+    """Exported checkpoint (local path); empty means ``<work_dir>/parsenet/parsenet.pt``."""
+    run_name: str = "parsenet"
+    """MLflow run name."""
+
+    def __post_init__(self) -> None:
+        for name in ("width", "steps", "batch_size", "val_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parsenet.{name}: expected >= 1, got {getattr(self, name)}")
+        _check_positive("parsenet.lr", self.lr)
+        _check_positive("parsenet.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("parsenet.aux_weight", self.aux_weight, allow_zero=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"parsenet.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
+        if self.val_samples < 0:
+            raise ValueError(f"parsenet.val_samples: expected >= 0 (0 = whole split), got {self.val_samples}")
+        if self.out.startswith("s3://"):
+            raise ValueError(f"parsenet.out: expected a local file path (model.parse_net loads local files), got {self.out!r}")
+
+
 def _field_type(cls: type, name: str) -> Any:
     hints = typing.get_type_hints(cls)
     return hints[name]
@@ -507,6 +556,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parsenet: ParseNetConfig = field(default_factory=ParseNetConfig)
     work_dir: str = "work"
     """Where embedded defaults live: shards, MLflow store, checkpoints."""
     seed: int = 0
