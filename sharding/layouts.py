@@ -130,7 +130,7 @@ def read_landmarks(path: Path, n_points: int = N_LANDMARKS) -> np.ndarray:
         elif ext == ".pts":
             pts = _parse_pts(path)
         elif ext == ".txt":
-            pts = _parse_rows(path, 2)
+            pts = read_rows(path, 2)
         else:
             raise InputError(f"{path}: unknown landmark format {ext!r}; expected one of {list(LANDMARK_EXTS)}")
     except InputError:
@@ -166,7 +166,7 @@ def _parse_pts(path: Path) -> np.ndarray:
     return pts
 
 
-def _parse_rows(path: Path, cols: int) -> np.ndarray:
+def read_rows(path: Path, cols: int) -> np.ndarray:
     rows = []
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
@@ -190,7 +190,7 @@ def read_lm3d(path: Path, drop: tuple[int, ...] = ()) -> np.ndarray:
     """
     path = Path(path)
     try:
-        pts = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else _parse_rows(path, 3)
+        pts = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else read_rows(path, 3)
     except InputError:
         raise
     except (OSError, ValueError) as e:

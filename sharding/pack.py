@@ -1,0 +1,488 @@
+"""Pack real multi-view captures into dfmvr shards.
+
+    python -m sharding.pack --input DIR --out ROOT [--layout generic|pixelface|multipie|bosphorus]
+        [--size 224] [--splits 0.8,0.1,0.1] [--seed 0] [--workers 2]
+
+Every capture (three views of one subject) is read through a layout (:mod:`sharding.layouts`),
+each view is cropped and aligned to the model's input size by a 5-point similarity to the
+face model's template at that view's yaw (:mod:`sharding.align`), and the landmarks and masks
+go through the same warp. Optional 3D landmarks and scans are converted to decimetres; point
+clouds are meshed by Delaunay triangulation in the frontal x-y plane. Captures that cannot be
+read (a missing view, an unreadable landmark file) are refused with a message naming the file
+and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefix``.
+See docs/packing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from dfmvr.config import FaceModelConfig
+from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
+from sharding.align import AlignmentTemplate, align_view
+from sharding.layouts import (
+    DEFAULT_YAW_DEG,
+    LAYOUTS,
+    PIXELFACE_LM3D_DROP,
+    VIEWS,
+    CaptureSource,
+    InputError,
+    read_rows,
+    discover,
+    parse_view_map,
+    read_bnt,
+    read_image,
+    read_landmarks,
+    read_lm3d,
+    read_mask,
+    yaw_sign_check,
+)
+from sharding.splits import SPLIT_NAMES, assign_splits, parse_fractions
+
+_logger = logging.getLogger(__name__)
+
+DM_PER_UNIT = {"mm": 0.01, "cm": 0.1, "dm": 1.0, "m": 10.0}
+"""Factor from a file's length unit to face-model units (decimetres)."""
+
+DELAUNAY_MAX_EDGE_FACTOR = 6.0
+"""Triangles of a Delaunay-meshed point cloud with an edge longer than this many times the
+median edge are dropped: they bridge holes and the concave outline, not the surface."""
+
+MASKLESS_HINT = "run the parse-net job to fill them in"
+
+
+@dataclass(kw_only=True, slots=True)
+class PackConfig:
+    """What to pack and how."""
+
+    input: str
+    """Dataset folder."""
+    out: str
+    """Shard root: a local directory or ``s3://bucket/prefix``."""
+    layout: Literal["generic", "pixelface", "multipie", "bosphorus"] = "generic"
+    """Folder layout of ``input`` (docs/packing.md)."""
+    size: int = 224
+    """Output crop side in pixels."""
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Train/val/test fractions by subject (layouts with split folders keep theirs)."""
+    seed: int = 0
+    """Seed of the subject shuffle before the split."""
+    yaw_deg: tuple[float, float, float] = DEFAULT_YAW_DEG
+    """Nominal yaw of the left, front and right views (selects each view's template)."""
+    max_count: int = 200
+    """Samples per shard."""
+    image_format: Literal["png", "jpg"] = "png"
+    """Encoding of the aligned views in the shards."""
+    scan_units: Literal["mm", "cm", "dm", "m"] = "mm"
+    """Length unit of scans and meshes in the input (converted to decimetres)."""
+    lm3d_units: Literal["mm", "cm", "dm", "m"] = "mm"
+    """Length unit of 3D-landmark files in the input (converted to decimetres)."""
+    workers: int = 1
+    """Processes reading and aligning captures (1: in this process)."""
+    facemodel: FaceModelConfig = field(default_factory=lambda: FaceModelConfig(n_vertices=4000))
+    """Face model whose mean face defines the alignment templates."""
+    layout_options: dict = field(default_factory=dict)
+    """Layout-specific options (``view_dirs``, ``cameras``, ``poses``, ``lm3d_drop``, ``transpose``)."""
+    endpoint: str | None = None
+    """S3 endpoint (else ``AWS_ENDPOINT_URL``)."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {self.layout!r}")
+        if self.size < 16:
+            raise ValueError(f"size: expected >= 16 px, got {self.size}")
+        if len(self.yaw_deg) != 3:
+            raise ValueError(f"yaw_deg: expected 3 angles (left, front, right), got {self.yaw_deg!r}")
+        if self.max_count < 1:
+            raise ValueError(f"max_count: expected >= 1, got {self.max_count}")
+        for name in ("scan_units", "lm3d_units"):
+            if getattr(self, name) not in DM_PER_UNIT:
+                raise ValueError(f"{name}: expected one of {sorted(DM_PER_UNIT)}, got {getattr(self, name)!r}")
+        self.splits = parse_fractions(self.splits)
+
+
+@dataclass(kw_only=True, slots=True)
+class PackSummary:
+    """What a pack run did."""
+
+    packed: int
+    """Captures written."""
+    per_split: dict[str, int]
+    """Captures per split."""
+    skipped: list[tuple[str, str]]
+    """``(folder, reason)`` of every refused capture."""
+    without_masks: int
+    """Captures packed with no masks."""
+    manifest: str | None
+    """URL of the written manifest (None when nothing was packed)."""
+    shards: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines."""
+        out = [f"packed {self.packed} captures: " + ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))]
+        if self.without_masks:
+            out.append(f"{self.without_masks} captures packed without masks: {MASKLESS_HINT}")
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} captures:")
+            out.extend(f"  {folder}: {reason}" for folder, reason in self.skipped)
+        if self.manifest:
+            out.append(f"manifest: {self.manifest}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# meshes
+
+
+def delaunay_mesh(points: np.ndarray, max_edge_factor: float = DELAUNAY_MAX_EDGE_FACTOR) -> np.ndarray:
+    """Triangulate a frontal point cloud in its x-y plane.
+
+    Args:
+        points: ``[P, 3]`` scan points, the face looking down +z (towards the camera).
+        max_edge_factor: drop triangles with an edge longer than this times the median edge.
+
+    Returns:
+        ``[F, 3]`` int32 faces, counter-clockwise seen from +z.
+    """
+    from scipy.spatial import Delaunay
+
+    if len(points) < 3:
+        raise ValueError(f"cannot mesh {len(points)} points: need at least 3")
+    faces = Delaunay(points[:, :2]).simplices.astype(np.int64)
+    xy = points[:, :2]
+    a, b, c = xy[faces[:, 0]], xy[faces[:, 1]], xy[faces[:, 2]]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    faces[cross < 0] = faces[cross < 0][:, [0, 2, 1]]
+    v = points[faces]
+    edges = np.stack([np.linalg.norm(v[:, i] - v[:, (i + 1) % 3], axis=1) for i in range(3)], axis=1)
+    longest = edges.max(axis=1)
+    keep = longest <= max_edge_factor * np.median(edges)
+    return faces[keep].astype(np.int32)
+
+
+def read_scan(path: Path, units: str) -> dict:
+    """Ground-truth mesh or point cloud -> ``{"vertices": float32 [N, 3] dm, "faces": int32 [F, 3], "units": "dm"}``.
+
+    ``.obj``/``.ply`` are read with trimesh (a file without faces counts as a point cloud);
+    ``.bnt`` (Bosphorus), ``.xyz``/``.txt`` (``x y z`` per line) and ``.npy`` are point clouds.
+    Point clouds are meshed with :func:`delaunay_mesh`.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    faces = None
+    try:
+        if ext in (".obj", ".ply"):
+            import trimesh
+
+            loaded = trimesh.load(str(path), process=False)
+            if isinstance(loaded, trimesh.Scene):
+                loaded = loaded.to_mesh() if hasattr(loaded, "to_mesh") else loaded.dump(concatenate=True)
+            verts = np.asarray(loaded.vertices, dtype=np.float64)
+            if getattr(loaded, "faces", None) is not None and len(loaded.faces):
+                faces = np.asarray(loaded.faces, dtype=np.int32)
+        elif ext == ".bnt":
+            verts = read_bnt(path)
+        elif ext in (".xyz", ".txt"):
+            verts = read_rows(path, 3)
+        elif ext == ".npy":
+            verts = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+        else:
+            raise InputError(f"{path}: unknown scan format {ext!r}; expected .obj, .ply, .bnt, .xyz, .txt or .npy")
+    except InputError:
+        raise
+    except Exception as e:  # trimesh and numpy raise many types for a broken file
+        raise InputError(f"{path}: unreadable scan ({type(e).__name__}: {e})") from e
+    if verts.ndim != 2 or verts.shape[1] != 3 or len(verts) < 3 or not np.isfinite(verts).all():
+        raise InputError(f"{path}: expected finite scan points [N >= 3, 3], got {list(verts.shape)}")
+    if faces is None:
+        faces = delaunay_mesh(verts)
+    return {"vertices": (verts * DM_PER_UNIT[units]).astype(np.float32), "faces": faces.astype(np.int32), "units": "dm"}
+
+
+# ---------------------------------------------------------------------------------------------
+# one capture
+
+
+def _require(src: CaptureSource, view: str) -> tuple[Path, Path]:
+    files = src.views[view]
+    if files.image is None:
+        raise InputError(f"{src.folder}: missing view {view!r}: no image found (expected {files.expected})")
+    if files.landmarks is None:
+        raise InputError(
+            f"{src.folder}: view {view!r} has no 68-point landmark file beside {files.image.name} "
+            f"(expected {files.image.with_suffix('')}.{{pts,txt,npy}}; dfmvr ships no landmark detector)"
+        )
+    return files.image, files.landmarks
+
+
+def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfig) -> tuple[Sample, list[str]]:
+    """Read, align and assemble one capture.
+
+    Returns:
+        ``(sample, warnings)``; the sample's ``masks`` is None when any view has no mask.
+
+    Raises:
+        InputError: naming the file that is missing or unreadable.
+    """
+    notes: list[str] = []
+    # check every view's files before decoding anything so the message names the first gap
+    paths = {v: _require(src, v) for v in VIEWS}
+    images, masks, lmks, matrices = {}, {}, [], {}
+    have_masks = all(src.views[v].mask is not None for v in VIEWS)
+    if not have_masks and any(src.views[v].mask is not None for v in VIEWS):
+        notes.append(f"{src.folder}: masks for only some views; packing this capture without masks")
+    for view, yaw in zip(VIEWS, src.yaw_deg):
+        img_path, lmk_path = paths[view]
+        image = read_image(img_path)
+        lmk = read_landmarks(lmk_path)
+        mask = read_mask(src.views[view].mask, image.shape[:2]) if have_masks else None
+        if src.transpose:
+            image = np.ascontiguousarray(image.transpose(1, 0, 2))
+            lmk = lmk[:, ::-1].copy()
+            mask = None if mask is None else np.ascontiguousarray(mask.T)
+        if not yaw_sign_check(lmk, yaw):
+            notes.append(f"{lmk_path}: landmarks look like yaw {-yaw:+.0f} deg, not {yaw:+.0f} deg ({view} view): "
+                         "check the layout's view map")
+        try:
+            out_img, out_lmk, out_mask, matrix = align_view(image, lmk, template.points(yaw), cfg.size, mask)
+        except ValueError as e:
+            raise InputError(f"{lmk_path}: cannot align with these landmarks ({e})") from e
+        images[view] = out_img
+        lmks.append(out_lmk)
+        if out_mask is not None:
+            masks[view] = out_mask
+        matrices[view] = np.round(matrix, 6).tolist()
+    lm3d = None
+    if src.lm3d is not None:
+        lm3d = (read_lm3d(src.lm3d, src.lm3d_drop) * DM_PER_UNIT[cfg.lm3d_units]).astype(np.float32)
+    gt = read_scan(src.scan, cfg.scan_units) if src.scan is not None else None
+    meta = {
+        "yaw_deg": [float(y) for y in src.yaw_deg],
+        "source": src.source,
+        "input": str(src.folder),
+        "has_masks": have_masks,
+        "align": {"matrices": matrices, "transposed": src.transpose},
+    }
+    if lm3d is not None:
+        meta["lm3d"] = {"file": src.lm3d.name, "frame": "input (scan) frame", "dropped": list(src.lm3d_drop)}
+    if gt is not None:
+        meta["gt_file"] = src.scan.name
+    if src.extra:
+        meta.update(src.extra)
+    sample = Sample(
+        subject=_safe_name(src.subject), capture=_safe_name(src.capture),
+        images=images, masks=masks if have_masks else None,
+        lmk2d=np.stack(lmks).astype(np.float32), lmk3d=lm3d, gt=gt, meta=meta,
+        image_format=cfg.image_format,
+    )
+    sample.validate()
+    return sample, notes
+
+
+def _safe_name(name: str) -> str:
+    """Sample keys allow letters, digits, '_' and '-': map anything else (dots, spaces) to '_'."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------
+# workers
+
+_worker_state: dict = {}
+
+
+def _init_worker(template: AlignmentTemplate, cfg: PackConfig) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _worker_state["template"] = template
+    _worker_state["cfg"] = cfg
+
+
+def _load_one(src: CaptureSource) -> tuple[Sample | None, list[str], str | None]:
+    try:
+        sample, notes = load_capture(src, _worker_state["template"], _worker_state["cfg"])
+        return sample, notes, None
+    except (InputError, ValueError) as e:
+        return None, [], str(e)
+
+
+def _iter_loaded(sources: list[CaptureSource], template: AlignmentTemplate, cfg: PackConfig
+                 ) -> Iterator[tuple[CaptureSource, Sample | None, list[str], str | None]]:
+    if cfg.workers <= 1:
+        _init_worker(template, cfg)
+        for src in sources:
+            yield (src, *_load_one(src))
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(template, cfg)) as pool:
+        # map keeps input order, so the shards do not depend on the worker count
+        for src, result in zip(sources, pool.map(_load_one, sources, chunksize=4)):
+            yield (src, *result)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def build_template(cfg: PackConfig) -> AlignmentTemplate:
+    """The alignment templates for ``cfg.yaw_deg`` at ``cfg.size`` from ``cfg.facemodel``'s mean face."""
+    from dfmvr.facemodel import build_face_model
+
+    model = build_face_model(cfg.facemodel)
+    return AlignmentTemplate.from_face_model(model, cfg.yaw_deg, cfg.size)
+
+
+def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
+    """Pack every capture under ``cfg.input`` into shards under ``cfg.out`` and write the manifest.
+
+    Refused captures are logged with the reason (naming the file) and listed in the summary;
+    the rest are packed. No manifest is written when nothing could be packed.
+    """
+    options = dict(cfg.layout_options)
+    options.setdefault("yaw_deg", tuple(cfg.yaw_deg))
+    sources = discover(cfg.layout, Path(cfg.input), **options)
+    template = build_template(cfg)
+    fixed = {s.split for s in sources if s.split is not None}
+    split_of = assign_splits([s.subject for s in sources if s.split is None], cfg.splits, cfg.seed)
+    for s in sources:
+        if s.split is not None and s.split not in SPLIT_NAMES:
+            _logger.info("%s: split folder %r kept as the split name", s.folder, s.split)
+    if fixed:
+        _logger.info("layout %s fixes the splits from its folders: %s", cfg.layout, sorted(fixed))
+
+    writers: dict[str, ShardWriter] = {}
+    skipped: list[tuple[str, str]] = []
+    per_split: dict[str, int] = {}
+    without_masks = 0
+    infos: list[ShardInfo] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sources), unit="capture", file=sys.stderr, desc="pack")
+    try:
+        for src, sample, notes, error in _iter_loaded(sources, template, cfg):
+            if bar is not None:
+                bar.update(1)
+            for note in notes:
+                _logger.warning(note)
+            if sample is None:
+                _logger.error("skipping %s: %s", src.folder, error)
+                skipped.append((str(src.folder), str(error)))
+                continue
+            split = src.split or split_of[src.subject]
+            if split not in writers:
+                writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint)
+            writers[split].write(sample)
+            per_split[split] = per_split.get(split, 0) + 1
+            if sample.masks is None:
+                without_masks += 1
+                _logger.info("%s: packed without masks (%s)", src.folder, MASKLESS_HINT)
+        for writer in writers.values():
+            infos.extend(writer.close())
+    finally:
+        if bar is not None:
+            bar.close()
+        for writer in writers.values():
+            writer.close()
+    manifest = None
+    packed = sum(per_split.values())
+    if packed:
+        extra = {
+            "source": f"pack:{cfg.layout}",
+            "pack": {
+                "input": str(cfg.input), "layout": cfg.layout, "seed": cfg.seed, "splits": list(cfg.splits),
+                "yaw_deg": list(cfg.yaw_deg), "scan_units": cfg.scan_units, "lm3d_units": cfg.lm3d_units,
+                "layout_options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.layout_options.items()},
+            },
+            "alignment_template": template.to_dict(),
+            "without_masks": without_masks,
+            "skipped": [folder for folder, _ in skipped],
+        }
+        manifest = write_manifest(cfg.out, infos, image_size=cfg.size, extra=extra, endpoint=cfg.endpoint)
+    if without_masks:
+        _logger.warning("%d captures packed without masks: %s", without_masks, MASKLESS_HINT)
+    if skipped:
+        _logger.warning("skipped %d captures: %s", len(skipped), ", ".join(f for f, _ in skipped))
+    return PackSummary(packed=packed, per_split=per_split, skipped=skipped, without_masks=without_masks,
+                       manifest=manifest, shards=[i.url for i in infos])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharding.pack", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
+    p.add_argument("--layout", default="generic", choices=sorted(LAYOUTS))
+    p.add_argument("--size", type=int, default=224, help="output crop side in pixels")
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions by subject")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle")
+    p.add_argument("--yaw", default="-45,0,45", help="nominal yaw of left,front,right in degrees")
+    p.add_argument("--max-count", type=int, default=200, help="samples per shard")
+    p.add_argument("--image-format", default="png", choices=("png", "jpg"))
+    p.add_argument("--scan-units", default="mm", choices=sorted(DM_PER_UNIT), help="unit of scans/meshes in the input")
+    p.add_argument("--lm3d-units", default="mm", choices=sorted(DM_PER_UNIT), help="unit of 3D landmarks in the input")
+    p.add_argument("--workers", type=int, default=1, help="processes reading and aligning captures")
+    p.add_argument("--facemodel", default="procedural", choices=("procedural", "bfm"),
+                   help="face model whose mean face gives the alignment templates")
+    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
+    p.add_argument("--n-vertices", type=int, default=4000, help="procedural model size for the templates")
+    p.add_argument("--view-dirs", default=None, help="pixelface: e.g. left=0,front=1,right=2")
+    p.add_argument("--lm3d-drop", default=None,
+                   help=f"pixelface: 0-based indices dropped from the 106 3D landmarks (default {PIXELFACE_LM3D_DROP})")
+    p.add_argument("--no-transpose", action="store_true", help="pixelface: the images are stored upright")
+    p.add_argument("--cameras", default=None, help="multipie: e.g. left=08_0,front=05_1,right=19_0")
+    p.add_argument("--poses", default=None, help="bosphorus: e.g. left=YR_R45,front=N_N,right=YR_L45")
+    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    options: dict = {}
+    if args.view_dirs:
+        options["view_dirs"] = parse_view_map(args.view_dirs, "--view-dirs")
+    if args.lm3d_drop is not None:
+        options["lm3d_drop"] = tuple(int(v) for v in args.lm3d_drop.split(",") if v.strip())
+    if args.no_transpose:
+        options["transpose"] = False
+    if args.cameras:
+        options["cameras"] = parse_view_map(args.cameras, "--cameras")
+    if args.poses:
+        options["poses"] = parse_view_map(args.poses, "--poses")
+    facemodel = FaceModelConfig(source=args.facemodel, bfm_path=args.bfm_path, n_vertices=args.n_vertices)
+    cfg = PackConfig(
+        input=args.input, out=args.out, layout=args.layout, size=args.size,
+        splits=parse_fractions(args.splits), seed=args.seed,
+        yaw_deg=tuple(float(v) for v in args.yaw.split(",")), max_count=args.max_count,
+        image_format=args.image_format, scan_units=args.scan_units, lm3d_units=args.lm3d_units,
+        workers=args.workers, facemodel=facemodel, layout_options=options,
+    )
+    summary = pack(cfg, progress=not args.no_progress)
+    for line in summary.lines():
+        print(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
+    if summary.packed == 0:
+        print(f"nothing packed from {args.input} (layout {args.layout})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
