@@ -9,6 +9,7 @@ landmarks; it needs no renderer.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,6 +55,7 @@ def moto_server() -> Iterator[str]:
     """A moto S3 server on loopback for the whole session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
