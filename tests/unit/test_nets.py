@@ -174,7 +174,7 @@ def test_gradients_reach_every_parameter_after_the_first_steps(backbone, regress
     bb, reg = _pair(backbone, regressor)
     params = list(bb.parameters()) + list(reg.parameters())
     opt = torch.optim.SGD(params, lr=1e-2)
-    x = _views(batch=2)
+    x = _views(batch=2, size=32)  # coverage does not depend on the size; 32 px keeps it quick
     target = torch.randn(2, LAYOUT.size, generator=torch.Generator().manual_seed(1))
     # step 1 moves the zero head weight, step 2 the zero-init residual scales; from step 3 on
     # every parameter has a gradient
