@@ -1,0 +1,505 @@
+"""Face parsing: training the BiSeNet parse net on masked shards, its IoU metrics, mask prediction.
+
+The parse net (:class:`dfmvr.nets.parsenet.BiSeNet`, 10 classes, DESIGN.md "Face-parsing
+classes") is trained here, apart from the reconstruction network, then used frozen by it
+(``model.parse_net=<checkpoint>``: the mask loss, and masks for inputs that have none) and by
+``python -m sharding.fill_masks`` (masks for shards packed without them).
+
+Input convention, the same everywhere: RGB ``[N, 3, S, S]`` in [-1, 1] (``x / 127.5 - 1`` from
+uint8, what :func:`dfmvr.data.transforms.to_model_range` and the loader produce and what the
+reconstruction code feeds it). The net is trained at ``data.image_size`` (stored in the
+checkpoint's ``meta["image_size"]``); :func:`predict_masks` resizes other sizes to it.
+
+Training (:func:`train_parsenet`): one process, plain PyTorch (no DDP: a ResNet-18-sized net on
+a few thousand masked views trains on one GPU or a few CPU cores). Every view of every triplet
+that has masks is one training image; cross-entropy on the main head plus ``aux_weight`` times
+each auxiliary head (BiSeNet's deep supervision); Adam with a cosine decay; random horizontal
+flips that swap the left/right brow and eye classes so the labels stay the subject's own.
+
+Metrics (:func:`confusion_matrix`, :func:`class_iou`, :func:`mean_iou`): per-class IoU
+``TP / (TP + FP + FN)`` over all pixels of the evaluated views (accumulated, not averaged per
+image); a class absent from both prediction and truth has no IoU (NaN) and is left out of the
+mean.
+
+:func:`run_job` is what ``jobs/train_parsenet.py`` calls: data (synthetic shards by default),
+one MLflow run, training, and the exported checkpoint (:func:`dfmvr.nets.save_parsenet`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfmvr.config import Config, apply_overrides, flatten, to_dict
+from dfmvr.facemodel.model import N_PARSE_CLASSES, PARSE_CLASSES
+from dfmvr.nets.parsenet import BiSeNet, save_parsenet
+from dfmvr.train.schedule import lr_factor
+
+_logger = logging.getLogger(__name__)
+
+FLIP_CLASSES = (0, 1, 3, 2, 5, 4, 6, 7, 8, 9)
+"""Class of each class after a horizontal image flip: the subject's left and right brow (2, 3)
+and eye (4, 5) trade places; the rest are symmetric."""
+
+MAX_UNMASKED_BATCHES = 50
+"""Batches in a row without a single masked sample before training gives up on the data."""
+
+MAX_NONFINITE_STEPS = 5
+"""Non-finite losses in a row (each step skipped) before training stops."""
+
+CHECKPOINT_NAME = "parsenet.pt"
+"""File name of the exported checkpoint under ``<work_dir>/parsenet/``."""
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, n_classes: int = N_PARSE_CLASSES) -> torch.Tensor:
+    """Pixel counts of (true class, predicted class).
+
+    Args:
+        pred: int ``[...]`` predicted classes (e.g. ``[N, H, W]``).
+        target: int ``[...]`` true classes, same shape.
+        n_classes: C.
+
+    Returns:
+        int64 ``[C, C]``: row = true class, column = predicted class.
+
+    Raises:
+        ValueError: shapes differ, or a class id is outside ``0..C-1``.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"confusion_matrix: pred and target must have the same shape; got {tuple(pred.shape)} "
+                         f"and {tuple(target.shape)}")
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
+    for name, values in (("pred", pred), ("target", target)):
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= n_classes):
+            raise ValueError(f"confusion_matrix: {name} holds classes {int(values.min())}..{int(values.max())}, "
+                             f"expected 0..{n_classes - 1}")
+    counts = torch.bincount(target * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.view(n_classes, n_classes)
+
+
+def class_iou(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class intersection over union from a confusion matrix.
+
+    Args:
+        confusion: ``[C, C]`` counts (row true, column predicted).
+
+    Returns:
+        float64 ``[C]``: ``TP / (TP + FP + FN)``; NaN for a class absent from both the truth and
+        the prediction (its union is empty, so it has no IoU).
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = torch.full_like(tp, math.nan)
+    present = union > 0
+    iou[present] = tp[present] / union[present]
+    return iou
+
+
+def mean_iou(iou: torch.Tensor) -> float:
+    """Mean over the classes that have an IoU (NaN entries left out); NaN when none has."""
+    finite = iou[~torch.isnan(iou)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def iou_metrics(confusion: torch.Tensor, prefix: str = "val/") -> dict[str, float]:
+    """``{prefix}iou_<class>`` for every class, ``{prefix}miou`` and ``{prefix}pixel_acc``."""
+    iou = class_iou(confusion)
+    out = {f"{prefix}iou_{name}": float(v) for name, v in zip(PARSE_CLASSES, iou)}
+    out[f"{prefix}miou"] = mean_iou(iou)
+    total = int(confusion.sum())
+    out[f"{prefix}pixel_acc"] = float(confusion.diagonal().sum()) / total if total else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------- training pieces
+
+
+def parse_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor,
+               aux_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy of the main head plus ``aux_weight`` times each auxiliary head's.
+
+    Args:
+        outputs: logits ``[N, C, H, W]``, or ``(main, aux16, aux32)`` as BiSeNet returns them
+            with ``return_aux=True`` in training mode.
+        target: int64 ``[N, H, W]`` classes.
+        aux_weight: weight of each auxiliary term.
+
+    Returns:
+        ``(total, terms)`` with terms ``loss_main`` (and ``loss_aux16``, ``loss_aux32``), detached.
+    """
+    heads = outputs if isinstance(outputs, tuple) else (outputs,)
+    names = ("loss_main", "loss_aux16", "loss_aux32")[: len(heads)]
+    values = [F.cross_entropy(logits, target) for logits in heads]
+    total = values[0] + aux_weight * sum(values[1:], torch.zeros((), device=target.device))
+    return total, {name: v.detach() for name, v in zip(names, values)}
+
+
+def masked_views(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views of a :class:`dfmvr.data.batch.Batch` that have masks, as single images.
+
+    Returns:
+        ``images [M, 3, S, S]`` in [-1, 1] and ``masks [M, S, S]`` int64, ``M = 3 * (masked triplets)``.
+    """
+    keep = batch.has_masks
+    return batch.images[keep].flatten(0, 1), batch.masks[keep].flatten(0, 1)
+
+
+def random_hflip(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each image (and its mask) left-right with probability 1/2, relabelling the classes
+    by :data:`FLIP_CLASSES` so that "left" stays the subject's left.
+
+    Args:
+        images: ``[N, 3, H, W]``; masks: int64 ``[N, H, W]``; generator: CPU generator.
+    """
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    if not bool(flip.any()):
+        return images, masks
+    flip = flip.to(images.device)
+    lut = torch.tensor(FLIP_CLASSES, dtype=masks.dtype, device=masks.device)
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    masks = torch.where(flip[:, None, None], lut[masks.flip(-1)], masks)
+    return images, masks
+
+
+@torch.no_grad()
+def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = "cpu",
+             max_samples: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+    """Per-class IoU of ``model`` over the masked samples of ``batches``.
+
+    Args:
+        model: the parse net (put in eval mode for the pass, its mode restored after).
+        batches: :class:`dfmvr.data.batch.Batch` iterable (one pass).
+        device: where to run.
+        max_samples: stop after this many masked triplets (0: all).
+
+    Returns:
+        ``(metrics, confusion)``: :func:`iou_metrics` plus ``val/samples`` (masked triplets seen)
+        and ``val/unmasked`` (triplets without masks, not scored); the ``[C, C]`` counts.
+    """
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros((model.n_classes, model.n_classes), dtype=torch.int64)
+    samples = unmasked = 0
+    try:
+        for batch in batches:
+            unmasked += int((~batch.has_masks).sum())
+            if not bool(batch.has_masks.any()):
+                continue
+            n_masked = int(batch.has_masks.sum())
+            images, masks = masked_views(batch)
+            if max_samples and samples + n_masked > max_samples:
+                keep = (max_samples - samples) * images.shape[0] // n_masked
+                images, masks, n_masked = images[:keep], masks[:keep], max_samples - samples
+            pred = model(images.to(device)).argmax(1).cpu()
+            confusion += confusion_matrix(pred, masks, model.n_classes)
+            samples += n_masked
+            if max_samples and samples >= max_samples:
+                break
+    finally:
+        model.train(was_training)
+    metrics = iou_metrics(confusion)
+    metrics.update({"val/samples": float(samples), "val/unmasked": float(unmasked)})
+    return metrics, confusion
+
+
+# --------------------------------------------------------------------------------- training
+
+
+@dataclass(kw_only=True)
+class ParseTrainResult:
+    """What :func:`train_parsenet` returns."""
+
+    model: BiSeNet
+    """The trained net (training mode, on the training device)."""
+    steps: int
+    """Optimiser steps taken (non-finite steps are skipped and not counted)."""
+    losses: list[float] = field(default_factory=list)
+    """Total loss of every step, in order."""
+    val: dict[str, float] = field(default_factory=dict)
+    """Metrics of the last validation (:func:`evaluate`)."""
+    val_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """``(step, metrics)`` of every validation."""
+    skipped_samples: int = 0
+    """Bad samples the loaders skipped."""
+    unmasked_samples: int = 0
+    """Training triplets without masks (not trained on)."""
+    seconds: float = 0.0
+    """Wall time of the training loop, validations included."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(loader) -> Iterator:
+    while True:
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if not got:
+            raise ValueError(f"{loader.manifest.url}: split {loader.split!r} yielded no samples (all bad?)")
+
+
+def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
+                   log_metrics: Callable[[dict[str, float], int], None] | None = None) -> ParseTrainResult:
+    """Train a parse net on ``cfg.data``'s shards with ``cfg.parsenet``'s settings.
+
+    Args:
+        cfg: the whole config; uses ``data`` (url, split, val_split, image_size, num_workers,
+            shuffle_buffer, epoch_samples, color_jitter, s3_endpoint), ``parsenet`` and ``seed``.
+        device: default CUDA when available, else CPU.
+        log_metrics: called with ``(metrics, step)`` every ``parsenet.log_every`` steps
+            (``train/...``) and at every validation (``val/...``).
+
+    Returns:
+        :class:`ParseTrainResult`.
+
+    Raises:
+        dfmvr.data.shards.ManifestError: the validation split is not in the manifest (checked first).
+        ValueError: no masked sample in :data:`MAX_UNMASKED_BATCHES` training batches in a row.
+        FloatingPointError: :data:`MAX_NONFINITE_STEPS` non-finite losses in a row.
+    """
+    from dfmvr.data.loader import make_loader
+    from dfmvr.data.shards import read_manifest
+
+    pcfg = cfg.parsenet
+    device = torch.device(device) if device is not None else default_device()
+    manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint or None)
+    manifest.split(cfg.data.split)
+    manifest.split(cfg.data.val_split)  # fail now, not after training
+    torch.manual_seed(cfg.seed)
+    flip_rng = torch.Generator().manual_seed(cfg.seed)
+
+    model = BiSeNet(n_classes=N_PARSE_CLASSES, width=pcfg.width).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps=pcfg.steps, cosine_after=0, min_lr_ratio=pcfg.min_lr_ratio))
+    train_loader = make_loader(cfg.data, cfg.data.split, rank=0, world_size=1, resampled=True,
+                               batch_size=pcfg.batch_size, seed=cfg.seed)
+    val_data = dataclasses.replace(cfg.data, color_jitter=0.0)
+    val_loader = make_loader(val_data, cfg.data.val_split, rank=0, world_size=1, resampled=False, shuffle=False,
+                             batch_size=pcfg.batch_size, seed=cfg.seed)
+    _logger.info("parse net: width %d, %d parameters, %d steps of %d triplets on %s",
+                 pcfg.width, sum(p.numel() for p in model.parameters()), pcfg.steps, pcfg.batch_size, device)
+
+    result = ParseTrainResult(model=model, steps=0)
+    window: dict[str, float] = {}
+    window_n = unmasked_streak = nonfinite_streak = 0
+    t0 = t_window = time.perf_counter()
+    images_since = 0
+    model.train()
+    batches = _batches(train_loader)
+    while result.steps < pcfg.steps:
+        batch = next(batches)
+        result.unmasked_samples += int((~batch.has_masks).sum())
+        if not bool(batch.has_masks.any()):
+            unmasked_streak += 1
+            if unmasked_streak >= MAX_UNMASKED_BATCHES:
+                raise ValueError(
+                    f"{manifest.url}: split {cfg.data.split!r} gave {unmasked_streak} batches in a row without a "
+                    "sample that has masks; the parse net trains on masked shards (synthetic ones, or shards "
+                    "packed with masks)")
+            continue
+        unmasked_streak = 0
+        images, masks = masked_views(batch)
+        if pcfg.hflip:
+            images, masks = random_hflip(images, masks, flip_rng)
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        total, terms = parse_loss(model(images, return_aux=True), masks, pcfg.aux_weight)
+        if not torch.isfinite(total):
+            nonfinite_streak += 1
+            _logger.warning("parse net: non-finite loss at step %d (%d in a row); step skipped",
+                            result.steps, nonfinite_streak)
+            if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                raise FloatingPointError(f"parse net: {nonfinite_streak} non-finite losses in a row at step "
+                                         f"{result.steps}; lower parsenet.lr (now {pcfg.lr})")
+            continue
+        nonfinite_streak = 0
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+        result.steps += 1
+        result.losses.append(float(total.detach()))
+        images_since += images.shape[0]
+        window_n += 1
+        for name, value in {"loss": total.detach(), **terms}.items():
+            window[name] = window.get(name, 0.0) + float(value)
+        step = result.steps
+        if step % pcfg.log_every == 0 or step == pcfg.steps:
+            now = time.perf_counter()
+            metrics = {f"train/{k}": v / window_n for k, v in window.items()}
+            metrics["train/lr"] = sched.get_last_lr()[0]
+            metrics["train/images_per_s"] = images_since / max(now - t_window, 1e-9)
+            metrics["train/skipped_samples"] = float(train_loader.skipped)
+            _logger.info("parse net step %d/%d: loss %.4f", step, pcfg.steps, metrics["train/loss"])
+            if log_metrics is not None:
+                log_metrics(metrics, step)
+            window, window_n, images_since, t_window = {}, 0, 0, now
+        if step % pcfg.val_every == 0 or step == pcfg.steps:
+            val, _ = evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples)
+            result.val = val
+            result.val_history.append((step, val))
+            _logger.info("parse net step %d: val mIoU %.4f (%d triplets)", step, val["val/miou"], int(val["val/samples"]))
+            if log_metrics is not None:
+                log_metrics(val, step)
+    result.skipped_samples = train_loader.skipped + val_loader.skipped
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_masks(model: BiSeNet, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+    """Argmax class maps for uint8 RGB images.
+
+    Images are scaled to [-1, 1]; when their side differs from the size the net was trained
+    at (``model.meta["image_size"]``, when known) they are resized to it (bilinear, antialiased
+    when shrinking) and the logits are resized back (bilinear) before the argmax.
+
+    Args:
+        model: the parse net (evaluated in eval mode; its mode is restored after).
+        images: uint8 ``[M, S, S, 3]`` RGB.
+        batch_size: images per forward pass.
+
+    Returns:
+        uint8 ``[M, S, S]`` classes ``0..n_classes-1``.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"predict_masks: images must be uint8 [M, S, S, 3], got {images.dtype} {list(images.shape)}")
+    device = next(model.parameters()).device
+    size = images.shape[1:3]
+    net_size = int(model.meta.get("image_size", 0)) or None
+    was_training = model.training
+    model.eval()
+    out = np.empty(images.shape[:3], dtype=np.uint8)
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(images[start:start + batch_size]).to(device)
+            x = chunk.permute(0, 3, 1, 2).float() * (2.0 / 255.0) - 1.0  # as dfmvr.data.transforms.to_model_range
+            if net_size is not None and tuple(size) != (net_size, net_size):
+                x = F.interpolate(x, size=(net_size, net_size), mode="bilinear", align_corners=False,
+                                  antialias=net_size < size[0])
+                logits = F.interpolate(model(x), size=tuple(size), mode="bilinear", align_corners=False)
+            else:
+                logits = model(x)
+            out[start:start + len(chunk)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------- the job
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    """Where the job exports the checkpoint: ``parsenet.out`` or ``<work_dir>/parsenet/parsenet.pt``."""
+    return Path(cfg.parsenet.out) if cfg.parsenet.out else Path(cfg.work_dir) / "parsenet" / CHECKPOINT_NAME
+
+
+def _or_none(value: float) -> float | None:
+    """NaN (no IoU) as None: JSON has no NaN."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str | None = None) -> dict[str, Any]:
+    """The parse-net training job: data, one MLflow run, training, exported checkpoint.
+
+    With ``data.url`` empty, trains on ``<work_dir>/shards``, generated with synthetic triplets
+    when missing (as the reconstruction job does). MLflow: ``tracking.tracking_uri``, else
+    ``MLFLOW_TRACKING_URI``, else SQLite under the work dir; experiment ``tracking.experiment``,
+    run ``parsenet.run_name``; params = the flattened config, metrics ``train/*`` and
+    ``val/iou_<class>``, ``val/miou``; the checkpoint is logged as an artifact too.
+
+    Returns:
+        The summary: ``status``, ``steps``, ``miou``, ``iou`` (class -> IoU, None when the class
+        has none), ``pixel_acc``, ``checkpoint`` (local path), ``mlflow_run_id``, ...
+    """
+    import mlflow
+
+    from dfmvr import tracking
+    from dfmvr.train.launch import ensure_data
+
+    work = Path(cfg.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(cfg, {"work_dir": str(work)})
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, work)
+    tracking.check_reachable(tracking_uri)
+    data_url = ensure_data(cfg)
+    cfg = apply_overrides(cfg, {"data.url": data_url})
+    out = checkpoint_path(cfg)
+    device = torch.device(device) if device is not None else default_device()
+
+    experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.parsenet.run_name)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        tracking.log_params(flatten(cfg))
+        mlflow.set_tags({"dfmvr.job": "parsenet", "dfmvr.data_url": data_url, "dfmvr.overrides": overrides_note,
+                         "dfmvr.device": str(device)})
+        mlflow.log_dict(to_dict(cfg), "config.json")
+        _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
+        result = train_parsenet(cfg, device=device,
+                                log_metrics=lambda m, step: mlflow.log_metrics(_finite(m), step=step))
+        iou = {name: result.val.get(f"val/iou_{name}", math.nan) for name in PARSE_CLASSES}
+        meta = {
+            "image_size": cfg.data.image_size,
+            "classes": list(PARSE_CLASSES),
+            "input": "RGB [N, 3, S, S] in [-1, 1] (uint8 / 127.5 - 1)",
+            "steps": result.steps,
+            "miou": result.val.get("val/miou", math.nan),
+            "iou": {k: _or_none(v) for k, v in iou.items()},
+            "data_url": data_url,
+            "mlflow_run_id": run_id,
+            "config": to_dict(cfg),
+        }
+        save_parsenet(out, result.model.cpu(), meta)
+        mlflow.log_artifact(str(out), artifact_path="parsenet")
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+    return {
+        "status": status,
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "miou": _or_none(result.val.get("val/miou", math.nan)),
+        "pixel_acc": _or_none(result.val.get("val/pixel_acc", math.nan)),
+        "iou": {k: _or_none(v) for k, v in iou.items()},
+        "val_samples": int(result.val.get("val/samples", 0)),
+        "skipped_samples": result.skipped_samples,
+        "checkpoint": str(out.resolve()),
+        "use_with": f"model.parse_net={out.resolve()}",
+        "shards": data_url,
+        "device": str(device),
+        "mlflow_tracking_uri": tracking.redact(tracking_uri),
+        "mlflow_run_id": run_id,
+    }
+
+
+__all__ = [
+    "CHECKPOINT_NAME", "FLIP_CLASSES", "ParseTrainResult", "checkpoint_path", "class_iou", "confusion_matrix",
+    "evaluate", "iou_metrics", "masked_views", "mean_iou", "parse_loss", "predict_masks", "random_hflip",
+    "run_job", "train_parsenet",
+]

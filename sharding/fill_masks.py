@@ -1,0 +1,317 @@
+"""Fill in the parsing masks of shards packed without them, with a trained parse net.
+
+    python -m sharding.fill_masks --input ROOT --out ROOT2 --parse-net CKPT
+        [--batch-size 16] [--device auto|cpu|cuda] [--summary-json PATH]
+
+Reads every shard of ``ROOT``'s manifest (any split), and writes each as a new shard under
+``ROOT2`` (``{split}-{index:06d}.tar``, one output shard per input shard) plus a manifest:
+
+- a sample without masks gets ``{view}.mask.png`` for its three views, the parse net's argmax
+  class map (uint8, 0..9, at the shard's image size), and ``"masks": "parsenet:<checkpoint
+  file name>"`` in its ``meta.json``; its other entries are copied byte for byte;
+- a sample that has masks is copied byte for byte;
+- a bad sample (undecodable image, missing entry, wrong shape, ...) is skipped, logged, and
+  listed at the end; samples a corrupt shard never yields are counted against the manifest.
+
+A missing or unreadable checkpoint, or a manifest of another schema version, fails before
+anything is written. ``ROOT`` and ``ROOT2`` may be local directories or ``s3://bucket/prefix``
+(they must differ). The parse net is trained by ``jobs/train_parsenet.py``; see docs/parsenet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset
+from webdataset import tariterators
+
+from dfmvr.data import storage
+from dfmvr.data.shards import VIEWS, Manifest, ShardInfo, decode_sample, encode_sample, read_manifest, write_manifest
+from dfmvr.nets.parsenet import BiSeNet, load_parsenet
+from dfmvr.parsing import predict_masks
+
+_logger = logging.getLogger(__name__)
+
+MASK_ENTRIES = tuple(f"{view}.mask.png" for view in VIEWS)
+
+
+@dataclass(kw_only=True, slots=True)
+class FillSummary:
+    """What a fill run did."""
+
+    manifest: str | None
+    """URL of the manifest written (None when nothing could be written)."""
+    filled: int = 0
+    """Samples that got predicted masks."""
+    kept: int = 0
+    """Samples that had masks and were copied."""
+    skipped: list[dict] = field(default_factory=list)
+    """Bad samples: ``{"key", "shard", "reason"}``."""
+    lost: list[dict] = field(default_factory=list)
+    """Shards that yielded fewer samples than their manifest entry: ``{"shard", "expected", "read", "reason"}``."""
+    per_split: dict[str, int] = field(default_factory=dict)
+    """Samples written per split."""
+    shards: list[str] = field(default_factory=list)
+    """Output shard URLs."""
+    parse_net: str = ""
+    """The checkpoint used."""
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return self.filled + self.kept
+
+    def lines(self) -> list[str]:
+        """A human-readable report."""
+        out = [f"wrote {self.written} samples ({self.filled} with predicted masks, {self.kept} already masked) "
+               f"in {len(self.shards)} shards: {self.per_split}",
+               f"manifest: {self.manifest}"]
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} bad samples:")
+            out += [f"  {s['key']} in {s['shard']}: {s['reason']}" for s in self.skipped]
+        for loss in self.lost:
+            out.append(f"shard {loss['shard']}: manifest lists {loss['expected']} samples, read {loss['read']}"
+                       + (f" ({loss['reason']})" if loss["reason"] else ""))
+        return out
+
+
+def _same_root(a: str, b: str) -> bool:
+    if storage.is_s3(a) or storage.is_s3(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _raw_samples(url: str, endpoint: str | None, errors: list[Exception]) -> Iterator[dict]:
+    """Webdataset dicts of one shard, in order; tar-level errors go to ``errors`` (the shard
+    is read as far as it can be)."""
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    try:
+        stream = storage.open_read(url, endpoint=endpoint)
+    except Exception as exn:  # noqa: BLE001 (any failure to open is reported per shard)
+        errors.append(exn)
+        return
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from tariterators.group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
+
+
+class _ShardOut:
+    """One output shard, staged in a local temporary file and published on :meth:`close`."""
+
+    def __init__(self, url: str, split: str, image_size: int, endpoint: str | None) -> None:
+        self.url, self.split, self.image_size, self.endpoint = url, split, image_size, endpoint
+        fd, self.tmp = tempfile.mkstemp(prefix="dfmvr-fill-", suffix=".tar")
+        self.file = os.fdopen(fd, "wb")
+        self.tar = webdataset.TarWriter(self.file, mtime=0)  # mtime 0: same content, same sha256
+        self.keys: list[str] = []
+        self.subjects: set[str] = set()
+
+    def write(self, entries: dict, subject: str) -> None:
+        self.tar.write(entries)
+        self.keys.append(entries["__key__"])
+        self.subjects.add(subject)
+
+    def close(self) -> ShardInfo | None:
+        """Publish (or drop, when empty) the shard; returns its info."""
+        self.tar.close()
+        self.file.close()
+        try:
+            if not self.keys:
+                return None
+            digest = hashlib.sha256()
+            with open(self.tmp, "rb") as handle:
+                for block in storage.iter_chunks(handle):
+                    digest.update(block)
+            nbytes = storage.put_file(self.tmp, self.url, endpoint=self.endpoint)
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
+        return ShardInfo(url=self.url, split=self.split, count=len(self.keys), size=nbytes, sha256=digest.hexdigest(),
+                         image_size=self.image_size, keys=list(self.keys), subjects=sorted(self.subjects))
+
+    def discard(self) -> None:
+        self.tar.close()
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+def _fill_batch(model: BiSeNet, pending: list[tuple[dict, object]], provenance: str, batch_size: int) -> list[dict]:
+    """Predict the masks of ``pending`` (raw entries, decoded sample) samples; returns the
+    entries to write: the raw ones plus mask PNGs and the new ``meta.json``."""
+    images = np.stack([sample.images[view] for _, sample in pending for view in VIEWS])
+    masks = predict_masks(model, images, batch_size=batch_size).reshape(len(pending), len(VIEWS), *images.shape[1:3])
+    out = []
+    for (entries, sample), sample_masks in zip(pending, masks):
+        sample.masks = {view: np.ascontiguousarray(sample_masks[i]) for i, view in enumerate(VIEWS)}
+        sample.meta["masks"] = provenance
+        encoded = encode_sample(sample)  # validates the masks; images re-encoded here are not used
+        filled = dict(entries)
+        filled.update({entry: encoded[entry] for entry in MASK_ENTRIES})
+        filled["meta.json"] = encoded["meta.json"]
+        out.append(filled)
+    return out
+
+
+def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: int = 16, device: str = "auto",
+               endpoint: str | None = None) -> FillSummary:
+    """Write ``input_root``'s shards to ``out_root`` with every sample's masks present.
+
+    Args:
+        input_root: shard root with a manifest (local or ``s3://``).
+        out_root: where the new shards and manifest go (must differ from ``input_root``).
+        parse_net: checkpoint from ``jobs/train_parsenet.py`` (:func:`dfmvr.nets.save_parsenet`).
+        batch_size: samples per forward pass (three views each).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        endpoint: S3 endpoint (else ``AWS_ENDPOINT_URL``).
+
+    Returns:
+        :class:`FillSummary`.
+
+    Raises:
+        FileNotFoundError / ValueError: the checkpoint is missing or not a parse-net checkpoint
+            (naming the file), ``out_root`` equals ``input_root``, or ``batch_size < 1``.
+        dfmvr.data.shards.ManifestError: the input manifest is unreadable or of another schema version.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if _same_root(input_root, out_root):
+        raise ValueError(f"--out {out_root}: must differ from --input (the input shards are read while writing)")
+    manifest = read_manifest(input_root, endpoint=endpoint)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model = load_parsenet(parse_net, dev)
+    net_size = model.meta.get("image_size")
+    if net_size != manifest.image_size:
+        _logger.warning("parse net %s was trained at %s px, the shards are %d px: views are resized for it",
+                        parse_net, net_size, manifest.image_size)
+    provenance = f"parsenet:{Path(parse_net).name}"
+    summary = FillSummary(manifest=None, parse_net=str(parse_net))
+    t0 = time.perf_counter()
+    infos: list[ShardInfo] = []
+    for split, entry in manifest.splits.items():
+        for index, shard in enumerate(entry.shards):
+            info = _fill_shard(model, manifest, shard, split, storage.join(out_root, f"{split}-{index:06d}.tar"),
+                               provenance, batch_size, endpoint, summary)
+            if info is not None:
+                infos.append(info)
+                summary.shards.append(info.url)
+                summary.per_split[split] = summary.per_split.get(split, 0) + info.count
+    if infos:
+        extra = dict(manifest.extra)
+        if "without_masks" in extra:
+            extra["without_masks"] = 0
+        extra["fill_masks"] = {
+            "input": manifest.url, "parse_net": str(parse_net), "masks": provenance, "filled": summary.filled,
+            "kept": summary.kept, "skipped": [s["key"] for s in summary.skipped],
+            "parse_net_meta": {k: model.meta.get(k) for k in ("image_size", "width", "steps", "miou")},
+        }
+        summary.manifest = write_manifest(out_root, infos, image_size=manifest.image_size, extra=extra,
+                                          endpoint=endpoint)
+    summary.seconds = time.perf_counter() - t0
+    if summary.skipped:
+        _logger.warning("skipped %d bad samples: %s", len(summary.skipped),
+                        ", ".join(s["key"] for s in summary.skipped[:20]))
+    return summary
+
+
+def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: str, provenance: str,
+                batch_size: int, endpoint: str | None, summary: FillSummary) -> ShardInfo | None:
+    errors: list[Exception] = []
+    out = _ShardOut(out_url, split, manifest.image_size, endpoint)
+    pending: list[tuple[dict, object]] = []
+    read = 0
+
+    def flush() -> None:
+        for entries in _fill_batch(model, pending, provenance, batch_size):
+            out.write(entries, subject=json.loads(entries["meta.json"])["subject"])
+            summary.filled += 1
+        pending.clear()
+
+    try:
+        for raw in _raw_samples(shard.url, endpoint, errors):
+            read += 1
+            key = str(raw.get("__key__"))
+            entries = {k: v for k, v in raw.items() if not k.startswith("__")}
+            entries["__key__"] = key
+            try:
+                sample = decode_sample(raw)
+                if sample.image_size != manifest.image_size:
+                    raise ValueError(f"views are {sample.image_size} px, the manifest says {manifest.image_size} px")
+            except ValueError as exn:
+                _logger.error("skipping sample %s in %s: %s", key, shard.url, exn)
+                summary.skipped.append({"key": key, "shard": shard.url, "reason": str(exn)})
+                continue
+            if sample.masks is not None:
+                out.write(entries, subject=sample.subject)
+                summary.kept += 1
+                continue
+            pending.append((entries, sample))
+            if len(pending) >= batch_size:
+                flush()
+        if pending:
+            flush()
+    except BaseException:
+        out.discard()
+        raise
+    if read < shard.count or errors:
+        reason = f"{errors[0]!r:.300}" if errors else ""
+        _logger.warning("shard %s: manifest lists %d samples, read %d%s", shard.url, shard.count, read,
+                        f"; first error: {reason}" if reason else "")
+        summary.lost.append({"shard": shard.url, "expected": shard.count, "read": read, "reason": reason})
+    info = out.close()
+    _logger.info("%s -> %s: %d samples", shard.url, out_url, info.count if info else 0)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharding.fill_masks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="shard root with manifest.json (directory or s3://bucket/prefix)")
+    p.add_argument("--out", required=True, help="new shard root (directory or s3://bucket/prefix)")
+    p.add_argument("--parse-net", required=True, help="parse-net checkpoint (jobs/train_parsenet.py's parsenet.pt)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        summary = fill_masks(args.input, args.out, args.parse_net, batch_size=args.batch_size, device=args.device,
+                             endpoint=args.endpoint)
+    except (FileNotFoundError, ValueError) as exn:  # ManifestError is a ValueError
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps({**asdict(summary), "written": summary.written}, indent=1))
+    if summary.written == 0:
+        print(f"nothing written from {args.input}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

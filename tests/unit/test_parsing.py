@@ -1,0 +1,299 @@
+"""The parse net's training, IoU metrics, checkpoint export and ``sharding.fill_masks``.
+
+Data: small shards of :func:`tests.conftest.make_face_sample` faces (an ellipse of skin on
+noise with a blob per feature class), written through the shard API. One tiny net (width 8,
+32 px) is trained once per module and shared by the tests that need a trained model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfmvr.config import apply_overrides
+from dfmvr.data.loader import make_loader
+from dfmvr.data.shards import VIEWS, ShardWriter, read_manifest, write_manifest
+from dfmvr.facemodel.model import N_PARSE_CLASSES, PARSE_CLASSES
+from dfmvr.nets.parsenet import BiSeNet, load_parsenet, save_parsenet
+from dfmvr.parsing import (
+    FLIP_CLASSES,
+    class_iou,
+    confusion_matrix,
+    evaluate,
+    iou_metrics,
+    masked_views,
+    mean_iou,
+    predict_masks,
+    random_hflip,
+    train_parsenet,
+)
+from dfmvr.presets import get_preset
+from sharding.fill_masks import main as fill_main
+from sharding.synth import iter_shard_samples
+from tests.conftest import make_face_sample
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # other test processes share the 2 cores: two spinning OpenMP threads each make it 30x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_dataset(root: Path, *, train_subjects: int = 6, val_subjects: int = 2, captures: int = 2) -> str:
+    infos = []
+    layout = (("train", range(train_subjects)), ("val", range(train_subjects, train_subjects + val_subjects)))
+    for split, subjects in layout:
+        with ShardWriter(str(root), split, max_count=5) as writer:
+            for s in subjects:
+                for c in range(captures):
+                    writer.write(make_face_sample(f"s{s:02d}", f"c{c}", size=SIZE, seed=100 * s + c))
+        infos += writer.shards
+    write_manifest(str(root), infos, image_size=SIZE)
+    return str(root)
+
+
+def small_config(data_url: str, **overrides):
+    base = {
+        "data.url": data_url, "data.image_size": SIZE, "data.num_workers": 0, "data.shuffle_buffer": 8,
+        "data.epoch_samples": 16, "parsenet.width": 8, "parsenet.steps": 40, "parsenet.batch_size": 4,
+        "parsenet.lr": 3e-3, "parsenet.val_every": 1000, "parsenet.log_every": 10,
+    }
+    base.update(overrides)
+    return apply_overrides(get_preset("tiny"), base)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("parse-shards"))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset):
+    torch.set_num_threads(1)
+    logged: list[tuple[int, dict]] = []
+    result = train_parsenet(small_config(dataset), device="cpu", log_metrics=lambda m, s: logged.append((s, m)))
+    return result, logged
+
+
+def val_batches(data_url: str):
+    cfg = small_config(data_url)
+    return make_loader(cfg.data, "val", rank=0, world_size=1, resampled=False, shuffle=False, batch_size=4)
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+def test_iou_on_a_hand_made_case():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 2]])
+    conf = confusion_matrix(pred, target, n_classes=4)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    expected[0, 0], expected[0, 1], expected[1, 1], expected[1, 2] = 3, 1, 3, 1
+    assert torch.equal(conf, expected)
+    iou = class_iou(conf)
+    # class 0: TP 3, union 3 + 1 (missed) = 4; class 1: TP 3, union 4 + 4 - 3 = 5;
+    # class 2: predicted once, never true: 0; class 3: in neither -> NaN, left out of the mean
+    assert iou[:3].tolist() == pytest.approx([3 / 4, 3 / 5, 0.0])
+    assert math.isnan(iou[3])
+    assert mean_iou(iou) == pytest.approx((3 / 4 + 3 / 5 + 0.0) / 3)
+    assert math.isnan(mean_iou(torch.full((3,), math.nan)))
+
+
+def test_iou_metrics_names_every_class():
+    target = torch.randint(0, N_PARSE_CLASSES, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    metrics = iou_metrics(confusion_matrix(target, target))
+    assert {f"val/iou_{name}" for name in PARSE_CLASSES} <= set(metrics)
+    assert metrics["val/miou"] == 1.0 and metrics["val/pixel_acc"] == 1.0
+
+
+def test_confusion_matrix_rejects_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"target holds classes 0\.\.10, expected 0\.\.9"):
+        confusion_matrix(torch.zeros(2, dtype=torch.long), torch.tensor([0, 10]))
+
+
+def test_hflip_mirrors_and_swaps_left_and_right_classes():
+    masks = torch.zeros(64, 4, 6, dtype=torch.long)
+    masks[:, 1, 0], masks[:, 1, 1], masks[:, 2, 0], masks[:, 3, 5] = 2, 4, 6, 9  # left brow, left eye at x=0..1
+    images = torch.arange(64 * 3 * 4 * 6, dtype=torch.float32).view(64, 3, 4, 6)
+    out_images, out_masks = random_hflip(images, masks, torch.Generator().manual_seed(1))
+    flipped = (out_images != images).flatten(1).any(1)
+    assert 0 < int(flipped.sum()) < 64
+    assert torch.equal(out_images[flipped], images[flipped].flip(-1))
+    assert torch.equal(out_images[~flipped], images[~flipped])
+    assert torch.equal(out_masks[~flipped], masks[~flipped])
+    mirrored = out_masks[flipped]
+    assert (mirrored[:, 1, 5] == 3).all() and (mirrored[:, 1, 4] == 5).all()  # right brow, right eye now
+    assert (mirrored[:, 2, 5] == 6).all() and (mirrored[:, 3, 0] == 9).all()  # symmetric classes kept
+    assert [FLIP_CLASSES[c] for c in FLIP_CLASSES] == list(range(N_PARSE_CLASSES))
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_and_beats_a_constant_prediction(trained, dataset):
+    result, logged = trained
+    assert result.steps == 40 and len(result.losses) == 40
+    assert np.mean(result.losses[-5:]) < 0.8 * np.mean(result.losses[:5])
+    # the trivial baselines, scored on the same validation views: every pixel background, or skin
+    truth = torch.cat([masked_views(b)[1] for b in val_batches(dataset)])
+    baselines = {c: mean_iou(class_iou(confusion_matrix(torch.full_like(truth, c), truth))) for c in (0, 1)}
+    metrics, _ = evaluate(result.model, val_batches(dataset))
+    assert metrics["val/samples"] == 4
+    assert metrics["val/miou"] > max(baselines.values()) + 0.05, (metrics, baselines)
+    assert metrics == pytest.approx(result.val, nan_ok=True)  # the loop's own final validation
+    steps = [s for s, m in logged if "val/miou" in m]
+    assert steps == [40]
+    assert [s for s, m in logged if "train/loss" in m] == [10, 20, 30, 40]
+
+
+def test_training_fails_fast_on_a_missing_validation_split(dataset):
+    from dfmvr.data.shards import ManifestError
+
+    with pytest.raises(ManifestError, match="no split 'holdout'"):
+        train_parsenet(small_config(dataset, **{"data.val_split": "holdout"}), device="cpu")
+
+
+def test_exported_checkpoint_loads_frozen_with_the_same_predictions(trained, dataset, tmp_path):
+    result, _ = trained
+    model = result.model.eval()
+    path = save_parsenet(tmp_path / "parsenet.pt", model, {"image_size": SIZE})
+    loaded = load_parsenet(path)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    loaded.train()  # a parent's .train() must not wake its BatchNorm
+    assert not loaded.training
+    images = torch.cat([masked_views(b)[0] for b in val_batches(dataset)])
+    with torch.no_grad():
+        expected = model(images)
+    got = loaded(images)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    model.train()
+
+
+def test_predict_masks_resizes_to_the_training_size():
+    model = BiSeNet(width=4).eval()
+    model.meta = {"image_size": SIZE}
+    images = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    masks = predict_masks(model, images, batch_size=2)
+    assert masks.shape == (5, 48, 48) and masks.dtype == np.uint8 and masks.max() < N_PARSE_CLASSES
+    same = predict_masks(model, images[:, :SIZE, :SIZE].copy())
+    x = torch.from_numpy(images[:, :SIZE, :SIZE]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        assert np.array_equal(same, model(x).argmax(1).numpy())
+
+
+# --------------------------------------------------------------------------------- fill_masks
+
+
+def strip_masks(src: str, dst: Path, keep_every: int = 2) -> tuple[set[str], set[str]]:
+    """Copy ``src`` to ``dst`` through the shard API with masks removed from every sample but
+    each ``keep_every``-th; returns (keys with masks, keys without)."""
+    manifest = read_manifest(src)
+    infos, masked, stripped = [], set(), set()
+    for split in manifest.splits:
+        with ShardWriter(str(dst), split, max_count=5) as writer:
+            for i, sample in enumerate(s for url in manifest.shard_urls(split) for s in iter_shard_samples(url)):
+                if i % keep_every:
+                    sample.masks = None
+                    stripped.add(sample.key)
+                else:
+                    masked.add(sample.key)
+                writer.write(sample)
+        infos += writer.shards
+    write_manifest(str(dst), infos, image_size=manifest.image_size)
+    return masked, stripped
+
+
+def corrupt_one_sample(shard: Path) -> str:
+    """Replace the front view of the shard's first sample by bytes that are not an image."""
+    members = []
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    key = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == f"{key}.front.png":
+                data = b"not a png"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return key
+
+
+def test_fill_masks_end_to_end(trained, dataset, tmp_path):
+    result, _ = trained
+    ckpt = save_parsenet(tmp_path / "net" / "parsenet.pt", result.model.eval(), {"image_size": SIZE})
+    result.model.train()
+    masked, stripped = strip_masks(dataset, tmp_path / "in")
+    bad_key = corrupt_one_sample(tmp_path / "in" / "train-000000.tar")
+    out = tmp_path / "out"
+    summary_json = tmp_path / "summary.json"
+    rc = fill_main(["--input", str(tmp_path / "in"), "--out", str(out), "--parse-net", str(ckpt),
+                    "--batch-size", "3", "--device", "cpu", "--summary-json", str(summary_json)])
+    assert rc == 0
+    summary = json.loads(summary_json.read_text())
+    assert [s["key"] for s in summary["skipped"]] == [bad_key]
+    assert summary["filled"] == len(stripped - {bad_key}) and summary["kept"] == len(masked - {bad_key})
+
+    originals = {s.key: s for url in (dataset,) for split in read_manifest(url).splits
+                 for shard in read_manifest(url).shard_urls(split) for s in iter_shard_samples(shard)}
+    manifest = read_manifest(str(out))
+    seen = set()
+    for split in manifest.splits:
+        for entry in manifest.split(split).shards:
+            samples = list(iter_shard_samples(entry.url))
+            assert len(samples) == entry.count
+            for s in samples:
+                seen.add(s.key)
+                assert set(s.masks) == set(VIEWS)
+                for view in VIEWS:
+                    assert s.masks[view].dtype == np.uint8 and s.masks[view].shape == (SIZE, SIZE)
+                    assert np.array_equal(s.images[view], originals[s.key].images[view])
+                    if s.key in masked:
+                        assert np.array_equal(s.masks[view], originals[s.key].masks[view])
+                assert s.meta.get("masks") == ("parsenet:parsenet.pt" if s.key in stripped else None)
+    assert seen == (masked | stripped) - {bad_key}
+    assert manifest.extra["fill_masks"]["skipped"] == [bad_key]
+    # the trained net's masks for the stripped samples are better than a constant guess
+    filled = {s.key: s for u in manifest.shard_urls("train") + manifest.shard_urls("val")
+              for s in iter_shard_samples(u) if s.key in stripped}
+    pred = torch.from_numpy(np.stack([filled[k].masks[v] for k in filled for v in VIEWS]))
+    truth = torch.from_numpy(np.stack([originals[k].masks[v] for k in filled for v in VIEWS]))
+    assert mean_iou(class_iou(confusion_matrix(pred, truth))) > mean_iou(class_iou(confusion_matrix(torch.zeros_like(truth), truth)))
+
+
+def test_fill_masks_refuses_bad_checkpoints_and_manifests(dataset, tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert fill_main(["--input", dataset, "--out", str(tmp_path / "o1"), "--parse-net", str(missing)]) == 2
+    assert f"parse net checkpoint {missing}: no such file" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    assert fill_main(["--input", dataset, "--out", str(tmp_path / "o2"), "--parse-net", str(garbage)]) == 2
+    assert f"parse net checkpoint {garbage}" in capsys.readouterr().err
+    ckpt = save_parsenet(tmp_path / "ok.pt", BiSeNet(width=4), {"image_size": SIZE})
+    future = tmp_path / "future"
+    future.mkdir()
+    doc = json.loads((Path(dataset) / "manifest.json").read_text())
+    doc["schema_version"] = 99
+    (future / "manifest.json").write_text(json.dumps(doc))
+    assert fill_main(["--input", str(future), "--out", str(tmp_path / "o3"), "--parse-net", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "schema_version 99 is not supported" in err and "[1]" in err
+    assert fill_main(["--input", dataset, "--out", dataset, "--parse-net", str(ckpt)]) == 2
+    assert "must differ from --input" in capsys.readouterr().err
+    for name in ("o1", "o2", "o3"):
+        assert not (tmp_path / name).exists()
