@@ -245,8 +245,8 @@ def load_bfm(path: str | Path, lm3d_index: np.ndarray | None = None) -> FaceMode
     tri0 = tri - 1
     keypoints0 = keypoints - 1
     region = regions_from_landmarks(mean, keypoints0)
-    f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-    i64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    i64 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     _logger.info("loaded BFM %s: %d vertices, %d faces", path, n, n_faces)
     return FaceModel(
         mean_shape=f32(mean),
