@@ -10,6 +10,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -297,3 +300,42 @@ def test_fill_masks_refuses_bad_checkpoints_and_manifests(dataset, tmp_path, cap
     assert "must differ from --input" in capsys.readouterr().err
     for name in ("o1", "o2", "o3"):
         assert not (tmp_path / name).exists()
+
+
+# --------------------------------------------------------------------------------- the job
+
+
+def test_job_logs_one_mlflow_run_and_exports_the_checkpoint(dataset, tmp_path):
+    import mlflow
+
+    work = tmp_path / "work"
+    summary_json = tmp_path / "summary.json"
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(repo / "jobs" / "train_parsenet.py"), f"work_dir={work}", f"data.url={dataset}",
+         f"data.image_size={SIZE}", "data.num_workers=0", "data.epoch_samples=16", "parsenet.width=4",
+         "parsenet.steps=6", "parsenet.batch_size=2", "parsenet.val_every=3", "parsenet.log_every=2",
+         "--summary-json", str(summary_json)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(summary_json.read_text())
+    ckpt = work / "parsenet" / "parsenet.pt"
+    assert summary["checkpoint"] == str(ckpt.resolve()) and proc.stdout.strip().endswith(str(ckpt.resolve()))
+    assert set(summary["iou"]) == set(PARSE_CLASSES) and summary["steps"] == 6
+    loaded = load_parsenet(ckpt)
+    assert loaded.meta["image_size"] == SIZE and loaded.width == 4
+    assert loaded.meta["miou"] == pytest.approx(summary["miou"])
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dfmvr.job"] == "parsenet"
+    assert run.data.params["parsenet.width"] == "4"
+    history = client.get_metric_history(run.info.run_id, "val/miou")
+    assert [m.step for m in history] == [3, 6]
+    assert history[-1].value == pytest.approx(summary["miou"])
+    assert {f"val/iou_{c}" for c in ("background", "skin")} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "parsenet")] == ["parsenet/parsenet.pt"]
+    assert not (tmp_path / "mlruns").exists()  # artifacts under the work dir, not the cwd
