@@ -62,8 +62,8 @@ class SkipReport:
 
 
 @dataclass(kw_only=True, slots=True)
-class _Tally:
-    """Skip count of one worker process (each worker has its own copy)."""
+class Tally:
+    """Skip count of one worker process (each worker has its own copy); shared by its stages."""
 
     skipped: int = 0
 
@@ -73,7 +73,7 @@ class _Tally:
 
 
 @dataclass(kw_only=True, slots=True)
-class _EpochState:
+class EpochState:
     """Set by the parent before each epoch; workers read it (fork / pickle copies it)."""
 
     epoch: int = 0
@@ -107,7 +107,7 @@ class _ShardShuffle:
 
     seed: int
     rank: int
-    state: _EpochState
+    state: EpochState
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         shards = list(src)
@@ -122,7 +122,7 @@ class _WorkerSeed:
 
     seed: int
     rank: int
-    state: _EpochState
+    state: EpochState
 
     def __call__(self) -> int:
         worker, _ = _worker_info()
@@ -146,7 +146,7 @@ class _TarSamples:
 
     expected: dict[str, int]
     endpoint: str | None
-    tally: _Tally
+    tally: Tally
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for shard in src:
@@ -188,7 +188,7 @@ class _SampleShuffle:
     bufsize: int
     seed: int
     rank: int
-    state: _EpochState
+    state: EpochState
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         if self.bufsize <= 1:
@@ -200,8 +200,11 @@ class _SampleShuffle:
 
 
 @dataclass(kw_only=True, slots=True)
-class _DecodeTriplets:
-    """Decode, check and transform samples; drop and count the bad ones."""
+class TripletDecoder:
+    """Pipeline stage: decode, check and transform samples; drop and count the bad ones.
+
+    Public so that benchmarks can run exactly the loader's per-sample work without storage.
+    """
 
     shard_size: int
     image_size: int
@@ -210,8 +213,8 @@ class _DecodeTriplets:
     with_gt: bool
     seed: int
     rank: int
-    state: _EpochState
-    tally: _Tally
+    state: EpochState
+    tally: Tally
 
     def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
         worker, _ = _worker_info()
@@ -231,6 +234,8 @@ class _DecodeTriplets:
 
     def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong."""
+        if not self.with_gt and "gt.npz" in raw:
+            raw = {name: value for name, value in raw.items() if name != "gt.npz"}  # not decoded for nothing
         sample = decode_sample(raw)
         if sample.image_size != self.shard_size:
             raise ValueError(
@@ -272,12 +277,12 @@ class _DecodeTriplets:
 
 
 @dataclass(kw_only=True, slots=True)
-class _Batcher:
-    """Group items into batches; each batch carries the skips counted since the previous one."""
+class Batcher:
+    """Pipeline stage: group items into batches carrying the skips counted since the previous one."""
 
     batch_size: int
     with_gt: bool
-    tally: _Tally
+    tally: Tally
 
     def __call__(self, src: Iterator[TripletItem]) -> Iterator[Batch | SkipReport]:
         items: list[TripletItem] = []
@@ -308,7 +313,7 @@ class ShardLoader:
         *,
         manifest: Manifest,
         split: str,
-        state: _EpochState,
+        state: EpochState,
         num_workers: int,
         batches_per_epoch: int | None,
         pin_memory: bool,
@@ -414,8 +419,8 @@ def make_loader(
         raise ValueError(f"batch_size >= 1 and num_workers >= 0 expected, got {batch_size}, {num_workers}")
     seed_rank, seed_world = (rank, world_size) if rank is not None else webdataset.utils.pytorch_worker_info()[:2]
 
-    state = _EpochState()
-    tally = _Tally()
+    state = EpochState()
+    tally = Tally()
     stages: list[Any] = []
     if resampled:
         if epoch_samples < 1:
@@ -445,7 +450,7 @@ def make_loader(
     if shuffle:
         stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(
-        _DecodeTriplets(
+        TripletDecoder(
             shard_size=manifest.image_size,
             image_size=data_cfg.image_size,
             color_jitter=data_cfg.color_jitter,
@@ -457,7 +462,7 @@ def make_loader(
             tally=tally,
         )
     )
-    stages.append(_Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally))
+    stages.append(Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally))
     pipeline = webdataset.DataPipeline(*stages)
     batches_per_epoch = None
     if resampled:
@@ -483,4 +488,4 @@ def make_loader(
     )
 
 
-__all__ = ["ShardLoader", "SkipReport", "make_loader"]
+__all__ = ["Batcher", "EpochState", "ShardLoader", "SkipReport", "Tally", "TripletDecoder", "make_loader"]

@@ -24,6 +24,7 @@ so a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -119,6 +120,18 @@ def resolve_endpoint(endpoint: str | None = None) -> str | None:
 
 _clients: dict[tuple[int, str | None, int, float, float], object] = {}
 _clients_lock = threading.Lock()
+_session = None
+
+
+def _boto3_session():
+    """One boto3 session per process tree: its loaded service models survive a fork, which
+    makes a DataLoader worker's first client about 5x cheaper (no sockets live in a session)."""
+    global _session
+    if _session is None:
+        import boto3
+
+        _session = boto3.session.Session()
+    return _session
 
 
 def s3_client(endpoint: str | None = None, *, settings: TransferSettings | None = None):
@@ -126,7 +139,6 @@ def s3_client(endpoint: str | None = None, *, settings: TransferSettings | None 
 
     Credentials come from boto3's own chain; nothing here reads or logs them.
     """
-    import boto3
     from botocore.config import Config
 
     settings = settings or TransferSettings()
@@ -147,7 +159,7 @@ def s3_client(endpoint: str | None = None, *, settings: TransferSettings | None 
                 read_timeout=settings.read_timeout_s,
                 max_pool_connections=max(10, settings.max_concurrency * 2),
             )
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            client = _boto3_session().client("s3", endpoint_url=endpoint, config=config)
             _clients[cache_key] = client
             _logger.debug("S3 client for endpoint %s (pid %d)", endpoint or "<aws default>", os.getpid())
     return client
@@ -167,12 +179,36 @@ def _describe(exn: Exception) -> str:
 
 # --------------------------------------------------------------------------- reading
 
+READ_BUFFER_BYTES = 1 << 20
+"""Read-ahead of S3 streams: tarfile reads 10 KiB at a time, each a call into urllib3 otherwise."""
+
+
+class _StreamingRaw(io.RawIOBase):
+    """A botocore ``StreamingBody`` as a raw stream, so ``io.BufferedReader`` can read ahead."""
+
+    def __init__(self, body) -> None:
+        super().__init__()
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
 
 def open_read(url: str, *, endpoint: str | None = None) -> BinaryIO:
     """Open ``url`` for streaming reads.
 
     For S3 this is ``get_object(...)["Body"]`` (a streaming body: bytes arrive as they are read,
-    nothing touches the disk).
+    nothing touches the disk) behind a 1 MiB read-ahead buffer.
 
     Raises:
         FileNotFoundError: when the file or object does not exist (the message names the URL).
@@ -190,7 +226,7 @@ def open_read(url: str, *, endpoint: str | None = None) -> BinaryIO:
         if _error_code(exn) in ("NoSuchKey", "404", "NoSuchBucket"):
             raise FileNotFoundError(f"{url}: no such object ({_error_code(exn)})") from None
         raise StorageError(f"{url}: read failed: {_describe(exn)}") from exn
-    return response["Body"]
+    return io.BufferedReader(_StreamingRaw(response["Body"]), buffer_size=READ_BUFFER_BYTES)
 
 
 def read_bytes(url: str, *, endpoint: str | None = None) -> bytes:
