@@ -339,3 +339,15 @@ def test_job_logs_one_mlflow_run_and_exports_the_checkpoint(dataset, tmp_path):
     assert {f"val/iou_{c}" for c in ("background", "skin")} <= set(run.data.metrics)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "parsenet")] == ["parsenet/parsenet.pt"]
     assert not (tmp_path / "mlruns").exists()  # artifacts under the work dir, not the cwd
+
+
+def test_fill_masks_writes_to_s3(dataset, tmp_path, moto_s3):
+    ckpt = save_parsenet(tmp_path / "untrained.pt", BiSeNet(width=4), {"image_size": SIZE})
+    masked, stripped = strip_masks(dataset, tmp_path / "in", keep_every=3)
+    out = moto_s3.url("filled")
+    assert fill_main(["--input", str(tmp_path / "in"), "--out", out, "--parse-net", str(ckpt), "--device", "cpu"]) == 0
+    manifest = read_manifest(out)
+    samples = [s for split in manifest.splits for u in manifest.shard_urls(split) for s in iter_shard_samples(u)]
+    assert {s.key for s in samples} == masked | stripped
+    assert all(s.masks is not None and s.masks["front"].shape == (SIZE, SIZE) for s in samples)
+    assert {s.key for s in samples if s.meta.get("masks") == "parsenet:untrained.pt"} == stripped
