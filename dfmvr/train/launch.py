@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,22 +21,26 @@ from dfmvr.train.loop import VAL_METRIC
 _logger = logging.getLogger(__name__)
 
 
+DATA_URL_ENV = "DFMVR_DATA_URL"
+"""Shard root used when ``data.url`` is empty (cluster.yaml sets it on every node)."""
+
+
 def default_data_url(cfg: Config) -> str:
     return str(Path(cfg.work_dir).resolve() / "shards")
 
 
 def ensure_data(cfg: Config) -> str:
-    """The shard root to train on; with ``data.url`` empty, ``<work_dir>/shards``, generated with
+    """The shard root to train on: ``data.url``, else ``$DFMVR_DATA_URL``, else ``<work_dir>/shards``, generated with
     synthetic triplets (at the config's image size and face model) when it has no manifest."""
     from dfmvr.data import storage
     from dfmvr.data.shards import read_manifest
 
-    url = cfg.data.url or default_data_url(cfg)
+    url = cfg.data.url or os.environ.get(DATA_URL_ENV) or default_data_url(cfg)
     manifest = storage.join(url, "manifest.json")
     if storage.exists(manifest, endpoint=cfg.data.s3_endpoint or None):
         read_manifest(url)  # schema version checked here, before Ray starts
         return url
-    if cfg.data.url:
+    if cfg.data.url or os.environ.get(DATA_URL_ENV):
         raise FileNotFoundError(f"data.url {url}: no manifest.json there (pack shards with python -m sharding.synth "
                                 "or python -m sharding.pack first)")
     from sharding.synth import generate
@@ -52,8 +57,11 @@ def _scaling(cfg: Config):
 
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and gpus > 0)
-    if use_gpu and gpus == 0:
-        raise ValueError("train.use_gpu=true but the Ray cluster has no GPUs; use train.use_gpu=auto or false")
+    if use_gpu and gpus == 0 and not cfg.train.num_workers:
+        # an autoscaling cluster may have no GPU node yet: Ray Train asks for them, but only
+        # for a number of workers the user names
+        raise ValueError("train.use_gpu=true but the Ray cluster has no GPUs now; set train.num_workers=N "
+                         "so Ray's autoscaler starts N GPU workers")
     n = cfg.train.num_workers or (int(gpus) if use_gpu else 2)
     resources = {"CPU": cfg.train.cpus_per_worker}
     return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources), n, use_gpu

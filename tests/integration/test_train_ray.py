@@ -1,0 +1,248 @@
+"""Ray Train end to end on loopback: shards and checkpoints on a moto S3 server, MLflow in a
+temporary SQLite store, a real local Ray; worker failure and resume; ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
+    base = {
+        "work_dir": str(work),
+        "data.url": data_url,
+        "data.batch_size": 4,
+        "data.num_workers": 1,
+        "data.epoch_samples": 64,
+        "data.shuffle_buffer": 16,
+        "train.steps": 12,
+        "train.val_every": 6,
+        "train.ckpt_every": 3,
+        "train.log_every": 3,
+        "train.val_samples": 8,
+        "train.num_workers": 2,
+        "train.use_gpu": "false",
+        "train.max_failures": 0,
+        "tracking.registered_model": "dfmvr-test",
+        "loss.mask_loss": False,
+    }
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    from sharding.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(str(root), n_subjects=8, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500)
+    return root
+
+
+@pytest.fixture
+def local_ray(tmp_path, monkeypatch):
+    import ray
+
+    # Ray's scratch goes to a short path (unix socket paths are limited to about 107 bytes)
+    scratch = Path("/tmp") / f"dfmvr-ray-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(scratch))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(scratch), configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _upload_tree(root: Path, s3_url: str) -> None:
+    from dfmvr.data import storage
+
+    for f in sorted(root.iterdir()):
+        if f.is_file():
+            storage.put_file(str(f), storage.join(s3_url, f.name))
+
+
+def test_two_workers_on_s3_with_mlflow_registry(synth_root, moto_s3, tmp_path, local_ray):
+    import mlflow
+    import torch
+
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+    from dfmvr.serving import load
+    from dfmvr.train.launch import train
+    from dfmvr.train.loop import VAL_METRIC, validate
+
+    data_url = moto_s3.url("shards")
+    _upload_tree(synth_root, data_url)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = apply_overrides(tiny(), _tiny_overrides(tmp_path / "work", data_url, **{
+        "tracking.tracking_uri": tracking,
+        "train.storage_path": moto_s3.url("ray"),
+    }))
+    summary = train(cfg)
+
+    assert summary["status"] == "FINISHED" and summary["steps"] == 12
+    assert summary["checkpoint"].startswith(f"s3://{moto_s3.bucket}/ray/")
+    keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=moto_s3.bucket, Prefix="ray/")["Contents"]]
+    assert any(k.endswith("checkpoint.pt") for k in keys)
+
+    client = mlflow.MlflowClient(tracking)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "fusion" and run.data.params["train.steps"] == "12"
+    for key in ("train/loss", "train/loss_photo", "train/lr", "train/triplets_per_s", "train/skipped_samples",
+                VAL_METRIC, "val/mean_face_rmse_mm", "val/loss_lm2d"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4  # steps 3, 6, 9, 12
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "val_images")]
+    assert len(images) == 2 and all(p.endswith(".png") for p in images)
+
+    versions = client.search_model_versions("name='dfmvr-test'")
+    assert len(versions) == 1
+    registered = summary["registered_model_uri"]
+    assert registered == f"models:/dfmvr-test/{versions[0].version}"
+
+    # the registered model loads back and reproduces the logged validation metric
+    mlflow.set_tracking_uri(tracking)
+    rec = load(registered)
+    from dfmvr.data.loader import make_loader
+
+    def batches():
+        return iter(make_loader(rec.cfg.data, rec.cfg.data.val_split, rank=0, world_size=1, resampled=False,
+                                with_gt=True, shuffle=False))
+
+    metrics, _ = validate(rec.model, batches(), rec.cfg, max_samples=rec.cfg.train.val_samples)
+    assert metrics[VAL_METRIC] == pytest.approx(summary["val_rmse_mm"], rel=1e-4)
+    # and the run: form loads the same weights
+    by_run = load(summary["model_uri"])
+    for (k, a), (_, b) in zip(rec.model.state_dict().items(), by_run.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_steps(synth_root, tmp_path, local_ray):
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+    from dfmvr.train.launch import train
+
+    work = tmp_path / "work"
+    cfg = apply_overrides(tiny(), _tiny_overrides(work, str(synth_root), **{
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.steps": 30, "train.ckpt_every": 5, "train.val_every": 15, "train.max_failures": 2,
+        "train.run_name": "fault-test",
+    }))
+    journal = work / "runs" / "fault-test" / "steps.jsonl"
+    rank1 = work / "runs" / "fault-test" / "workers" / "rank1.json"
+    killed: dict = {}
+
+    def killer():
+        # wait until a checkpoint exists (steps past the first checkpoint) then kill rank 1
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if journal.exists():
+                steps = [json.loads(line)["step"] for line in journal.read_text().splitlines() if line.strip()]
+                if steps and max(steps) >= 7 and rank1.exists():
+                    pid = json.loads(rank1.read_text())["pid"]
+                    killed.update(pid=pid, at_step=max(steps))
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = train(cfg)
+    thread.join(timeout=5)
+
+    assert killed, "the worker was never killed"
+    assert summary["status"] == "FINISHED" and summary["steps"] == 30
+    records = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    attempts: list[list[int]] = []
+    last_pid = None
+    for r in records:
+        if r["pid"] != last_pid:
+            attempts.append([])
+            last_pid = r["pid"]
+        attempts[-1].append(r["step"])
+    assert len(attempts) >= 2, attempts
+    first, last = attempts[0], attempts[-1]
+    assert first == list(range(1, len(first) + 1))  # no step lost before the failure
+    resumed_at = last[0] - 1
+    assert resumed_at % 5 == 0 and 5 <= resumed_at <= killed["at_step"]  # from a checkpoint
+    assert last == list(range(resumed_at + 1, 31))  # each step after it exactly once
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_training_job(synth_root, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    scratch = Path("/tmp") / f"dfmvr-rayjob-{os.getpid()}"
+    scratch.mkdir(exist_ok=True)
+    env["RAY_TMPDIR"] = str(scratch)
+    port, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.run(
+        [ray_bin, "start", "--head", "--num-cpus=3", "--disable-usage-stats", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={scratch}",
+         "--include-dashboard=true"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert head.returncode == 0, head.stderr[-3000:]
+    try:
+        summary = tmp_path / "summary.json"
+        work = tmp_path / "work"
+        args = [f"{k}={v}" for k, v in _tiny_overrides(work, str(synth_root), **{
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "train.steps": 6,
+            "train.val_every": 6, "train.ckpt_every": 6}).items()]
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             # the venv's interpreter: the job's shell PATH need not have it first
+             "--", sys.executable, "jobs/train.py", "preset=tiny", *args, "--summary-json", str(summary)],
+            env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+        )
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        result = json.loads(summary.read_text())
+        assert result["status"] == "FINISHED" and result["steps"] == 6
+        assert result["val_rmse_mm"] > 0 and result["mlflow_run_id"]
+    finally:
+        _stop_processes_mentioning(str(scratch))
+
+
+def _stop_processes_mentioning(marker: str) -> None:
+    """Stop our own Ray head (every process whose command line names our temp dir); ``ray stop``
+    would stop every Ray process on the machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
