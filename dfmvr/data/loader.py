@@ -318,6 +318,7 @@ class ShardLoader:
         batches_per_epoch: int | None,
         pin_memory: bool,
         prefetch_factor: int,
+        multiprocessing_context: str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -326,6 +327,7 @@ class ShardLoader:
         self.batches_per_epoch = batches_per_epoch
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
         self.skipped = 0
         self.epoch = 0
         self._state = state
@@ -346,6 +348,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
         for item in loader:
             self.skipped += item.skipped
@@ -372,6 +375,7 @@ def make_loader(
     shuffle: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    multiprocessing_context: str | None = None,
 ) -> ShardLoader:
     """Build the loader for one split of the manifest at ``data_cfg.url``.
 
@@ -391,6 +395,9 @@ def make_loader(
         shuffle: shuffle shards and samples (False keeps manifest order within each worker).
         pin_memory: pin batches for faster host-to-GPU copies.
         prefetch_factor: batches each worker keeps ready.
+        multiprocessing_context: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the workers
+            (None: the platform default). Every stage is picklable and the storage module
+            registers the s3 scheme on import, so spawned workers work too.
 
     Returns:
         A :class:`ShardLoader` (iterate it once per epoch; ``.skipped`` counts bad samples).
@@ -485,6 +492,7 @@ def make_loader(
         batches_per_epoch=batches_per_epoch,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
+        multiprocessing_context=multiprocessing_context,
     )
 
 

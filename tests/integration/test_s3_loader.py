@@ -332,3 +332,15 @@ def test_plain_webdataset_reads_s3_through_the_registered_scheme(moto_s3: S3Env)
     dataset = webdataset.WebDataset(urls, shardshuffle=False, nodesplitter=webdataset.split_by_node)
     keys = [sample["__key__"] for sample in dataset]
     assert keys == [s.key for s in _samples()[:8]]
+
+
+def test_spawned_workers_stream_from_s3(moto_s3: S3Env):
+    root = moto_s3.url("spawn")
+    _, by_key = _write_dataset(root, _samples()[:12])
+    loader = make_loader(
+        _cfg(root, s3_endpoint=moto_s3.endpoint), "train", resampled=True, epoch_samples=6,
+        num_workers=1, multiprocessing_context="spawn",
+    )
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2
+    assert all(key in by_key for batch in batches for key in batch.keys)
