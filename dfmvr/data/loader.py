@@ -46,6 +46,7 @@ import torch
 import webdataset
 from webdataset import tariterators
 
+from dfmvr.config import DataConfig
 from dfmvr.data import storage  # noqa: F401  (registers the s3 gopen scheme in every worker)
 from dfmvr.data.batch import Batch, TripletItem, collate
 from dfmvr.data.shards import VIEWS, Manifest, decode_sample, read_manifest
@@ -196,7 +197,8 @@ class _SampleShuffle:
             return
         worker, _ = _worker_info()
         rng = random.Random(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
-        yield from webdataset.filters._shuffle(src, bufsize=self.bufsize, initial=self.bufsize, rng=rng)
+        # start yielding once a quarter of the buffer is full: shorter wait for the first batch
+        yield from webdataset.shuffle(self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)(src)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -303,7 +305,8 @@ class ShardLoader:
 
     Attributes:
         skipped: bad samples skipped so far (all epochs, all DataLoader workers of this rank).
-        epoch: epochs started so far (each ``iter()`` starts one; seeds shuffles and jitter).
+        epoch: the epoch the next ``iter()`` runs (it then increments); seeds shard order,
+            shuffle and jitter. Set it when resuming so a resumed run does not replay epoch 0.
         manifest: the manifest the loader reads.
     """
 
@@ -361,7 +364,7 @@ def _batches_per_worker(epoch_samples: int, batch_size: int, num_workers: int) -
 
 
 def make_loader(
-    data_cfg: Any,
+    data_cfg: DataConfig,
     split: str,
     *,
     rank: int | None = None,

@@ -344,3 +344,15 @@ def test_spawned_workers_stream_from_s3(moto_s3: S3Env):
     batches = list(loader)
     assert len(batches) == len(loader) == 2
     assert all(key in by_key for batch in batches for key in batch.keys)
+
+
+def test_rank_from_environment_matches_explicit_rank(tmp_path, monkeypatch):
+    root = str(tmp_path / "shards")
+    _write_dataset(root, _samples())
+    explicit = make_loader(_cfg(root), "train", rank=1, world_size=2, resampled=False)
+    expected = sorted(key for batch in explicit for key in batch.keys)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from_env = make_loader(_cfg(root), "train", resampled=False)
+    assert sorted(key for batch in from_env for key in batch.keys) == expected
+    assert len(expected) == 16
