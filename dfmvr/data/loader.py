@@ -130,6 +130,12 @@ class _WorkerSeed:
         return _mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
 
 
+def _skip_gt(fname: str) -> bool:
+    """``select_files`` predicate: everything but the ground-truth mesh (the biggest entry by far
+    in synthetic shards), which tarfile then skips over without building a bytes object."""
+    return not fname.endswith(".gt.npz")
+
+
 class _ShardErrors:
     """webdataset exception handler for one shard: keeps the first error and continues."""
 
@@ -148,6 +154,7 @@ class _TarSamples:
     expected: dict[str, int]
     endpoint: str | None
     tally: Tally
+    with_gt: bool = True
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for shard in src:
@@ -162,7 +169,11 @@ class _TarSamples:
                 stream = None
             if stream is not None:
                 try:
-                    files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                    files = tariterators.tar_file_expander(
+                        [{"url": url, "stream": stream}],
+                        handler=handler,
+                        select_files=None if self.with_gt else _skip_gt,
+                    )
                     for sample in tariterators.group_by_keys(files, handler=handler):
                         yielded += 1
                         yield sample
@@ -456,7 +467,7 @@ def make_loader(
                 "(ranks may see different numbers of batches: use resampled mode for training)",
                 manifest.url, split, len(urls), seed_world, max(1, num_workers),
             )
-    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally))
+    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt))
     if shuffle:
         stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(

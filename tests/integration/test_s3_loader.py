@@ -356,3 +356,24 @@ def test_rank_from_environment_matches_explicit_rank(tmp_path, monkeypatch):
     from_env = make_loader(_cfg(root), "train", resampled=False)
     assert sorted(key for batch in from_env for key in batch.keys) == expected
     assert len(expected) == 16
+
+
+def test_ground_truth_meshes_only_with_gt(root):
+    samples = [make_face_sample(f"gt{i}", "00", size=SIZE, seed=i, with_gt=True) for i in range(5)]
+    with sh.ShardWriter(root, "test", max_count=3) as writer:
+        for sample in samples:
+            writer.write(sample)
+    sh.write_manifest(root, writer.shards, image_size=SIZE)
+    by_key = {s.key: s for s in samples}
+    loader = make_loader(_cfg(root, num_workers=2), "test", resampled=False, with_gt=True)
+    seen = 0
+    for batch in loader:
+        for i, key in enumerate(batch.keys):
+            np.testing.assert_array_equal(batch.gt_vertices[i].numpy(), by_key[key].gt["vertices"])
+            np.testing.assert_array_equal(batch.gt_faces[i].numpy(), by_key[key].gt["faces"])
+            seen += 1
+    assert seen == 5
+    plain = make_loader(_cfg(root, num_workers=0), "test", resampled=False)
+    batches = list(plain)
+    assert all(batch.gt_vertices is None for batch in batches)
+    assert sum(len(b) for b in batches) == 5 and plain.skipped == 0
