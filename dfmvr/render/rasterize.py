@@ -88,7 +88,7 @@ def rasterize(screen: torch.Tensor, tri: torch.Tensor, image_size: int, *, znear
 
     flat = pix_to_face.view(-1)
     pixel_index = (flat >= 0).nonzero().squeeze(1)
-    face_index = flat[pixel_index]
+    face_index = flat.index_select(0, pixel_index)
     hw = image_size * image_size
     image_of_pixel = torch.div(pixel_index, hw, rounding_mode="floor")
     within = pixel_index - image_of_pixel * hw
@@ -97,8 +97,8 @@ def rasterize(screen: torch.Tensor, tri: torch.Tensor, image_size: int, *, znear
 
     # Only the visible pixels go through autograd: their faces' vertices, gathered from the
     # differentiable screen-space positions.
-    vert_index = tri[face_index] + (image_of_pixel * n_verts).unsqueeze(1)  # [P, 3]
-    corners = screen.reshape(batch * n_verts, 3)[vert_index.view(-1)].view(-1, 3, 3)
+    vert_index = tri.index_select(0, face_index) + (image_of_pixel * n_verts).unsqueeze(1)  # [P, 3]
+    corners = screen.reshape(batch * n_verts, 3).index_select(0, vert_index.view(-1)).view(-1, 3, 3)
     dtype = screen.dtype
     b1, b2 = _screen_barycentrics(corners[:, :, 0], corners[:, :, 1],
                                   px.to(dtype) + 0.5, py.to(dtype) + 0.5)
@@ -157,7 +157,9 @@ def _visible_faces(screen: torch.Tensor, tri: torch.Tensor, size: int, znear: fl
     small = (ncol <= tile) & (nrow <= tile)
     n_shapes = tile * tile  # keys: box shapes 0..n_shapes-1, then "tile it", then "skip"
     shape_key = torch.where(small, (nrow - 1) * tile + (ncol - 1), n_shapes)
-    shape_key = torch.where(ok, shape_key, n_shapes + 1)
+    # narrow keys sort several times faster
+    key_dtype = torch.uint8 if n_shapes + 1 <= torch.iinfo(torch.uint8).max else torch.int32
+    shape_key = torch.where(ok, shape_key, n_shapes + 1).to(key_dtype)
     counts = torch.bincount(shape_key, minlength=n_shapes + 2).tolist()  # note: host sync
     n_small, n_big = sum(counts[:n_shapes]), counts[n_shapes]
     if n_small + n_big == 0:

@@ -176,7 +176,7 @@ def render_torch(vertices: torch.Tensor, tri: torch.Tensor, colors: torch.Tensor
     mask = (frags.pix_to_face >= 0).to(vertices.dtype).unsqueeze(1)
     region = torch.zeros(n_pixels, dtype=torch.int64, device=vertices.device)
     if labels is not None:
-        corner_labels = labels.long().index_select(0, tri.view(-1)).view(-1, 3)[frags.face_index]
+        corner_labels = labels.long().repeat(batch).index_select(0, frags.vert_index.view(-1)).view(-1, 3)
         nearest = frags.bary.detach().argmax(dim=1, keepdim=True)
         region = region.index_put(index, corner_labels.gather(1, nearest).squeeze(1))
     return image, mask, region.view(batch, size, size), depth
