@@ -7,14 +7,18 @@ perspective-correct barycentric interpolation of the face's vertex attributes. V
 piecewise constant, so gradients reach vertex positions and attributes only through the
 barycentric weights (as in pytorch3d and nvdiffrast), never through coverage changes.
 
-Cost scales with the pixels faces cover, not pixels x faces:
+Cost scales with the pixels faces cover (their bounding boxes), not pixels x faces:
 
-1. under ``no_grad``, every face's pixel bounding box is enumerated (vectorised with
-   ``repeat_interleave``; chunked when the candidates exceed a budget, so huge triangles
-   are rasterised exactly, never dropped or approximated);
-2. barycentrics and depth are computed per candidate, candidates outside are discarded and a
-   z-buffer keeps the nearest face per pixel with one ``scatter_reduce(amin)`` on a packed
-   int64 key ``(float32 depth bits << 32) | face`` (positive floats order like their bits);
+1. under ``no_grad``, faces are sorted by the exact shape ``(rows, cols)`` of their pixel
+   bounding box; each shape group is one dense ``[rows, cols, faces]`` evaluation of the
+   barycentric and 1/depth channels, which are affine in screen space (faces innermost, so
+   every operation runs over long contiguous rows; no per-candidate gathers or divisions).
+   Boxes larger than ``tile`` pixels on a side are cut into tiles that join those groups and
+   groups are chunked at ``max_candidates`` pixel tests, so large triangles are rasterised
+   exactly (never dropped or approximated) in bounded memory;
+2. pixel centres outside are discarded and a z-buffer keeps the nearest face per pixel with
+   one ``scatter_reduce(amin)`` per group on a packed int64 key
+   ``(float32 depth bits << 32) | face`` (positive floats order like their bit patterns);
 3. barycentrics are recomputed with autograd for the visible pixels only, from the
    differentiable screen-space vertices.
 
