@@ -30,6 +30,10 @@ def tiny() -> Config:
         "model.width": 8,
         "model.levels": 4,
         "model.regressor_width": 16,
+        "parsenet.width": 16,
+        "parsenet.steps": 600,
+        "parsenet.lr": 3e-3,
+        "parsenet.val_every": 200,
     })
 
 
