@@ -131,9 +131,13 @@ class FaceModel:
                 "n_id": lay.n_id, "n_exp": lay.n_exp, "n_tex": lay.n_tex}
 
     def interocular_mm(self) -> float:
-        """Distance between the outer eye corners (iBUG 36 and 45) of the mean shape, in mm."""
-        p = self.mean_shape[self.keypoints[[36, 45]]]
-        return float((p[0] - p[1]).norm()) * MM_PER_UNIT
+        """Distance between the eye centres (means of iBUG 36-41 and 42-47) of the mean shape, in mm.
+
+        That is the pupils' distance, about 63 mm in adults (the outer corners, 36 and 45, are
+        about 90 mm apart).
+        """
+        p = self.mean_shape[self.keypoints]
+        return float((p[36:42].mean(0) - p[42:48].mean(0)).norm()) * MM_PER_UNIT
 
 
 def build_point_buf(tri: np.ndarray, n_vertices: int, width: int = 8) -> np.ndarray:
