@@ -341,9 +341,14 @@ def test_job_logs_one_mlflow_run_and_exports_the_checkpoint(dataset, tmp_path):
     assert not (tmp_path / "mlruns").exists()  # artifacts under the work dir, not the cwd
 
 
-def test_fill_masks_writes_to_s3(dataset, tmp_path, moto_s3):
+def test_fill_masks_on_synthetic_shards_to_s3(tmp_path, moto_s3):
+    from sharding.synth import generate
+
+    synthetic = generate(str(tmp_path / "synth"), n_subjects=3, n_captures=2, size=SIZE, seed=3, workers=1,
+                         n_vertices=2500, splits=(0.5, 0.5, 0.0))
     ckpt = save_parsenet(tmp_path / "untrained.pt", BiSeNet(width=4), {"image_size": SIZE})
-    masked, stripped = strip_masks(dataset, tmp_path / "in", keep_every=3)
+    masked, stripped = strip_masks(str(Path(synthetic.manifest).parent), tmp_path / "in", keep_every=3)
+    assert masked and stripped
     out = moto_s3.url("filled")
     assert fill_main(["--input", str(tmp_path / "in"), "--out", out, "--parse-net", str(ckpt), "--device", "cpu"]) == 0
     manifest = read_manifest(out)
