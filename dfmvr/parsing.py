@@ -158,7 +158,8 @@ def masked_views(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.images[keep].flatten(0, 1), batch.masks[keep].flatten(0, 1)
 
 
-def random_hflip(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_hflip(images: torch.Tensor, masks: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each image (and its mask) left-right with probability 1/2, relabelling the classes
     by :data:`FLIP_CLASSES` so that "left" stays the subject's left.
 
@@ -355,7 +356,8 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
             val, _ = evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples)
             result.val = val
             result.val_history.append((step, val))
-            _logger.info("parse net step %d: val mIoU %.4f (%d triplets)", step, val["val/miou"], int(val["val/samples"]))
+            _logger.info("parse net step %d: val mIoU %.4f (%d triplets)", step, val["val/miou"],
+                         int(val["val/samples"]))
             if log_metrics is not None:
                 log_metrics(val, step)
     result.skipped_samples = train_loader.skipped + val_loader.skipped

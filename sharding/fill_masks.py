@@ -185,7 +185,8 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
 
     Raises:
         FileNotFoundError / ValueError: the checkpoint is missing or not a parse-net checkpoint
-            (naming the file), ``out_root`` equals ``input_root``, or ``batch_size < 1``.
+            (naming the file), ``out_root`` equals ``input_root``, ``batch_size < 1``, or
+            ``device`` is ``cuda`` on a machine without one.
         dfmvr.data.shards.ManifestError: the input manifest is unreadable or of another schema version.
     """
     if batch_size < 1:
@@ -193,7 +194,11 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
     if _same_root(input_root, out_root):
         raise ValueError(f"--out {out_root}: must differ from --input (the input shards are read while writing)")
     manifest = read_manifest(input_root, endpoint=endpoint)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (use auto or cpu)")
+    dev = torch.device(device)
     model = load_parsenet(parse_net, dev)
     net_size = model.meta.get("image_size")
     if net_size != manifest.image_size:

@@ -276,7 +276,8 @@ def test_fill_masks_end_to_end(trained, dataset, tmp_path):
               for s in iter_shard_samples(u) if s.key in stripped}
     pred = torch.from_numpy(np.stack([filled[k].masks[v] for k in filled for v in VIEWS]))
     truth = torch.from_numpy(np.stack([originals[k].masks[v] for k in filled for v in VIEWS]))
-    assert mean_iou(class_iou(confusion_matrix(pred, truth))) > mean_iou(class_iou(confusion_matrix(torch.zeros_like(truth), truth)))
+    constant = torch.zeros_like(truth)
+    assert mean_iou(class_iou(confusion_matrix(pred, truth))) > mean_iou(class_iou(confusion_matrix(constant, truth)))
 
 
 def test_fill_masks_refuses_bad_checkpoints_and_manifests(dataset, tmp_path, capsys):
