@@ -1,11 +1,16 @@
-"""Involution (Li et al., CVPR 2021) in pure PyTorch: ``unfold`` plus a weighted sum.
+"""Involution (Li et al., CVPR 2021) in pure PyTorch: a weighted sum of shifted inputs.
 
 Convolution shares one kernel over all pixels and holds a different one per channel;
 involution is the inverse: each pixel gets its own ``k x k`` kernel, generated from that
 pixel's features, and the kernel is shared by the ``group_channels`` channels of a group.
 RedNet puts it in the 3x3 slot of ResNet's bottleneck. The reference implementation uses a
-CuPy kernel; this one needs nothing compiled and runs on CPU, CUDA and MPS alike (it holds an
-unfolded copy of the input, ``k*k`` times its size, which is the price of staying portable).
+CuPy kernel; this one needs nothing compiled and runs on CPU, CUDA and MPS alike.
+
+The sum runs as a loop over the ``k*k`` taps, each adding ``kernel_tap * shifted input`` into
+the output in place, with a hand-written backward of the same form. The textbook
+``F.unfold`` version materialises a ``k*k`` times larger copy of the input (49x at kernel 7)
+and its product with the kernels, and was 5 to 20 times slower on CPU at paper size
+(``docs/benchmarks.md``, "Train step"); the results are the same up to float rounding order.
 """
 
 from __future__ import annotations
@@ -15,6 +20,101 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def _tap_slices(kernel_size: int, stride: int, dilation: int, h: int, w: int) -> list[tuple[slice, slice]]:
+    """For each tap ``(u, v)`` (row-major), the rows and columns of the zero-padded input that
+    tap reads for an ``h x w`` output."""
+    return [
+        (slice(u * dilation, u * dilation + stride * (h - 1) + 1, stride),
+         slice(v * dilation, v * dilation + stride * (w - 1) + 1, stride))
+        for u in range(kernel_size) for v in range(kernel_size)
+    ]
+
+
+class _Involve(torch.autograd.Function):
+    """``y = sum_t kernels[:, g, t] * shift_t(x)`` for every channel of group ``g``.
+
+    Shapes: ``x [B, C, H, W]``, ``kernels [B, G, k*k, h, w]`` -> ``[B, C, h, w]``. The backward
+    is the same loop: ``dx`` accumulates ``kernels_t * dy`` into the shifted window of a padded
+    buffer, ``dkernels_t`` is ``sum over the group's channels of dy * shift_t(x)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: int,
+                dilation: int) -> torch.Tensor:
+        b, c, hi, wi = x.shape
+        _, g, _, h, w = kernels.shape
+        dtype = torch.promote_types(x.dtype, kernels.dtype)
+        pad = dilation * (kernel_size - 1) // 2
+        # NCHW with the group split off: the taps are then unit-stride row segments, and the
+        # kernel broadcasts over the group's channels.
+        xp = F.pad(x.to(dtype).contiguous(), (pad, pad, pad, pad)).view(b, g, c // g, hi + 2 * pad, wi + 2 * pad)
+        kernels = kernels.to(dtype).contiguous()
+        out = xp.new_zeros(b, g, c // g, h, w)
+        for t, (rows, cols) in enumerate(_tap_slices(kernel_size, stride, dilation, h, w)):
+            out.addcmul_(xp[..., rows, cols], kernels[:, :, t].unsqueeze(2))
+        ctx.save_for_backward(xp, kernels)
+        ctx.geometry = (kernel_size, stride, dilation, pad, hi, wi)
+        ctx.dtypes = (x.dtype, kernels.dtype)
+        return out.view(b, c, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        xp, kernels = ctx.saved_tensors
+        kernel_size, stride, dilation, pad, hi, wi = ctx.geometry
+        b, g, gc = xp.shape[:3]
+        kk, h, w = kernels.shape[2:]
+        dy = grad_out.to(xp.dtype).contiguous().view(b, g, gc, h, w)
+        taps = _tap_slices(kernel_size, stride, dilation, h, w)
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_xp = torch.zeros_like(xp)
+            for t, (rows, cols) in enumerate(taps):
+                grad_xp[..., rows, cols].addcmul_(dy, kernels[:, :, t].unsqueeze(2))
+            grad_x = grad_xp.view(b, g * gc, *xp.shape[-2:])[..., pad:pad + hi, pad:pad + wi].to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            # tap-major so that each tap's reduction writes one contiguous block
+            grad_k = xp.new_empty(kk, b, g, h, w)
+            prod = torch.empty_like(dy)
+            for t, (rows, cols) in enumerate(taps):
+                torch.mul(dy, xp[..., rows, cols], out=prod)
+                torch.sum(prod, 2, out=grad_k[t])
+            grad_k = grad_k.permute(1, 2, 0, 3, 4).to(ctx.dtypes[1])
+        return grad_x, grad_k, None, None, None
+
+
+def involve(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: int = 1,
+            dilation: int = 1) -> torch.Tensor:
+    """The involution sum with given per-pixel kernels (zero padding, "same" for odd ``k``).
+
+    ``y[b, c, i, j] = sum_{u,v} kernels[b, c // (C / G), u*k+v, i, j] *
+    x[b, c, i*stride + (u - k//2)*dilation, j*stride + (v - k//2)*dilation]``.
+
+    Args:
+        x: ``[B, C, H, W]``.
+        kernels: ``[B, G, k*k, h, w]`` with ``G`` dividing ``C`` and ``h = ceil(H / stride)``,
+            ``w = ceil(W / stride)``.
+        kernel_size: ``k`` (odd).
+        stride: output stride.
+        dilation: spacing of the taps.
+
+    Returns:
+        ``[B, C, h, w]`` (NCHW-contiguous, in the promoted dtype of the inputs).
+    """
+    b, c, hi, wi = x.shape
+    if kernels.dim() != 5 or kernels.shape[0] != b or c % kernels.shape[1] or kernels.shape[2] != kernel_size**2:
+        raise ValueError(
+            f"involve: kernels must have shape (B={b}, G dividing C={c}, k*k={kernel_size**2}, h, w); "
+            f"got {tuple(kernels.shape)}"
+        )
+    expected = (-(-hi // stride), -(-wi // stride))
+    if tuple(kernels.shape[-2:]) != expected:
+        raise ValueError(f"involve: kernels must be {expected} pixels for a {hi} x {wi} input at stride {stride}; "
+                         f"got {tuple(kernels.shape[-2:])}")
+    return _Involve.apply(x, kernels, kernel_size, stride, dilation)
 
 
 class Involution2d(nn.Module):
@@ -63,7 +163,7 @@ class Involution2d(nn.Module):
         self.group_channels = math.gcd(channels, group_channels)
         self.groups = channels // self.group_channels
         hidden = max(1, channels // reduction)
-        # ceil_mode makes the pooled grid match the unfold grid (ceil(H / stride)) for odd sizes too.
+        # ceil_mode makes the pooled grid match the tap grid (ceil(H / stride)) for odd sizes too.
         self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.reduce = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True))
         self.span = nn.Conv2d(hidden, self.groups * kernel_size * kernel_size, 1)
@@ -78,14 +178,7 @@ class Involution2d(nn.Module):
         """Args: ``x [B, C, H, W]``. Returns ``[B, C, ceil(H / stride), ceil(W / stride)]``."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"involution input must have shape (B, {self.channels}, H, W); got {tuple(x.shape)}")
-        weight = self.kernels(x)
-        b, _, kk, h, w = weight.shape
-        patches = F.unfold(
-            x, self.kernel_size, dilation=self.dilation, padding=self.dilation * (self.kernel_size - 1) // 2, stride=self.stride
-        )  # [B, C * k*k, h*w], channel-major
-        patches = patches.reshape(b, self.groups, self.group_channels, kk, h, w)
-        out = (weight.unsqueeze(2) * patches).sum(dim=3)
-        return out.reshape(b, self.channels, h, w)
+        return involve(x, self.kernels(x), self.kernel_size, self.stride, self.dilation)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,79 @@
+"""dfmvr.nets.involution.involve: the tap-loop involution and its hand-written backward against
+the textbook unfold formulation and finite differences (test_nets.py checks the module against
+a brute-force loop)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfmvr.nets.involution import involve
+
+# (channels, groups, H, W, kernel, stride, dilation)
+CASES = [
+    (4, 2, 5, 6, 3, 1, 1),
+    (4, 2, 5, 6, 3, 2, 1),
+    (4, 2, 5, 6, 3, 1, 2),
+    (4, 2, 5, 6, 3, 2, 2),
+    (8, 2, 7, 7, 7, 2, 1),
+    (4, 4, 1, 1, 7, 1, 1),
+    (6, 3, 4, 9, 5, 3, 1),
+]
+
+
+def _unfold_involution(x, kernels, k, stride, dilation):
+    b, c = x.shape[:2]
+    _, g, kk, h, w = kernels.shape
+    patches = F.unfold(x, k, dilation=dilation, padding=dilation * (k - 1) // 2, stride=stride)
+    patches = patches.reshape(b, g, c // g, kk, h, w)
+    return (kernels.unsqueeze(2) * patches).sum(dim=3).reshape(b, c, h, w)
+
+
+def _inputs(c, g, hi, wi, k, stride, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c, hi, wi, dtype=torch.float64, generator=gen).requires_grad_()
+    h, w = math.ceil(hi / stride), math.ceil(wi / stride)
+    kernels = torch.randn(2, g, k * k, h, w, dtype=torch.float64, generator=gen).requires_grad_()
+    return x, kernels
+
+
+@pytest.mark.parametrize("c,g,hi,wi,k,stride,dilation", CASES)
+def test_involve_matches_the_unfold_formulation_forward_and_backward(c, g, hi, wi, k, stride, dilation):
+    x, kernels = _inputs(c, g, hi, wi, k, stride)
+    out = involve(x, kernels, k, stride, dilation)
+    ref = _unfold_involution(x, kernels, k, stride, dilation)
+    torch.testing.assert_close(out, ref)
+    dy = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, kernels), dy), torch.autograd.grad(ref, (x, kernels), dy)):
+        torch.testing.assert_close(got, want)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(involve(x_cl, kernels.detach(), k, stride, dilation), ref.detach())
+
+
+@pytest.mark.parametrize("c,g,hi,wi,k,stride,dilation", CASES[:5])
+def test_involve_backward_passes_gradcheck(c, g, hi, wi, k, stride, dilation):
+    x, kernels = _inputs(c, g, hi, wi, k, stride, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b: involve(a, b, k, stride, dilation), (x, kernels))
+
+
+def test_involve_gradient_to_one_input_only_and_mixed_dtypes():
+    x, kernels = _inputs(4, 2, 6, 6, 3, 1)
+    (gx,) = torch.autograd.grad(involve(x, kernels.detach(), 3).sum(), x)
+    (gk,) = torch.autograd.grad(involve(x.detach(), kernels, 3).sum(), kernels)
+    assert gx.shape == x.shape and gk.shape == kernels.shape and gx.abs().sum() > 0 and gk.abs().sum() > 0
+    xb = x.detach().bfloat16().requires_grad_()
+    kf = kernels.detach().float().requires_grad_()
+    out = involve(xb, kf, 3)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16 and kf.grad.dtype == torch.float32
+
+
+def test_involve_rejects_kernels_of_the_wrong_shape():
+    x, kernels = _inputs(4, 2, 6, 6, 3, 2)
+    with pytest.raises(ValueError, match=r"must be \(3, 3\) pixels for a 6 x 6 input at stride 2; got \(6, 6\)"):
+        involve(x, torch.randn(2, 2, 9, 6, 6, dtype=torch.float64), 3, stride=2)
+    with pytest.raises(ValueError, match=r"G dividing C=4, k\*k=49"):
+        involve(x, kernels, 7, stride=2)
