@@ -80,7 +80,7 @@ def albedo_masks(grid: sf.FaceGrid) -> AlbedoMasks:
         lashes += near * (np.exp(-(((t - upper - 0.5) / 0.9) ** 2)) * (t > upper - 0.3)
                           + 0.4 * np.exp(-(((lower - t - 0.3) / 0.6) ** 2)) * (t < lower + 0.3))
         shadow += bump(s, t, side * an.EYE_X, 3.0, 20.0, 13.0) * (1.0 - inside)
-    nostrils = sum(bump(s, t, k * 6.0, -47.0, 3.5, 1.8) for k in (-1, 1)) * (t < -46.0)
+    nostrils = sum(bump(s, t, k * 6.0, -47.2, 3.2, 1.6) for k in (-1, 1)) * (t < -46.5)
     teeth = inner * smoothstep((v - 0.5) / 0.08) * smoothstep((0.92 - v) / 0.05)
     tongue = inner * smoothstep((-0.45 - v) / 0.15) * smoothstep((v + 0.95) / 0.05)
     blush = sum(bump(s, t, k * 40.0, -30.0, 22.0, 18.0) for k in (-1, 1))
@@ -103,7 +103,7 @@ LAYERS = (
 """Colour layers, bottom to top; each has one colour per face and a fixed coverage per vertex."""
 
 _COVER = {"blush": 0.35, "eye_shadow": 0.25, "beard": 0.4, "brows": 0.95, "lashes": 0.75,
-          "caruncle": 0.7, "nostrils": 0.6, "tongue": 0.8, "teeth": 0.9}
+          "caruncle": 0.7, "nostrils": 0.5, "tongue": 0.8, "teeth": 0.9}
 
 
 def layer_weights(masks: AlbedoMasks) -> np.ndarray:

@@ -31,8 +31,8 @@ def _jaw_weight(s: np.ndarray, t: np.ndarray, lateral_keep: float) -> np.ndarray
     """
     c = an.mouth_curves(s)
     lens_half = c["lens_up"] - c["mid"]
-    beyond = np.clip(np.abs(s) - 18.0, 0.0, None)
-    band = np.sqrt(lens_half**2 + (0.5 * beyond) ** 2) + 0.5
+    beyond = np.clip(np.abs(s) - 20.0, 0.0, None)
+    band = np.sqrt(lens_half**2 + (0.8 * beyond) ** 2) + 0.5 + 1.5 * smoothstep(beyond / 5.0)
     ramp = smoothstep((c["mid"] + band - t) / (2.0 * band))
     lateral = 1.0 - (1.0 - lateral_keep) * smoothstep((np.abs(s) - 22.0) / 45.0)
     return ramp * lateral

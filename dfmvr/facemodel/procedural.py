@@ -166,7 +166,7 @@ def _flat(fields: np.ndarray) -> np.ndarray:
     return fields.reshape(fields.shape[0], -1)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # a 35k-vertex model holds about 100 MB of bases
 def make_procedural_model(n_vertices: int = 35709, seed: int = 0) -> FaceModel:
     """Build (once per argument pair; cached, treat as read-only) the procedural face model.
 
@@ -258,5 +258,5 @@ def expression_coefficients(model: FaceModel, **strengths: float) -> torch.Tenso
         raise ValueError(f"unknown expression(s) {unknown}; expected some of {sorted(fields)}")
     target = sum(w * fields[k] for k, w in strengths.items()) / MM_PER_UNIT
     base = model.exp_base.double()
-    rhs = torch.as_tensor(np.asarray(target, dtype=np.float64)).reshape(-1, 1)
+    rhs = torch.as_tensor(np.asarray(target, dtype=np.float64), device=base.device).reshape(-1, 1)
     return torch.linalg.lstsq(base, rhs).solution[:, 0].to(model.exp_base.dtype)
