@@ -57,14 +57,14 @@ def _pca(q: np.ndarray, design: np.ndarray, k: int, centred: bool, pad_rng: np.r
     column moves the face.
     """
     d = design.reshape(design.shape[0], -1)
-    d64 = d.astype(np.float64)
+    gram_d = (d @ d.T).astype(np.float64)  # float32 products are plenty for the whitening
     q = q.astype(np.float64)
     q_mean = q.mean(axis=0)
     qc = q - q_mean if centred else q
     denom = q.shape[0] - 1 if centred else q.shape[0]
     cov = qc.T @ qc / denom
     # whiten the fields' span: M = D D^T = V S V^T, then diagonalise S^1/2 V^T C V S^1/2
-    s_m, v_m = np.linalg.eigh(d64 @ d64.T)
+    s_m, v_m = np.linalg.eigh(gram_d)
     ok = s_m > 1e-10 * s_m.max()
     s_m, v_m = s_m[ok], v_m[:, ok]
     root = np.sqrt(s_m)
@@ -85,7 +85,7 @@ def _pca(q: np.ndarray, design: np.ndarray, k: int, centred: bool, pad_rng: np.r
         scale = np.sqrt(eigval[keep - 1]) * 0.9 ** np.arange(1, k - keep + 1)
         basis = np.concatenate([basis, (np.stack(pads, axis=1) * scale).astype(np.float32)], axis=1)
         _logger.debug("population rank %d < %d basis columns: padded with %d smooth fields", keep, k, k - keep)
-    mean = q_mean @ d64 if centred else np.zeros(d.shape[1])
+    mean = q_mean.astype(np.float32) @ d if centred else np.zeros(d.shape[1])
     return mean.astype(np.float32), basis.astype(np.float32)
 
 

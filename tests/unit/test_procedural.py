@@ -161,14 +161,18 @@ def _class_area_mm2(shape: torch.Tensor, tri: torch.Tensor, region: torch.Tensor
     """Frontal (x, y) area of the triangles whose three vertices carry ``cls``."""
     t = tri[(region[tri] == cls).all(1)]
     p = shape[t][..., :2].double() * MM_PER_UNIT
-    cross = (p[:, 1, 0] - p[:, 0, 0]) * (p[:, 2, 1] - p[:, 0, 1]) - (p[:, 1, 1] - p[:, 0, 1]) * (p[:, 2, 0] - p[:, 0, 0])
+    a, b = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
+    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
     return float(cross.abs().sum() / 2)
 
 
+def _face(model, **expression: float) -> torch.Tensor:
+    exp = expression_coefficients(model, **expression)[None] if expression else torch.zeros(1, 64)
+    return geometry.compute_shape(model, torch.zeros(1, 80), exp)[0]
+
+
 def test_opening_the_mouth_shows_the_inner_mouth(model):
-    zero_id = torch.zeros(1, 80)
-    neutral = geometry.compute_shape(model, zero_id, torch.zeros(1, 64))[0]
-    opened = geometry.compute_shape(model, zero_id, expression_coefficients(model, jaw_open=1.0)[None])[0]
+    neutral, opened = _face(model), _face(model, jaw_open=1.0)
     lm_n, lm_o = _mm(neutral[model.keypoints]), _mm(opened[model.keypoints])
     assert lm_n[62, 1] - lm_n[66, 1] < 2.0  # lips closed on the neutral face
     assert lm_o[62, 1] - lm_o[66, 1] > 10.0  # and well apart when open
@@ -183,12 +187,12 @@ def test_opening_the_mouth_shows_the_inner_mouth(model):
 
 
 def test_expressions_close_eyes_and_move_brows(model):
-    zero_id = torch.zeros(1, 80)
-    neutral = geometry.compute_shape(model, zero_id, torch.zeros(1, 64))[0]
-    closed = geometry.compute_shape(model, zero_id, expression_coefficients(model, eye_close_L=1.0, eye_close_R=1.0)[None])[0]
+    neutral = _face(model)
+    closed = _face(model, eye_close_L=1.0, eye_close_R=1.0)
     for cls in (L_EYE, R_EYE):
-        assert _class_area_mm2(closed, model.tri, model.region, cls) < 0.2 * _class_area_mm2(neutral, model.tri, model.region, cls)
-    raised = geometry.compute_shape(model, zero_id, expression_coefficients(model, brow_raise_inner=1.0)[None])[0]
+        area = _class_area_mm2(neutral, model.tri, model.region, cls)
+        assert _class_area_mm2(closed, model.tri, model.region, cls) < 0.2 * area
+    raised = _face(model, brow_raise_inner=1.0)
     brows = (model.region == L_BROW) | (model.region == R_BROW)
     lift = (raised[brows, 1] - neutral[brows, 1]) * MM_PER_UNIT
     assert float(lift.max()) > 3.0 and float(lift.min()) > -0.1
@@ -223,4 +227,5 @@ def test_renders_as_a_face_with_an_open_mouth(model):
     assert int(mouth_px[1]) > 4 * max(int(mouth_px[0]), 1)
     for cls in range(1, N_PARSE_CLASSES):
         assert bool((out.region[0] == cls).any()), cls
-    assert math.isclose(float(out.depth[0][out.mask[0, 0] > 0].min()), 10.0 - float(shapes[0, :, 2].max()), abs_tol=0.05)
+    nearest = float(out.depth[0][out.mask[0, 0] > 0].min())
+    assert math.isclose(nearest, 10.0 - float(shapes[0, :, 2].max()), abs_tol=0.05)  # the nose tip
