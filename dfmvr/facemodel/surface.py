@@ -125,12 +125,6 @@ class FaceGrid:
     def n_vertices(self) -> int:
         return self.n_rows * self.n_cols
 
-    def boundary(self) -> np.ndarray:
-        """Vertex indices around the mesh's edge, counter-clockwise from the bottom-left corner."""
-        r, c = self.n_rows, self.n_cols
-        idx = np.arange(r * c).reshape(r, c)
-        return np.concatenate([idx[0, :], idx[1:, -1], idx[-1, -2::-1], idx[-2:0:-1, 0]])
-
 
 def make_grid(n_vertices: int) -> FaceGrid:
     """The vertex grid closest to ``n_vertices`` vertices (about as many rows as columns)."""

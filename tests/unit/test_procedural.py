@@ -134,6 +134,17 @@ def test_landmarks_follow_ibug_order(model):
     assert y[30] > y[51] and y[8] < y[57]
 
 
+def test_labels_agree_with_the_landmark_polygons(model):
+    # the labels come from the layout, the landmarks from its curves: BFM's landmark-polygon
+    # labelling of the same mesh must find the same features in the same places
+    from dfmvr.facemodel.regions import regions_from_landmarks
+
+    derived = torch.from_numpy(regions_from_landmarks(model.mean_shape.numpy(), model.keypoints.numpy()))
+    for cls in range(2, N_PARSE_CLASSES):
+        a, b = model.region == cls, derived == cls
+        assert float((a & b).sum()) / float((a | b).sum()) > 0.4, cls
+
+
 def test_normals_point_to_the_viewer(model):
     normals = geometry.vertex_normals(model.mean_shape[None], model.tri)[0]
     assert float(normals[:, 2].mean()) > 0.5
