@@ -14,7 +14,8 @@ reported); pytorch3d's CPU rasteriser is naive (seconds per image), so it runs
 
 With ``--json`` the last stdout line is one JSON object (DESIGN.md "Machine-readable results"):
 ``results.torch_s_per_image``, ``results.pytorch3d_s_per_image`` (seconds, forward+backward),
-``results.speedup_torch_over_pytorch3d`` and forward-only and agreement figures.
+``results.speedup_torch_over_pytorch3d`` and forward-only, process-CPU-time (all threads) and
+agreement figures. Wall times on a shared machine depend on its load, which is printed.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def posed_batch(verts: torch.Tensor, colors: torch.Tensor, batch: int) -> tuple[
 
 
 def step(renderer: Renderer, verts: torch.Tensor, tri: torch.Tensor, colors: torch.Tensor,
-         target: torch.Tensor) -> tuple[float, float, object]:
-    """One forward + backward; returns (forward seconds, total seconds, rendered)."""
+         target: torch.Tensor) -> tuple[float, float, float, object]:
+    """One forward + backward; returns (forward s, total s, process CPU s, rendered)."""
     verts = verts.detach().requires_grad_()
     colors = colors.detach().requires_grad_()
     sync = torch.cuda.synchronize if verts.is_cuda else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = renderer(verts, tri, colors)
     loss = (out.image - target).square().mean()
     sync()
@@ -88,8 +89,9 @@ def step(renderer: Renderer, verts: torch.Tensor, tri: torch.Tensor, colors: tor
     loss.backward()
     sync()
     total = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     assert verts.grad is not None and colors.grad is not None
-    return forward, total, out
+    return forward, total, cpu, out
 
 
 def run_backend(name: str, camera: Camera, verts, tri, colors, target, repeat: int, warmup: bool) -> dict:
@@ -98,14 +100,16 @@ def run_backend(name: str, camera: Camera, verts, tri, colors, target, repeat: i
         step(renderer, verts, tri, colors, target)
     else:  # first-call costs (imports, allocations) paid on a tiny image only
         Renderer(Camera.at_size(16), backend=name, device=verts.device)(verts[:1], tri, colors[:1])
-    forwards, totals, out = [], [], None
+    forwards, totals, cpus, out = [], [], [], None
     for _ in range(repeat):
-        forward, total, out = step(renderer, verts, tri, colors, target)
+        forward, total, cpu, out = step(renderer, verts, tri, colors, target)
         forwards.append(forward)
         totals.append(total)
+        cpus.append(cpu)
     batch = verts.shape[0]
     return {"s_per_image": statistics.median(totals) / batch, "min_s_per_image": min(totals) / batch,
-            "forward_s_per_image": statistics.median(forwards) / batch, "out": out, "runs": len(totals)}
+            "forward_s_per_image": statistics.median(forwards) / batch,
+            "cpu_s_per_image": statistics.median(cpus) / batch, "out": out, "runs": len(totals)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{name}_s_per_image"] = res["s_per_image"]
         results[f"{name}_min_s_per_image"] = res["min_s_per_image"]
         results[f"{name}_forward_s_per_image"] = res["forward_s_per_image"]
+        results[f"{name}_cpu_s_per_image"] = res["cpu_s_per_image"]
         rows.append((name, res))
 
     coverage = next(iter(outs.values())).mask.mean().item() if outs else float("nan")
@@ -162,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         results["colour_mismatch_fraction"] = (err > 1 / 255).float().mean().item()
 
     print(f"covered pixels: {coverage:.1%} of the image")
-    print(f"{'backend':<10} {'s/image (median)':>17} {'min':>9} {'forward':>9} {'runs':>5}")
+    print(f"{'backend':<10} {'s/image (median)':>17} {'min':>9} {'forward':>9} {'CPU s/image':>12} {'runs':>5}")
     for name, res in rows:
         print(f"{name:<10} {res['s_per_image']:>17.4f} {res['min_s_per_image']:>9.4f} "
-              f"{res['forward_s_per_image']:>9.4f} {res['runs']:>5}")
+              f"{res['forward_s_per_image']:>9.4f} {res['cpu_s_per_image']:>12.4f} {res['runs']:>5}")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if "speedup_torch_over_pytorch3d" in results:
         print(f"torch is {results['speedup_torch_over_pytorch3d']:.0f}x faster than pytorch3d; "
               f"{results['mask_mismatch_fraction']:.3%} coverage and {results['colour_mismatch_fraction']:.3%} "
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             "units": units,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "torch": torch.__version__, "platform": platform.platform(),
-                        "python": platform.python_version(), "device": str(device)},
+                        "python": platform.python_version(), "device": str(device),
+                        "load_average": list(os.getloadavg())},
             "config": {"mesh": mesh_name, "batch": args.batch, "size": args.size, "backends": backends,
                        "repeat": args.repeat, "pytorch3d_repeat": args.pytorch3d_repeat},
         }
