@@ -171,7 +171,7 @@ def make_procedural_model(n_vertices: int = 35709, seed: int = 0) -> FaceModel:
     """Build (once per argument pair; cached, treat as read-only) the procedural face model.
 
     Args:
-        n_vertices: target vertex count; the model has the nearest grid size (within 1 %).
+        n_vertices: target vertex count; the model has the nearest grid size (within 4 %).
         seed: seeds the populations (and the random detail fields) the bases come from.
 
     Returns:
@@ -246,12 +246,9 @@ def expression_coefficients(model: FaceModel, **strengths: float) -> torch.Tenso
     Raises:
         ValueError: ``model`` is not a procedural model, or an expression name is unknown.
     """
-    parts = dict(p.split("=", 1) for p in model.name.split(":")[1:] if "=" in p)
-    if not model.name.startswith("procedural:") or "n" not in parts:
+    if not model.name.startswith("procedural:"):
         raise ValueError(f"expression_coefficients needs a procedural face model, got {model.name!r}")
-    grid = sf.make_grid(int(parts["n"]))
-    if grid.n_vertices != model.n_vertices:
-        raise ValueError(f"{model.name}: grid has {grid.n_vertices} vertices, model {model.n_vertices}")
+    grid = sf.make_grid(model.n_vertices, sf.grid_shape_of_mesh(model.n_vertices, model.n_faces))
     fields = ex.expression_fields(grid)
     unknown = sorted(set(strengths) - set(fields))
     if unknown:

@@ -126,13 +126,34 @@ class FaceGrid:
         return self.n_rows * self.n_cols
 
 
-def make_grid(n_vertices: int) -> FaceGrid:
-    """The vertex grid closest to ``n_vertices`` vertices (about as many rows as columns)."""
+def grid_shape(n_vertices: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the grid for about ``n_vertices`` vertices (cols odd, rows about equal)."""
     if n_vertices < 200:
         raise ValueError(f"procedural face model: n_vertices must be >= 200, got {n_vertices}")
     n_cols = int(round(np.sqrt(n_vertices)))
     n_cols += 1 - n_cols % 2
-    n_rows = max(int(round(n_vertices / n_cols)), 8)
+    return max(int(round(n_vertices / n_cols)), 8), n_cols
+
+
+def grid_shape_of_mesh(n_vertices: int, n_faces: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a procedural mesh from its sizes (``N = r c``, ``F = 2 (r-1)(c-1)``).
+
+    Raises:
+        ValueError: the sizes are not those of a grid mesh with an odd column count.
+    """
+    total = n_vertices + 1 - n_faces // 2  # r + c
+    disc = total * total - 4 * n_vertices
+    root = int(round(np.sqrt(max(disc, 0))))
+    rows, cols = (total - root) // 2, (total + root) // 2
+    for r, c in ((rows, cols), (cols, rows)):
+        if r * c == n_vertices and 2 * (r - 1) * (c - 1) == n_faces and c % 2 == 1:
+            return r, c
+    raise ValueError(f"{n_vertices} vertices and {n_faces} faces are not a procedural face grid")
+
+
+def make_grid(n_vertices: int, shape: tuple[int, int] | None = None) -> FaceGrid:
+    """The vertex grid closest to ``n_vertices`` vertices, or exactly ``shape = (rows, cols)``."""
+    n_rows, n_cols = grid_shape(n_vertices) if shape is None else shape
 
     tt = np.linspace(T_BOT, T_TOP, 4001)
     row_density = (

@@ -15,7 +15,7 @@ from dfmvr.facemodel.procedural import (
     expression_coefficients, expression_names, make_procedural_model,
 )
 from dfmvr.facemodel.regions import L_BROW, L_EYE, MOUTH, R_BROW, R_EYE, SKIN
-from dfmvr.facemodel.surface import make_grid
+from dfmvr.facemodel.surface import grid_shape_of_mesh, make_grid
 from dfmvr.render.camera import Camera
 
 N = 2500  # the tiny preset's size
@@ -46,11 +46,13 @@ def test_cached():
     assert make_procedural_model(N, 0) is make_procedural_model(N, 0)
 
 
-@pytest.mark.parametrize("n", [200, 777, 2500, 5000, 35709, 60000])
+@pytest.mark.parametrize("n", [200, 241, 777, 2500, 5000, 35709, 60000])
 def test_vertex_count_roughly_honoured(n):
     grid = make_grid(n)
     assert abs(grid.n_vertices - n) <= 0.2 * n
     assert grid.tri.shape == (2 * (grid.n_rows - 1) * (grid.n_cols - 1), 3)
+    # the grid can be recovered from the mesh sizes (expression_coefficients relies on it)
+    assert grid_shape_of_mesh(grid.n_vertices, grid.tri.shape[0]) == (grid.n_rows, grid.n_cols)
 
 
 def test_fields_and_sizes(model):
