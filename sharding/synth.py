@@ -21,9 +21,10 @@ exp, tex, gamma, per-view angles and translations) and meta.
 
 Deterministic: a sample's random numbers come from generators seeded with
 ``(seed, subject)`` (identity, albedo) and ``(seed, subject, capture)`` (everything else),
-samples are assigned to shards by a fixed plan, every shard is made by one process with one
-torch thread, and tar headers carry a fixed mtime; the same settings give byte-identical
-shards for any ``--workers``. Resumable: finished shards are recorded in
+samples are assigned to shards by a fixed plan, every sample is rendered with one torch thread
+(by whichever worker process), the main process writes the shards in plan order, and tar
+headers carry a fixed mtime; the same settings give byte-identical shards for any
+``--workers``. Resumable: finished shards are recorded in
 ``synth-progress.json`` beside the shards; a rerun with the same settings keeps every recorded
 shard whose stored sha256 still matches and makes only the others.
 """
@@ -39,7 +40,8 @@ import multiprocessing as mp
 import sys
 import tarfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -398,16 +400,10 @@ def _init_worker(cfg: SynthConfig, pool_process: bool = True) -> None:
     _state["renderer"] = Renderer(Camera.at_size(cfg.size), backend="torch")
 
 
-def _make_shard(task: ShardTask) -> tuple[ShardInfo, str]:
-    cfg, model, renderer = _state["cfg"], _state["model"], _state["renderer"]
+def _make_item(item: tuple[int, int]) -> tuple[Sample, str]:
+    """Render one (subject, capture) in a worker: the sample and the digest of the model that made it."""
     with _one_thread():
-        with ShardWriter(cfg.out, task.split, max_count=cfg.max_count, max_size=1 << 62,
-                         start_index=task.index, endpoint=cfg.endpoint) as writer:
-            for subject, capture in task.items:
-                writer.write(make_sample(model, renderer, cfg, subject, capture))
-        infos = writer.close()
-    assert len(infos) == 1 and infos[0].url.endswith(task.name), infos
-    return infos[0], _state["digest"]
+        return make_sample(_state["model"], _state["renderer"], _state["cfg"], *item), _state["digest"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,30 +476,60 @@ def _save_progress(cfg: SynthConfig, done: dict[str, _Done]) -> None:
 
 
 def _make_shards(cfg: SynthConfig, todo: list[ShardTask], done: dict[str, _Done], bar) -> list[str]:
-    """Make ``todo`` (recording each finished shard in ``done`` and the progress file)."""
-    made = []
+    """Make the shards ``todo``, recording each finished one in ``done`` and the progress file.
 
-    def finish(task: ShardTask, result: tuple[ShardInfo, str]) -> None:
-        done[task.name] = _Done(info=result[0], model=result[1])
-        made.append(task.name)
-        _save_progress(cfg, done)
-        if bar is not None:
-            bar.update(len(task.items))
+    Samples are rendered in parallel (one task per sample, so the work spreads over the
+    workers however few shards there are) and come back in plan order; this process writes
+    them, shard after shard, so a shard's bytes do not depend on which worker rendered what.
+    """
+    items = [item for task in todo for item in task.items]
+    made: list[str] = []
+
+    def write_all(results: Iterator[tuple[Sample, str]]) -> None:
+        for task in todo:
+            digests = set()
+            with ShardWriter(cfg.out, task.split, max_count=cfg.max_count, max_size=1 << 62,
+                             start_index=task.index, endpoint=cfg.endpoint) as writer:
+                for _ in task.items:
+                    sample, digest = next(results)
+                    digests.add(digest)
+                    writer.write(sample)
+                    if bar is not None:
+                        bar.update(1)
+            (info,) = writer.close()
+            assert info.url.endswith(task.name) and info.count == len(task.items), info
+            if len(digests) > 1:
+                raise RuntimeError(f"worker processes built different face models ({sorted(digests)}) from "
+                                   f"{cfg.face_model_config()}: the face model is not deterministic, so the "
+                                   "shards would not be either")
+            done[task.name] = _Done(info=info, model=digests.pop())
+            made.append(task.name)
+            _save_progress(cfg, done)
 
     if cfg.workers == 1:
         _init_worker(cfg, pool_process=False)
-        for task in todo:
-            finish(task, _make_shard(task))
+        write_all(_make_item(item) for item in items)
         return made
     ctx = mp.get_context("spawn")  # torch and fork do not mix well; spawn starts clean
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx,
+    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(items)), mp_context=ctx,
                              initializer=_init_worker, initargs=(cfg,)) as pool:
-        pending = {pool.submit(_make_shard, t): t for t in todo}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                finish(pending.pop(fut), fut.result())
+        write_all(_ordered(pool, items, window=4 * cfg.workers))
     return made
+
+
+def _ordered(pool: ProcessPoolExecutor, items: list, window: int) -> Iterator:
+    """``pool.map`` in order with at most ``window`` results in flight (bounded memory)."""
+    pending = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(_make_item, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(_make_item, nxt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +586,7 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
             if len(digests) > 1:
                 raise RuntimeError(f"worker processes built different face models ({sorted(digests)}) from "
                                    f"{fm}: the face model is not deterministic, so the shards would not be either")
-            (current,) = digests
+            current = digests.pop()
             stale = sorted(n for n, d in done.items() if d.model != current)
             if stale:
                 _logger.warning("%d kept shards were made by a different face model (%s); making them again",
