@@ -28,7 +28,7 @@ _IRIS_RGB = np.array([
     [0.15, 0.09, 0.05], [0.33, 0.19, 0.09], [0.45, 0.35, 0.15],
     [0.33, 0.42, 0.27], [0.33, 0.47, 0.62], [0.45, 0.48, 0.50],
 ])
-N_VARIATION = 50
+N_VARIATION = 60
 
 
 @dataclass(frozen=True, slots=True)
