@@ -6,11 +6,13 @@ pixel's features, and the kernel is shared by the ``group_channels`` channels of
 RedNet puts it in the 3x3 slot of ResNet's bottleneck. The reference implementation uses a
 CuPy kernel; this one needs nothing compiled and runs on CPU, CUDA and MPS alike.
 
-The sum runs as a loop over the ``k*k`` taps, each adding ``kernel_tap * shifted input`` into
-the output in place, with a hand-written backward of the same form. The textbook
-``F.unfold`` version materialises a ``k*k`` times larger copy of the input (49x at kernel 7)
-and its product with the kernels, and was 5 to 20 times slower on CPU at paper size
-(``docs/benchmarks.md``, "Train step"); the results are the same up to float rounding order.
+On maps at least :data:`LOOP_MIN_WIDTH` pixels wide the sum runs as a loop over the ``k*k``
+taps, each adding ``kernel_tap * shifted input`` into the output in place, with a
+hand-written backward of the same form. The textbook ``F.unfold`` version materialises a
+``k*k`` times larger copy of the input (49x at kernel 7) and its product with the kernels,
+and was 3 to 12 times slower on CPU at paper size (``docs/benchmarks.md``, "Train step").
+On narrow maps the loop's ``k*k`` short row-segment operations cost more than the copy, so
+those use the unfold form. Both give the same results up to float rounding order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+LOOP_MIN_WIDTH = 12
+"""Output width (pixels) from which :func:`involve` uses the tap loop rather than unfold: the
+crossover measured on CPU (7 px maps were 2-3x faster with unfold, 14 px maps 1.2-3x faster
+with the loop)."""
 
 
 def _tap_slices(kernel_size: int, stride: int, dilation: int, h: int, w: int) -> list[tuple[slice, slice]]:
@@ -86,8 +93,17 @@ class _Involve(torch.autograd.Function):
         return grad_x, grad_k, None, None, None
 
 
+def _involve_unfold(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: int,
+                    dilation: int) -> torch.Tensor:
+    b, c = x.shape[:2]
+    _, g, kk, h, w = kernels.shape
+    patches = F.unfold(x, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2, stride=stride)
+    patches = patches.reshape(b, g, c // g, kk, h, w)  # unfold is channel-major: [B, C * k*k, h*w]
+    return (kernels.unsqueeze(2) * patches).sum(dim=3).reshape(b, c, h, w)
+
+
 def involve(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: int = 1,
-            dilation: int = 1) -> torch.Tensor:
+            dilation: int = 1, *, method: str = "auto") -> torch.Tensor:
     """The involution sum with given per-pixel kernels (zero padding, "same" for odd ``k``).
 
     ``y[b, c, i, j] = sum_{u,v} kernels[b, c // (C / G), u*k+v, i, j] *
@@ -100,9 +116,11 @@ def involve(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: in
         kernel_size: ``k`` (odd).
         stride: output stride.
         dilation: spacing of the taps.
+        method: ``"loop"`` (tap loop), ``"unfold"``, or ``"auto"``: the loop when
+            ``w >= LOOP_MIN_WIDTH``, else unfold.
 
     Returns:
-        ``[B, C, h, w]`` (NCHW-contiguous, in the promoted dtype of the inputs).
+        ``[B, C, h, w]`` in the promoted dtype of the inputs.
     """
     b, c, hi, wi = x.shape
     if kernels.dim() != 5 or kernels.shape[0] != b or c % kernels.shape[1] or kernels.shape[2] != kernel_size**2:
@@ -114,7 +132,11 @@ def involve(x: torch.Tensor, kernels: torch.Tensor, kernel_size: int, stride: in
     if tuple(kernels.shape[-2:]) != expected:
         raise ValueError(f"involve: kernels must be {expected} pixels for a {hi} x {wi} input at stride {stride}; "
                          f"got {tuple(kernels.shape[-2:])}")
-    return _Involve.apply(x, kernels, kernel_size, stride, dilation)
+    if method not in ("auto", "loop", "unfold"):
+        raise ValueError(f"involve: method must be 'auto', 'loop' or 'unfold'; got {method!r}")
+    if method == "loop" or (method == "auto" and expected[1] >= LOOP_MIN_WIDTH):
+        return _Involve.apply(x, kernels, kernel_size, stride, dilation)
+    return _involve_unfold(x, kernels, kernel_size, stride, dilation)
 
 
 class Involution2d(nn.Module):

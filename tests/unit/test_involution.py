@@ -1,6 +1,6 @@
-"""dfmvr.nets.involution.involve: the tap-loop involution and its hand-written backward against
-the textbook unfold formulation and finite differences (test_nets.py checks the module against
-a brute-force loop)."""
+"""dfmvr.nets.involution.involve: the tap-loop involution with its hand-written backward and the
+unfold path, against an independent unfold formulation and finite differences (test_nets.py
+checks the module against a brute-force loop)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfmvr.nets.involution import involve
+from dfmvr.nets.involution import LOOP_MIN_WIDTH, involve
 
 # (channels, groups, H, W, kernel, stride, dilation)
 CASES = [
@@ -40,33 +40,42 @@ def _inputs(c, g, hi, wi, k, stride, seed=0):
     return x, kernels
 
 
+@pytest.mark.parametrize("method", ["loop", "unfold", "auto"])
 @pytest.mark.parametrize("c,g,hi,wi,k,stride,dilation", CASES)
-def test_involve_matches_the_unfold_formulation_forward_and_backward(c, g, hi, wi, k, stride, dilation):
+def test_involve_matches_the_unfold_formulation_forward_and_backward(c, g, hi, wi, k, stride, dilation, method):
     x, kernels = _inputs(c, g, hi, wi, k, stride)
-    out = involve(x, kernels, k, stride, dilation)
+    out = involve(x, kernels, k, stride, dilation, method=method)
     ref = _unfold_involution(x, kernels, k, stride, dilation)
     torch.testing.assert_close(out, ref)
     dy = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (x, kernels), dy), torch.autograd.grad(ref, (x, kernels), dy)):
         torch.testing.assert_close(got, want)
     x_cl = x.detach().contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(involve(x_cl, kernels.detach(), k, stride, dilation), ref.detach())
+    torch.testing.assert_close(involve(x_cl, kernels.detach(), k, stride, dilation, method=method), ref.detach())
 
 
 @pytest.mark.parametrize("c,g,hi,wi,k,stride,dilation", CASES[:5])
 def test_involve_backward_passes_gradcheck(c, g, hi, wi, k, stride, dilation):
     x, kernels = _inputs(c, g, hi, wi, k, stride, seed=1)
-    assert torch.autograd.gradcheck(lambda a, b: involve(a, b, k, stride, dilation), (x, kernels))
+    assert torch.autograd.gradcheck(lambda a, b: involve(a, b, k, stride, dilation, method="loop"), (x, kernels))
 
 
-def test_involve_gradient_to_one_input_only_and_mixed_dtypes():
+def test_auto_picks_the_loop_on_wide_maps_and_unfold_on_narrow_ones():
+    x, kernels = _inputs(4, 2, 6, 2 * LOOP_MIN_WIDTH, 3, 2)
+    assert involve(x, kernels, 3, stride=2).grad_fn.name() == "_InvolveBackward"
+    x, kernels = _inputs(4, 2, 6, 2 * LOOP_MIN_WIDTH - 2, 3, 2)
+    assert involve(x, kernels, 3, stride=2).grad_fn.name() != "_InvolveBackward"
+
+
+@pytest.mark.parametrize("method", ["loop", "unfold"])
+def test_involve_gradient_to_one_input_only_and_mixed_dtypes(method):
     x, kernels = _inputs(4, 2, 6, 6, 3, 1)
-    (gx,) = torch.autograd.grad(involve(x, kernels.detach(), 3).sum(), x)
-    (gk,) = torch.autograd.grad(involve(x.detach(), kernels, 3).sum(), kernels)
+    (gx,) = torch.autograd.grad(involve(x, kernels.detach(), 3, method=method).sum(), x)
+    (gk,) = torch.autograd.grad(involve(x.detach(), kernels, 3, method=method).sum(), kernels)
     assert gx.shape == x.shape and gk.shape == kernels.shape and gx.abs().sum() > 0 and gk.abs().sum() > 0
     xb = x.detach().bfloat16().requires_grad_()
     kf = kernels.detach().float().requires_grad_()
-    out = involve(xb, kf, 3)
+    out = involve(xb, kf, 3, method=method)
     out.sum().backward()
     assert out.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16 and kf.grad.dtype == torch.float32
 
@@ -77,3 +86,5 @@ def test_involve_rejects_kernels_of_the_wrong_shape():
         involve(x, torch.randn(2, 2, 9, 6, 6, dtype=torch.float64), 3, stride=2)
     with pytest.raises(ValueError, match=r"G dividing C=4, k\*k=49"):
         involve(x, kernels, 7, stride=2)
+    with pytest.raises(ValueError, match="method must be 'auto', 'loop' or 'unfold'; got 'fast'"):
+        involve(x, kernels, 3, stride=2, method="fast")
