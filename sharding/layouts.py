@@ -339,7 +339,9 @@ _MULTIPIE_NAME = re.compile(r"^(\d{3})_(\d{2})_(\d{2})_(\d{3})_(\d{2})$")
 
 def discover_multipie(root: Path, *, yaw_deg: tuple[float, float, float] = DEFAULT_YAW_DEG,
                       cameras: dict[str, str] | None = None, **_: object) -> list[CaptureSource]:
-    """Multi-PIE: ``ROOT/session{NN}/multiview/{subject}/{recording}/{cam}/{subject}_{session}_{recording}_{cam}_{illum}.png``.
+    """Multi-PIE: ``ROOT/session{NN}/multiview/{subject}/{recording}/{cam}/{stem}.png``.
+
+    ``{stem}`` is ``{subject}_{session}_{recording}_{cam}_{illum}``.
 
     ``{cam}`` folders are ``08_0``-style; file names drop the underscore (``080``). One capture
     per (session, recording, illumination) that the three cameras of :data:`MULTIPIE_CAMERAS`
@@ -371,7 +373,8 @@ def discover_multipie(root: Path, *, yaw_deg: tuple[float, float, float] = DEFAU
         for v in VIEWS:
             img = found.get(v, {}).get("image")
             if img is None:
-                views[v] = ViewFiles(image=None, landmarks=None, expected=f"{rec_dir / cameras[v]}/*_{capture.split('_')[-1]}.png")
+                illum = capture.split("_")[-1]
+                views[v] = ViewFiles(image=None, landmarks=None, expected=f"{rec_dir / cameras[v]}/*_{illum}.png")
             else:
                 vf = _view_files(img.parent, img.stem)
                 vf.image = img

@@ -58,7 +58,8 @@ DELAUNAY_MAX_EDGE_FACTOR = 6.0
 """Triangles of a Delaunay-meshed point cloud with an edge longer than this many times the
 median edge are dropped: they bridge holes and the concave outline, not the surface."""
 
-MASKLESS_HINT = "run the parse-net job to fill them in"
+MASKLESS_HINT = ("run the parse-net job to fill them in "
+                 "(python -m sharding.fill_masks --input ROOT --out ROOT2 --parse-net CKPT)")
 
 
 @dataclass(kw_only=True, slots=True)

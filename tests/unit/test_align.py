@@ -25,7 +25,8 @@ def _similarity(scale: float, theta: float, tx: float, ty: float) -> np.ndarray:
     return np.array([[scale * c, -scale * s, tx], [scale * s, scale * c, ty]])
 
 
-@pytest.mark.parametrize("scale,theta,tx,ty", [(0.37, 0.4, 12.0, -5.0), (2.5, -2.9, -100.0, 40.0), (1.0, 0.0, 0.0, 0.0)])
+@pytest.mark.parametrize("scale,theta,tx,ty",
+                         [(0.37, 0.4, 12.0, -5.0), (2.5, -2.9, -100.0, 40.0), (1.0, 0.0, 0.0, 0.0)])
 def test_similarity_recovers_known_transform(scale, theta, tx, ty):
     rng = np.random.default_rng(0)
     src = rng.uniform(0, 300, size=(5, 2))

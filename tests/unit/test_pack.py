@@ -10,7 +10,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import read_manifest
@@ -66,7 +65,8 @@ def _write_capture(folder: Path, r, *, masks: bool = True, lm3d: np.ndarray | No
         np.savetxt(folder / "lmk3d.txt", lm3d, fmt="%.5f")
     if scan is not None:
         verts, faces = scan
-        lines = [f"v {x:.5f} {y:.5f} {z:.5f}" for x, y, z in verts] + [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+        lines = [f"v {x:.5f} {y:.5f} {z:.5f}" for x, y, z in verts]
+        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
         (folder / "scan.obj").write_text("\n".join(lines) + "\n")
 
 
@@ -146,7 +146,8 @@ def test_masks_and_landmarks_follow_the_alignment(packed, capture, face_model):
             return found
 
         assert 6 in near(s.lmk2d[i, 30:31]), v
-        assert (mask[np.floor(s.lmk2d[i, 17:, 1]).astype(int), np.floor(s.lmk2d[i, 17:, 0]).astype(int)] > 0).mean() > 0.95
+        inner = np.floor(s.lmk2d[i, 17:]).astype(int)
+        assert (mask[inner[:, 1], inner[:, 0]] > 0).mean() > 0.95
         # image and mask agree: the face pixels look like the render, the background like the background
         scale = math.sqrt(abs(np.linalg.det(m[:, :2])))
         assert 0.2 < scale < 1.0
@@ -274,3 +275,33 @@ def test_yaw_warning_for_swapped_views(tmp_path, capture, caplog):
     assert summary.packed == 1
     assert "look like yaw +45 deg, not -45 deg (left view)" in caplog.text
     assert "look like yaw -45 deg, not +45 deg (right view)" in caplog.text
+
+
+def test_multipie_and_bosphorus_discovery(tmp_path):
+    from sharding.layouts import discover
+
+    mp = tmp_path / "mp"
+    for cam, code in (("08_0", "080"), ("05_1", "051"), ("19_0", "190")):
+        d = mp / "session01" / "multiview" / "001" / "02" / cam
+        d.mkdir(parents=True)
+        for illum in ("00", "07"):
+            if cam == "19_0" and illum == "00":
+                continue  # one illumination lacks the right camera
+            (d / f"001_01_02_{code}_{illum}.png").touch()
+            (d / f"001_01_02_{code}_{illum}.pts").touch()
+    found = {s.capture: s for s in discover("multipie", mp)}
+    assert sorted(found) == ["01_02_00", "01_02_07"]
+    full = found["01_02_07"]
+    assert full.subject == "001" and full.views["left"].image.parent.name == "08_0"
+    assert full.views["right"].image.name == "001_01_02_190_07.png" and full.views["right"].landmarks.suffix == ".pts"
+    assert found["01_02_00"].views["right"].image is None and "19_0" in found["01_02_00"].views["right"].expected
+
+    bs = tmp_path / "bs" / "bs001"
+    bs.mkdir(parents=True)
+    for stem in ("bs001_N_N_0", "bs001_YR_R45_0", "bs001_YR_L45_0", "bs001_E_HAPPY_0"):
+        (bs / f"{stem}.png").touch()
+        (bs / f"{stem}.txt").touch()
+    (bs / "bs001_N_N_0.bnt").touch()
+    (cap,) = discover("bosphorus", tmp_path / "bs")
+    assert cap.capture == "N_N_0" and cap.scan.name == "bs001_N_N_0.bnt"
+    assert cap.views["left"].image.name == "bs001_YR_R45_0.png" and cap.views["right"].image.name == "bs001_YR_L45_0.png"
