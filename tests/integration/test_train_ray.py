@@ -150,11 +150,15 @@ def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_step
     rank1 = work / "runs" / "fault-test" / "workers" / "rank1.json"
     killed: dict = {}
 
+    snapshot = work / "ray_results" / "fault-test" / "checkpoint_manager_snapshot.json"
+
     def killer():
-        # wait until a checkpoint exists (steps past the first checkpoint) then kill rank 1
+        # wait until Ray's controller has registered a checkpoint (its snapshot on storage names
+        # one; a checkpoint reported a moment before a crash may never be registered) and the
+        # run has moved past it, then kill rank 1
         deadline = time.time() + 240
         while time.time() < deadline:
-            if journal.exists():
+            if journal.exists() and snapshot.exists() and '"step"' in snapshot.read_text():
                 steps = [json.loads(line)["step"] for line in journal.read_text().splitlines() if line.strip()]
                 if steps and max(steps) >= 7 and rank1.exists():
                     pid = json.loads(rank1.read_text())["pid"]
