@@ -387,16 +387,17 @@ def model_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _init_worker(cfg: SynthConfig, pool_process: bool = True) -> None:
-    from dfmvr.facemodel import build_face_model
+def _init_worker(cfg: SynthConfig, model, pool_process: bool = True) -> None:
+    """Per process: keep the face model (built once by the parent and sent over: rebuilding a
+    35k-vertex procedural model takes about 30 s per process) and make a renderer."""
     from dfmvr.render import Renderer
     from dfmvr.render.camera import Camera
 
     if pool_process:
         torch.set_num_threads(1)
     _state["cfg"] = cfg
-    _state["model"] = build_face_model(cfg.face_model_config())
-    _state["digest"] = model_digest(_state["model"])
+    _state["model"] = model
+    _state["digest"] = model_digest(model)
     _state["renderer"] = Renderer(Camera.at_size(cfg.size), backend="torch")
 
 
@@ -475,7 +476,7 @@ def _save_progress(cfg: SynthConfig, done: dict[str, _Done]) -> None:
                         endpoint=cfg.endpoint)
 
 
-def _make_shards(cfg: SynthConfig, todo: list[ShardTask], done: dict[str, _Done], bar) -> list[str]:
+def _make_shards(cfg: SynthConfig, model, todo: list[ShardTask], done: dict[str, _Done], bar) -> list[str]:
     """Make the shards ``todo``, recording each finished one in ``done`` and the progress file.
 
     Samples are rendered in parallel (one task per sample, so the work spreads over the
@@ -507,12 +508,15 @@ def _make_shards(cfg: SynthConfig, todo: list[ShardTask], done: dict[str, _Done]
             _save_progress(cfg, done)
 
     if cfg.workers == 1:
-        _init_worker(cfg, pool_process=False)
-        write_all(_make_item(item) for item in items)
+        _init_worker(cfg, model, pool_process=False)
+        try:
+            write_all(_make_item(item) for item in items)
+        finally:
+            _state.clear()  # do not keep the model alive in the caller's process
         return made
     ctx = mp.get_context("spawn")  # torch and fork do not mix well; spawn starts clean
     with ProcessPoolExecutor(max_workers=min(cfg.workers, len(items)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(cfg,)) as pool:
+                             initializer=_init_worker, initargs=(cfg, model)) as pool:
         write_all(_ordered(pool, items, window=4 * cfg.workers))
     return made
 
@@ -555,9 +559,10 @@ def generate(out: str, *, n_subjects: int = 40, n_captures: int = 3, size: int =
 def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
     """Generate (or finish generating) the dataset ``cfg`` describes and write its manifest.
 
-    Shards recorded by an earlier run are kept when their bytes still match; if the face
-    model that made them differs from the one this run builds (the model's code changed),
-    they are made again so every shard of the dataset comes from one model.
+    Shards recorded by an earlier run are kept when their bytes still match and the face
+    model built here (once; workers receive it) is the one that made them; shards made by a
+    different model (its code changed since) are made again, so every shard of the dataset
+    comes from one model.
     """
     if not storage.is_s3(cfg.out):
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -568,32 +573,34 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
     todo = [t for t in tasks if t.name not in done]
     n_total = sum(len(t.items) for t in tasks)
     fm = cfg.face_model_config()
-    _logger.info("synth: %d samples in %d shards (%d kept, %d to make), %d px, %s with %d vertices",
+    _logger.info("synth: %d samples in %d shards (%d recorded, %d to make), %d px, %s with %d vertices",
                  n_total, len(tasks), len(done), len(todo), cfg.size, fm.source, fm.n_vertices)
+    start = time.perf_counter()
+    from dfmvr.facemodel import build_face_model
+
+    model = build_face_model(fm)
+    current = model_digest(model)
+    stale = sorted(n for n, d in done.items() if d.model != current)
+    if stale:
+        _logger.warning("%d recorded shards were made by a different face model; making them again: %s",
+                        len(stale), ", ".join(stale))
+        for name in stale:
+            del done[name]
+        todo = [t for t in tasks if t.name not in done]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n_total, initial=n_total - sum(len(t.items) for t in todo), unit="triplet",
                    file=sys.stderr, desc="synth")
-    start = time.perf_counter()
     generated: list[str] = []
     try:
-        while todo:
-            made = _make_shards(cfg, todo, done, bar)
-            generated += made
-            digests = {done[n].model for n in made}
-            if len(digests) > 1:
-                raise RuntimeError(f"worker processes built different face models ({sorted(digests)}) from "
-                                   f"{fm}: the face model is not deterministic, so the shards would not be either")
-            current = digests.pop()
-            stale = sorted(n for n, d in done.items() if d.model != current)
-            if stale:
-                _logger.warning("%d kept shards were made by a different face model (%s); making them again",
-                                len(stale), ", ".join(stale))
-            todo = [by_name[n] for n in stale]
-            if bar is not None and todo:
-                bar.total += sum(len(t.items) for t in todo)
+        if todo:
+            generated = _make_shards(cfg, model, todo, done, bar)
+            digests = {done[n].model for n in generated}
+            if digests != {current}:
+                raise RuntimeError(f"worker processes hold face models {sorted(digests)}, the parent built "
+                                   f"{current} from {fm}: the shards would not be reproducible")
     finally:
         if bar is not None:
             bar.close()
