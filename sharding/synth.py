@@ -207,6 +207,7 @@ class SynthSummary:
     triplets_per_s: float
     """Samples made by this run per second of wall time (0 when all were kept)."""
     n_vertices: int
+    """Vertices of the face model used (the procedural model rounds the requested count to its grid)."""
 
 
 def subject_name(index: int) -> str:
@@ -613,7 +614,8 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
             "fingerprint": cfg.fingerprint(), "version": SYNTH_VERSION, "n_subjects": cfg.n_subjects,
             "n_captures": cfg.n_captures, "yaw_deg": list(cfg.yaw_deg), "seed": cfg.seed,
             "splits": list(cfg.splits),
-            "facemodel": {"source": fm.source, "n_vertices": fm.n_vertices, "seed": fm.seed, "digest": models[0]},
+            "facemodel": {"source": fm.source, "n_vertices_requested": fm.n_vertices, "seed": fm.seed,
+                          "name": model.name, "n_vertices": model.n_vertices, "digest": models[0]},
             "sampling": cfg.sampling.to_dict(),
             "lm3d_frame": "face-model frame, before the per-view pose (decimetres)",
         },
@@ -629,7 +631,7 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
         manifest=manifest, n_samples=n_total, per_split=per_split,
         subjects_per_split={k: len(v) for k, v in subjects.items()},
         generated=sorted(set(generated)), kept=sorted(kept_before - set(generated)), seconds=seconds,
-        triplets_per_s=(n_made / seconds) if n_made and seconds > 0 else 0.0, n_vertices=fm.n_vertices,
+        triplets_per_s=(n_made / seconds) if n_made and seconds > 0 else 0.0, n_vertices=model.n_vertices,
     )
 
 
