@@ -87,7 +87,7 @@ class SamplingConfig:
     tex_scale: float = 0.8
     """Albedo coefficients. At 1.0 the procedural model's first (skin tone) component puts 1% of
     faces at albedo luminance below 0.07 (near black) and some at negative green; 0.8 keeps
-    the 1st..99th percentile within about 0.18..0.84."""
+    the 1st..99th percentile within about 0.15..0.85."""
     neutral_first: bool = True
     """Capture 0 of every subject has a neutral expression (zero expression coefficients)."""
     light_dc: tuple[float, float] = (-0.15, 0.35)
