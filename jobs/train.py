@@ -37,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
-    from dfmvr.train.launch import train
+    from dfmvr.train.launch import PreflightError, train
 
-    summary = train(cfg, overrides_note=note)
+    try:
+        summary = train(cfg, overrides_note=note)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_summary("training", summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

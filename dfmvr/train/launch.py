@@ -21,6 +21,10 @@ from dfmvr.train.loop import VAL_METRIC
 _logger = logging.getLogger(__name__)
 
 
+class PreflightError(RuntimeError):
+    """A check before Ray starts failed (unreachable S3 or MLflow, missing or bad shards)."""
+
+
 DATA_URL_ENV = "DFMVR_DATA_URL"
 """Shard root used when ``data.url`` is empty (cluster.yaml sets it on every node)."""
 
@@ -80,9 +84,12 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cfg = apply_overrides(cfg, {"work_dir": str(work)})
-    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, work)
-    tracking.check_reachable(tracking_uri)
-    data_url = ensure_data(cfg)
+    try:
+        tracking_uri = tracking.resolve_tracking_uri(cfg.tracking, work)
+        tracking.check_reachable(tracking_uri)
+        data_url = ensure_data(cfg)
+    except (OSError, ValueError) as e:  # ConnectionError, StorageError, FileNotFoundError, ManifestError
+        raise PreflightError(str(e)) from e
     cfg = apply_overrides(cfg, {"data.url": data_url})
     storage_path = cfg.train.storage_path or str(work / "ray_results")
 

@@ -76,6 +76,23 @@ def unwrap(model: torch.nn.Module) -> DFMVR:
     return getattr(model, "module", model)
 
 
+def _norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` for every normalisation running statistic (small: no face-model buffers)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None:
+                    out.append((b, b.detach().clone()))
+    return out
+
+
+def _restore_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, copy in saved:
+            buf.copy_(copy)
+
+
 def _broadcast(obj: Any, world_size: int) -> Any:
     if world_size == 1 or not dist.is_initialized():
         return obj
@@ -242,6 +259,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             continue
         counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
         batch = batch.to(device)
+        norm_stats = _norm_stats(core)  # a skipped step must not leave its batch in BN statistics
         out = model(batch.images, batch.masks if core.cfg.mask_input else None)
         total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, parse_net)
         finite = torch.isfinite(total).all()
@@ -250,14 +268,25 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             flag = finite.to(torch.float32).reshape(1)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag.item() > 0
-        if not bool(finite):
+        if bool(finite):
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            # the norm is computed even without clipping: a non-finite gradient must not reach
+            # the weights, or the last good state would be lost with it
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            finite = bool(torch.isfinite(grad_norm))
+        if not finite:
             nan_streak += 1
             counters["nan_steps"] += 1
             opt.zero_grad(set_to_none=True)
-            _logger.warning("rank %d step %d: non-finite loss (%s), step skipped (%d in a row)",
-                            rank, step, {k: float(v) for k, v in terms.items()}, nan_streak)
+            _restore_norm_stats(norm_stats)
+            _logger.warning("rank %d step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
+                            rank, step, {k: float(v.detach()) for k, v in terms.items()}, nan_streak)
+            if tracker:
+                tracker.log_metrics({"train/nan_steps": counters["nan_steps"]}, step)
             if nan_streak >= cfg.train.max_nan_steps:
-                stop = {"step": float(step), "train/nan_steps": counters["nan_steps"], **last_val}
+                stop = {"step": float(step), "train/nan_steps": counters["nan_steps"], **last_val,
+                        VAL_METRIC: last_val.get(VAL_METRIC, math.inf)}
                 report(stop, with_checkpoint=True)
                 raise NonFiniteLossError(
                     f"{nan_streak} non-finite losses in a row at step {step} (train.max_nan_steps="
@@ -265,11 +294,6 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
                 )
             continue
         nan_streak = 0
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
         step += 1
@@ -289,8 +313,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             metrics.update({"train/lr": sched.get_last_lr()[0], "train/triplets_per_s": rate,
                             "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
                             "train/nan_steps": counters["nan_steps"]})
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+            metrics["train/grad_norm"] = float(grad_norm)
             window, window_n = {}, 0
             if tracker:
                 tracker.log_metrics(metrics, step)

@@ -1,0 +1,117 @@
+"""The training loop without Ray, and the job's checks that fail before Ray starts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfmvr.config import apply_overrides
+from dfmvr.presets import tiny
+from dfmvr.train.checkpoint import load_checkpoint
+from dfmvr.train.loop import LocalSession, NonFiniteLossError, run_loop
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from sharding.synth import generate
+
+    root = tmp_path_factory.mktemp("loop-shards")
+    generate(str(root), n_subjects=6, n_captures=2, size=64, seed=5, workers=1, n_vertices=2500)
+    return root
+
+
+def _cfg(shards: Path, **extra):
+    base = {"data.url": str(shards), "data.num_workers": 0, "data.batch_size": 2, "data.epoch_samples": 16,
+            "data.shuffle_buffer": 8, "train.steps": 4, "train.val_every": 4, "train.ckpt_every": 2,
+            "train.log_every": 2, "train.val_samples": 2, "loss.mask_loss": False}
+    base.update(extra)
+    return apply_overrides(tiny(), base)
+
+
+def test_local_loop_checkpoints_and_resumes(shards, tmp_path):
+    session = LocalSession(tmp_path / "a")
+    last = run_loop(_cfg(shards), session)
+    assert last["step"] == 4
+    assert [c.name for c in session.checkpoints] == ["step-0000002", "step-0000004"]
+    payload = load_checkpoint(session.checkpoints[-1])
+    assert payload["step"] == 4 and payload["config"]["train"]["steps"] == 4
+    assert payload["optimizer"]["state"], "optimizer state is saved"
+    assert "val/rmse_mm" in payload["metrics"] and "val/mean_face_rmse_mm" in payload["metrics"]
+
+    # continue the same run to 6 steps from its last checkpoint: steps 5 and 6 only
+    steps = []
+    resumed = LocalSession(tmp_path / "b", restore_from=str(session.checkpoints[-1]))
+    run_loop(_cfg(shards, **{"train.steps": 6}), resumed, on_step=steps.append)
+    assert steps == [5, 6]
+
+
+def test_non_finite_losses_stop_with_the_last_good_state(shards, tmp_path, caplog):
+    good = LocalSession(tmp_path / "good")
+    run_loop(_cfg(shards, **{"train.steps": 2}), good)
+    before = load_checkpoint(good.checkpoints[-1])
+
+    # an infinite loss weight makes every step's loss non-finite: each is skipped and counted,
+    # and after train.max_nan_steps in a row the run stops with a checkpoint of the weights it had
+    bad = LocalSession(tmp_path / "bad", restore_from=str(good.checkpoints[-1]))
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row at step 2.*max_nan_steps=3"):
+        run_loop(_cfg(shards, **{"loss.photo": float("inf"), "train.max_nan_steps": 3, "train.steps": 8}), bad)
+    assert sum("non-finite loss" in r.getMessage() for r in caplog.records) == 3
+    assert bad.reports[-1]["train/nan_steps"] == 3
+    after = load_checkpoint(bad.checkpoints[-1])
+    assert after["step"] == 2
+    for key, value in before["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(*args: str, env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_unknown_key_and_bad_value_fail_before_ray(tmp_path):
+    t0 = time.perf_counter()
+    bad_key = _job("optim.lrr=1e-4", f"work_dir={tmp_path}")
+    assert bad_key.returncode == 2
+    assert "optim.lrr" in bad_key.stderr and "'lr'" in bad_key.stderr
+    bad_value = _job("model.regressor=vgg", "render.backend=opengl", f"work_dir={tmp_path}")
+    assert bad_value.returncode == 2 and "render.backend" in bad_value.stderr and "pytorch3d" in bad_value.stderr
+    assert not (tmp_path / "ray_results").exists()
+    assert time.perf_counter() - t0 < 60  # generous: it is about not starting Ray, not speed
+
+
+def test_unreachable_mlflow_server_fails_fast_without_credentials(tmp_path):
+    port = _closed_port()
+    res = _job(f"work_dir={tmp_path}", f"tracking.tracking_uri=http://alice:s3cr3t@127.0.0.1:{port}")
+    assert res.returncode != 0
+    assert f"http://127.0.0.1:{port}" in res.stderr and "unreachable" in res.stderr
+    assert "s3cr3t" not in res.stderr + res.stdout
+    assert not (tmp_path / "shards").exists()
+
+
+def test_unreachable_s3_endpoint_fails_fast_with_the_url(tmp_path):
+    port = _closed_port()
+    res = _job(f"work_dir={tmp_path}", "data.url=s3://nobucket/shards", f"data.s3_endpoint=http://127.0.0.1:{port}",
+               f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+               env_extra={"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY", "AWS_SECRET_ACCESS_KEY": "topsecretvalue"})
+    assert res.returncode != 0
+    assert "s3://nobucket/shards/manifest.json" in res.stderr and f"127.0.0.1:{port}" in res.stderr
+    assert "topsecretvalue" not in res.stderr + res.stdout
