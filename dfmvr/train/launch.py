@@ -29,6 +29,12 @@ DATA_URL_ENV = "DFMVR_DATA_URL"
 """Shard root used when ``data.url`` is empty (cluster.yaml sets it on every node)."""
 
 
+EMBEDDED_SUBJECTS = 300
+EMBEDDED_CAPTURES = 3
+"""Size of the synthetic dataset the embedded default makes: identity generalises only with
+enough subjects (a few dozen overfit), and 900 triplets at 64 px take under a minute."""
+
+
 def default_data_url(cfg: Config) -> str:
     return str(Path(cfg.work_dir).resolve() / "shards")
 
@@ -50,8 +56,9 @@ def ensure_data(cfg: Config) -> str:
     from sharding.synth import generate
 
     _logger.info("no shards under %s: generating a synthetic dataset", url)
-    generate(url, n_subjects=48, n_captures=4, size=cfg.data.image_size, seed=cfg.seed,
-             n_vertices=cfg.facemodel.n_vertices, workers=2)
+    # one worker: on 2 cores a process pool costs more than it saves at this size
+    generate(url, n_subjects=EMBEDDED_SUBJECTS, n_captures=EMBEDDED_CAPTURES, size=cfg.data.image_size,
+             seed=cfg.seed, facemodel=cfg.facemodel, workers=1)
     return url
 
 
