@@ -339,13 +339,14 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
 
 
 def write_step_journal(path: Path) -> Callable[[int], None]:
-    """An ``on_step`` callback appending ``{"pid", "step"}`` lines: how a run's steps were spent
-    across restarts (read by the fault-tolerance test and useful when debugging restarts)."""
+    """An ``on_step`` callback appending ``{"pid", "step", "t"}`` lines (``t``: wall-clock
+    ``time.time()`` when the step completed): how a run's steps were spent across restarts (read by
+    the fault-tolerance test and useful when debugging restarts) and when (benchmarks/scaling.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
 
     def on_step(step: int) -> None:
         with path.open("a") as f:
-            f.write(json.dumps({"pid": pid, "step": step}) + "\n")
+            f.write(json.dumps({"pid": pid, "step": step, "t": time.time()}) + "\n")
 
     return on_step
