@@ -7,6 +7,11 @@ STAMP := $(VENV)/.dfmvr-installed
 
 .PHONY: setup test train unit bench clean
 
+# idle OpenMP threads sleep instead of spinning (tests and training share 2 cores with workers)
+export OMP_WAIT_POLICY ?= PASSIVE
+export RAY_USAGE_STATS_ENABLED ?= 0
+export MPLBACKEND ?= Agg
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

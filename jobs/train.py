@@ -16,8 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# idle OpenMP threads sleep instead of spinning: with DataLoader workers and Ray workers sharing
+# a few cores, spinning threads cost up to 10x (docs/benchmarks.md, "Renderer")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
