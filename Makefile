@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dfmvr-installed
 
-.PHONY: setup test train unit bench clean
+.PHONY: setup test train unit clean
 
 # idle OpenMP threads sleep instead of spinning (tests and training share 2 cores with workers)
 export OMP_WAIT_POLICY ?= PASSIVE
