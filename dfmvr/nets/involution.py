@@ -40,6 +40,10 @@ def _tap_slices(kernel_size: int, stride: int, dilation: int, h: int, w: int) ->
     ]
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class _Involve(torch.autograd.Function):
     """``y = sum_t kernels[:, g, t] * shift_t(x)`` for every channel of group ``g``.
 
@@ -59,13 +63,14 @@ class _Involve(torch.autograd.Function):
         # kernel broadcasts over the group's channels.
         xp = F.pad(x.to(dtype).contiguous(), (pad, pad, pad, pad)).view(b, g, c // g, hi + 2 * pad, wi + 2 * pad)
         kernels = kernels.to(dtype).contiguous()
-        out = xp.new_zeros(b, g, c // g, h, w)
+        # the k*k-term sum accumulates in float32 under bf16/fp16 autocast, as a reduction would
+        out = xp.new_zeros(b, g, c // g, h, w, dtype=_accumulator(dtype))
         for t, (rows, cols) in enumerate(_tap_slices(kernel_size, stride, dilation, h, w)):
             out.addcmul_(xp[..., rows, cols], kernels[:, :, t].unsqueeze(2))
         ctx.save_for_backward(xp, kernels)
         ctx.geometry = (kernel_size, stride, dilation, pad, hi, wi)
         ctx.dtypes = (x.dtype, kernels.dtype)
-        return out.view(b, c, h, w)
+        return out.view(b, c, h, w).to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -78,7 +83,7 @@ class _Involve(torch.autograd.Function):
         taps = _tap_slices(kernel_size, stride, dilation, h, w)
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:
-            grad_xp = torch.zeros_like(xp)
+            grad_xp = torch.zeros_like(xp, dtype=_accumulator(xp.dtype))
             for t, (rows, cols) in enumerate(taps):
                 grad_xp[..., rows, cols].addcmul_(dy, kernels[:, :, t].unsqueeze(2))
             grad_x = grad_xp.view(b, g * gc, *xp.shape[-2:])[..., pad:pad + hi, pad:pad + wi].to(ctx.dtypes[0])

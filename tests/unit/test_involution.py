@@ -88,3 +88,15 @@ def test_involve_rejects_kernels_of_the_wrong_shape():
         involve(x, kernels, 7, stride=2)
     with pytest.raises(ValueError, match="method must be 'auto', 'loop' or 'unfold'; got 'fast'"):
         involve(x, kernels, 3, stride=2, method="fast")
+
+
+def test_involve_loop_accumulates_bf16_in_float32():
+    x, kernels = _inputs(16, 1, 20, 20, 7, 1, seed=2)
+    ref = _unfold_involution(x.detach(), kernels.detach(), 7, 1, 1)
+    xb, kb = x.detach().bfloat16(), kernels.detach().bfloat16()
+    exact = _unfold_involution(xb.double(), kb.double(), 7, 1, 1)  # the bf16-rounded inputs, exact sum
+    out = involve(xb, kb, 7, method="loop")
+    assert out.dtype == torch.bfloat16
+    # one final rounding to bf16 (relative 2**-8), not 49 of them
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-6)
+    assert (out.double() - ref).abs().max() < 0.1 * ref.abs().max()
