@@ -146,11 +146,12 @@ class DFMVR(nn.Module):
         )
 
     amp_dtype: torch.dtype | None = None
-    """Autocast dtype for the network part on GPU (bf16/fp16); the face model and the renderer
-    always run in float32 (depth tests and barycentrics need the precision)."""
+    """Autocast dtype for the network part (bf16/fp16; on CPU bf16, which pays only on CPUs with
+    native bf16 instructions: ``docs/benchmarks.md``, "Train step"); the face model and the
+    renderer always run in float32 (depth tests and barycentrics need the precision)."""
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True) -> ReconOutput:
-        use_amp = self.amp_dtype is not None and images.device.type == "cuda"
+        use_amp = self.amp_dtype is not None
         with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
             coeffs = self.encode(images, masks)
         return self.decode(coeffs.float(), render=render)
