@@ -1,8 +1,8 @@
 """Train-step speed: forward + backward seconds per triplet of the full DF-MVR model on CPU.
 
     .venv/bin/python benchmarks/train_step.py [--json] [--presets tiny,paper] [--backbones fusion,unet,cnn]
-        [--batches 2,4] [--paper-batches 1] [--repeat N] [--tiny-repeat N] [--channels-last] [--bf16]
-        [--compare-modes] [--no-ref] [--threads N]
+        [--batches 1,4] [--paper-batches 1] [--repeat N] [--tiny-repeat N] [--channels-last] [--bf16]
+        [--compare-modes] [--compare-involution] [--no-ref] [--threads N]
 
 One timed step of the full model is what the training loop does between two optimiser steps:
 ``DFMVR.forward`` (backbone, regressor, face model on the preset's vertex count, rendering of
@@ -11,9 +11,11 @@ landmarks, regularisers; the mask loss is off, as in training without a parse ne
 ``backward()``. The Adam update is timed separately (``*_adam_s``). Inputs are random tensors
 with the shapes of a real :class:`dfmvr.data.batch.Batch` (images, masks, weight maps,
 landmarks); the untrained model renders the mean face at the views' nominal yaws, which covers
-a realistic part of each image. The tiny preset needs batch >= 2 (its 64 px input leaves the
-regressor's last stage at 1 x 1, and training-mode BatchNorm needs more than one value per
-channel); the paper preset runs batch 1.
+a realistic part of each image (the rasteriser's cost depends on how much of the image the
+face covers, so the model is left at its initialisation rather than given random weights that
+would blow the face up). Where batch 1 cannot train (the ``cnn`` backbone leaves the
+regressor's last map at 1 x 1, and training-mode BatchNorm needs more than one value per
+channel) that case runs batch 2 instead, and says so.
 
 At the ``paper`` preset the run also times the reference-shaped three-encoder U-Net alone
 (:class:`RefTriUNet`: the reference implementation's layer shapes, with its conv biases, in
@@ -21,7 +23,8 @@ plain float32 NCHW) on a ``mean(out**2)`` loss, batch 1, interleaved step by ste
 full models so that both see the same machine load; the ratio of the medians is the
 headline figure. ``--compare-modes`` adds the fusion model in all four of float32 /
 channels_last / bf16 autocast / both (interleaved as well); ``--channels-last`` and ``--bf16``
-choose the mode of the headline keys.
+choose the mode of the headline keys. ``--compare-involution`` adds the fusion model with the
+``F.unfold`` involution everywhere (the formulation the tap loop replaced).
 
 Reported per case: median wall seconds per step and per triplet, the process CPU seconds per
 step (all threads; on a loaded machine wall time stretches, CPU time much less), a forward
@@ -58,6 +61,9 @@ from dfmvr.config import Config  # noqa: E402
 from dfmvr.data.batch import Batch  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
 from dfmvr.model import DFMVR  # noqa: E402
+from dfmvr.facemodel.layout import CoeffLayout  # noqa: E402
+from dfmvr.nets import create_backbone, create_regressor  # noqa: E402
+from dfmvr.nets.involution import Involution2d  # noqa: E402
 from dfmvr.presets import get_preset  # noqa: E402
 from dfmvr.train.objective import reconstruction_losses  # noqa: E402
 
@@ -196,6 +202,8 @@ class Case:
     params: dict[str, int]
     run: Callable[[], dict[str, float]]
     adam: Callable[[], float] | None = None
+    features: Callable[[], torch.Tensor | None] = lambda: None
+    first_features: torch.Tensor | None = None
     samples: list[dict[str, float]] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
     rises: list[float] = field(default_factory=list)
@@ -209,6 +217,8 @@ class Case:
         if self.adam is not None:
             t["adam"] = self.adam()
         self.samples.append(t)
+        if self.first_features is None:
+            self.first_features = self.features()
         self.peaks.append(peak_rss_mb())
         self.rises.append(self.peaks[-1] - before)
 
@@ -220,18 +230,26 @@ class Case:
 
 
 class _Stamps:
-    """Forward hooks recording when the backbone and the regressor finish."""
+    """Forward hooks recording when the backbone and the regressor finish, and the regressor's
+    pooled features (the untrained head ignores them, so the loss cannot show what a mode
+    changes in the network)."""
 
     def __init__(self, model: DFMVR) -> None:
         self.t: dict[str, float] = {}
+        self.features: torch.Tensor | None = None
         model.backbone.register_forward_hook(lambda *_: self.t.__setitem__("backbone", time.perf_counter()))
         model.regressor.register_forward_hook(lambda *_: self.t.__setitem__("regressor", time.perf_counter()))
+        model.regressor.pool.register_forward_hook(lambda m, i, out: setattr(self, "features", out.detach().float()))
 
 
-def full_model_case(name: str, cfg: Config, face_model, batch: int, mode: str, with_adam: bool) -> Case:
+def full_model_case(name: str, cfg: Config, face_model, batch: int, mode: str, with_adam: bool,
+                    involution: str = "auto") -> Case:
     channels_last, bf16 = MODES[mode]
     torch.manual_seed(0)
     model = DFMVR(cfg.model, cfg.render, face_model).train()
+    for module in model.modules():
+        if isinstance(module, Involution2d):
+            module.method = involution
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.amp_dtype = torch.bfloat16 if bf16 else None
@@ -250,7 +268,7 @@ def full_model_case(name: str, cfg: Config, face_model, batch: int, mode: str, w
         t3 = time.perf_counter()
         if not torch.isfinite(total):
             raise RuntimeError(f"{name}: non-finite loss {float(total)}")
-        return {"step": t3 - t0, "forward": t1 - t0, "backbone": stamps.t["backbone"] - t0,
+        return {"step": t3 - t0, "forward": t1 - t0, "backbone": stamps.t["backbone"] - t0, "loss": float(total.detach()),
                 "regressor": stamps.t["regressor"] - stamps.t["backbone"], "decode": t1 - stamps.t["regressor"],
                 "losses": t2 - t1, "backward": t3 - t2}
 
@@ -261,7 +279,28 @@ def full_model_case(name: str, cfg: Config, face_model, batch: int, mode: str, w
 
     params = {"backbone": n_params(model.backbone), "regressor": n_params(model.regressor),
               "total": n_params(model)}
-    return Case(name, batch, params, run, adam if with_adam else None)
+    return Case(name, batch, params, run, adam if with_adam else None, features=lambda: stamps.features)
+
+
+def batch_one_trains(cfg: Config) -> bool:
+    """Whether a training step at batch 1 works: not when the regressor's last map is 1 x 1
+    (e.g. after the ``cnn`` backbone, which hands it ``H / 16`` pixels), where training-mode
+    BatchNorm sees one value per channel. Checked on the meta device (shapes only)."""
+    in_channels = 4 if cfg.model.mask_input else 3
+    views, size = len(cfg.model.view_yaw_deg), cfg.render.image_size
+    with torch.device("meta"):
+        backbone = create_backbone(cfg.model.backbone, in_channels=in_channels, width=cfg.model.width,
+                                   levels=cfg.model.levels, n_views=views).train()
+        regressor = create_regressor(cfg.model.regressor, in_channels=backbone.out_channels,
+                                     width=cfg.model.regressor_width, layout=CoeffLayout(n_views=views),
+                                     view_yaw_deg=tuple(cfg.model.view_yaw_deg)).train()
+        try:
+            regressor(backbone(torch.zeros(1, views, in_channels, size, size)))
+        except ValueError as err:
+            if is_single_value_batchnorm_error(err):
+                return False
+            raise
+    return True
 
 
 def ref_trinet_case(cfg: Config, batch: int) -> Case:
@@ -277,9 +316,13 @@ def ref_trinet_case(cfg: Config, batch: int) -> Case:
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        return {"step": t2 - t0, "forward": t1 - t0, "backward": t2 - t1}
+        return {"step": t2 - t0, "forward": t1 - t0, "backward": t2 - t1, "loss": float(loss.detach())}
 
     return Case(f"ref_trinet/b{batch}", batch, {"total": n_params(net)}, run)
+
+
+def is_single_value_batchnorm_error(err: Exception) -> bool:
+    return isinstance(err, ValueError) and "Expected more than 1 value per channel" in str(err)
 
 
 def run_interleaved(cases: list[Case], repeat: int, warmup: int, log) -> None:
@@ -310,9 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--presets", default="tiny,paper", help="comma-separated: tiny, paper")
     parser.add_argument("--backbones", default="fusion,unet,cnn", help="comma-separated registered backbones")
-    parser.add_argument("--batches", default="2,4",
-                        help="batch sizes at the tiny preset (>= 2: its regressor's last map is 1 x 1, and "
-                             "training-mode BatchNorm needs more than one value per channel)")
+    parser.add_argument("--batches", default="1,4", help="batch sizes at the tiny preset")
     parser.add_argument("--paper-batches", default="1", help="batch sizes at the paper preset (4 is slow)")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds at the paper preset")
     parser.add_argument("--tiny-repeat", type=int, default=20, help="timed rounds at the tiny preset")
@@ -320,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="headline mode: bf16 autocast of the network part")
     parser.add_argument("--compare-modes", action="store_true",
                         help="also time the fusion model in every mode (fp32, channels_last, bf16, both)")
+    parser.add_argument("--compare-involution", action="store_true",
+                        help="also time the fusion model with the unfold involution everywhere")
     parser.add_argument("--no-ref", action="store_true", help="skip the reference-shaped three-encoder U-Net")
     parser.add_argument("--no-adam", action="store_true", help="do not time the Adam step")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -363,10 +406,22 @@ def main(argv: list[str] | None = None) -> int:
                 modes = [primary]
                 if args.compare_modes and backbone == "fusion":
                     modes += [m for m in MODES if m != primary]
+                if batch == 1 and not batch_one_trains(bcfg):
+                    if 2 in batches:
+                        log(f"  {preset}/{backbone}: batch 1 skipped (the regressor's last map is 1 x 1 and "
+                            f"training-mode BatchNorm needs more than one value per channel)")
+                        continue
+                    log(f"  {preset}/{backbone}: batch 2 instead of 1 (the regressor's last map is 1 x 1 and "
+                        f"training-mode BatchNorm needs more than one value per channel)")
+                    batch = 2
                 for mode in modes:
                     name = f"{preset}/{backbone}/b{batch}/{mode}"
                     cases.append((backbone, mode, batch, "full",
                                   full_model_case(name, bcfg, face_model, batch, mode, not args.no_adam)))
+                if args.compare_involution and backbone == "fusion":
+                    cases.append((backbone, primary, batch, "unfold",
+                                  full_model_case(f"{preset}/{backbone}/b{batch}/{primary}/unfold", bcfg, face_model,
+                                                  batch, primary, not args.no_adam, involution="unfold")))
         repeat = args.repeat if preset == "paper" else args.tiny_repeat
         run_interleaved([c[-1] for c in cases], repeat, warmup=1 if preset == "paper" else 3, log=log)
 
@@ -374,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             table.append((preset, mode, case))
             step = case.median("step")
             tag = f"{preset}_ref_trinet" if kind == "ref" else f"{preset}_{backbone}_b{batch}_{mode}"
+            tag += "_unfold" if kind == "unfold" else ""
             put(f"{tag}_s_per_step", step, "s")
             put(f"{tag}_min_s_per_step", case.min("step"), "s")
             put(f"{tag}_s_per_triplet", step / batch, "s")
@@ -403,6 +459,19 @@ def main(argv: list[str] | None = None) -> int:
                         if other is not None:
                             put(f"paper_full_{mode}_over_ref_trinet", statistics.median(
                                 f["step"] / r["step"] for f, r in zip(other.samples, ref.samples)), "ratio")
+        for (backbone, mode, batch, kind), case in by_key.items():
+            fp32 = by_key.get((backbone, "fp32", batch, kind))
+            if kind == "unfold":
+                same = by_key.get((backbone, mode, batch, "full"))
+                put(f"{preset}_{backbone}_b{batch}_unfold_over_auto", statistics.median(
+                    u["step"] / a["step"] for u, a in zip(case.samples, same.samples)), "ratio")
+                put(f"{preset}_{backbone}_b{batch}_unfold_features_rel_diff",
+                    float((case.first_features - same.first_features).norm() / same.first_features.norm()), "fraction")
+            if kind == "full" and mode != "fp32" and fp32 is not None:
+                # same weights (same seed) and data: how far the mode moves the pooled features
+                a, b = case.first_features, fp32.first_features
+                put(f"{preset}_{backbone}_b{batch}_{mode}_features_rel_diff",
+                    float((a - b).norm() / b.norm()), "fraction")
         tiny = by_key.get(("fusion", primary, 4, "full"))
         if preset == "tiny" and tiny is not None:
             put("tiny_triplets_per_s", 4 / tiny.median("step"), "triplets/s")

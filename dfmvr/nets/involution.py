@@ -162,6 +162,9 @@ class Involution2d(nn.Module):
             largest common divisor of the two is used (16 at paper size, fewer in tiny nets).
         reduction: channel reduction of the kernel-generation bottleneck.
         dilation: spacing of the kernel taps.
+        method: how the sum is computed (:func:`involve`): ``"auto"``, ``"loop"`` or
+            ``"unfold"``; the same result either way. An attribute, so a built model can be
+            switched (the train-step benchmark compares them).
 
     Shapes: ``[B, C, H, W] -> [B, C, ceil(H / stride), ceil(W / stride)]``.
     """
@@ -175,6 +178,7 @@ class Involution2d(nn.Module):
         group_channels: int = 16,
         reduction: int = 4,
         dilation: int = 1,
+        method: str = "auto",
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -184,9 +188,12 @@ class Involution2d(nn.Module):
                 f"involution: expected channels, stride, dilation >= 1, got {channels}, {stride}, {dilation}"
             )
         self.channels = channels
+        if method not in ("auto", "loop", "unfold"):
+            raise ValueError(f"involution method: expected 'auto', 'loop' or 'unfold', got {method!r}")
         self.kernel_size = kernel_size
         self.stride = stride
         self.dilation = dilation
+        self.method = method
         self.group_channels = math.gcd(channels, group_channels)
         self.groups = channels // self.group_channels
         hidden = max(1, channels // reduction)
@@ -205,7 +212,7 @@ class Involution2d(nn.Module):
         """Args: ``x [B, C, H, W]``. Returns ``[B, C, ceil(H / stride), ceil(W / stride)]``."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"involution input must have shape (B, {self.channels}, H, W); got {tuple(x.shape)}")
-        return involve(x, self.kernels(x), self.kernel_size, self.stride, self.dilation)
+        return involve(x, self.kernels(x), self.kernel_size, self.stride, self.dilation, method=self.method)
 
     def extra_repr(self) -> str:
         return (
