@@ -317,8 +317,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             window, window_n = {}, 0
             if tracker:
                 tracker.log_metrics(metrics, step)
-            _logger.info("step %d/%d loss %.4f %.1f triplets/s", step, cfg.train.steps,
-                         metrics.get("train/loss", float("nan")), rate)
+            eta = (cfg.train.steps - step) * batch.images.shape[0] * world / max(rate, 1e-9)
+            _logger.info("step %d/%d loss %.4f %.1f triplets/s ETA %dm%02ds", step, cfg.train.steps,
+                         metrics.get("train/loss", float("nan")), rate, eta // 60, eta % 60)
 
         is_val = step % cfg.train.val_every == 0 or step == cfg.train.steps
         is_ckpt = is_val or step % cfg.train.ckpt_every == 0
