@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfmvr.nets.involution import LOOP_MIN_WIDTH, involve
+from dfmvr.nets.involution import LOOP_MIN_WIDTH, Involution2d, involve
 
 # (channels, groups, H, W, kernel, stride, dilation)
 CASES = [
@@ -100,3 +100,18 @@ def test_involve_loop_accumulates_bf16_in_float32():
     # one final rounding to bf16 (relative 2**-8), not 49 of them
     torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-6)
     assert (out.double() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_involution_module_methods_agree_and_bad_method_is_rejected():
+    torch.manual_seed(0)
+    inv = Involution2d(32, kernel_size=7, stride=2).double().eval()
+    x = torch.randn(2, 32, 30, 26, dtype=torch.float64)
+    with torch.no_grad():
+        outs = {}
+        for method in ("auto", "loop", "unfold"):
+            inv.method = method
+            outs[method] = inv(x)
+    torch.testing.assert_close(outs["loop"], outs["unfold"])
+    torch.testing.assert_close(outs["auto"], outs["unfold"])
+    with pytest.raises(ValueError, match="involution method: expected 'auto', 'loop' or 'unfold', got 'fast'"):
+        Involution2d(32, method="fast")
