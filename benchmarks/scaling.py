@@ -1,23 +1,24 @@
 """Ray Train scaling on one CPU box: 1 worker vs 2 DDP (gloo) workers, and job-submit latency.
 
     .venv/bin/python benchmarks/scaling.py [--json] [--steps N] [--warmup K] [--repeat R]
-        [--work DIR] [--no-submit] [--submit-steps N]
+        [--omp-wait-policy default|PASSIVE|ACTIVE] [--work DIR] [--no-submit] [--submit-steps N]
 
 Part 1, throughput. The tiny preset (64 px, 2500-vertex face model, batch 8 per worker, mask
 loss off) trains through the real driver, ``dfmvr.train.launch.train`` (MLflow run,
-``TorchTrainer``, DDP via ``prepare_model``), on a Ray started in this process, twice per
-repeat and alternating:
+``TorchTrainer``, DDP via ``prepare_model``), on a Ray started in this process, in three cases
+run in turn (``--repeat`` rounds of all three):
 
 - ``train.num_workers=1 train.cpus_per_worker=2`` (one process, 2 intra-op threads);
 - ``train.num_workers=1 train.cpus_per_worker=1`` (one process, 1 thread: the per-rank work of
-  the next case without DDP, so the step-time ratio isolates DDP's cost);
+  the next case without DDP; the step-time ratio ``ddp_step_over_single_1thread_step`` is DDP's
+  cost plus two ranks sharing the two cores);
 - ``train.num_workers=2 train.cpus_per_worker=1`` (two processes, 1 thread each, gradients
   all-reduced over gloo every step).
 
 The worker's torch thread count is ``train.cpus_per_worker`` (``ray_worker.py``).
-``--omp-wait-policy PASSIVE`` exports ``OMP_WAIT_POLICY`` to every Ray process started here: on
-a loaded box libgomp's spin-waiting threads otherwise cost the 2-thread case a great deal
-(docs/benchmarks.md, Renderer).
+``--omp-wait-policy PASSIVE`` exports ``OMP_WAIT_POLICY`` to every Ray process started here:
+with more runnable processes than cores (DataLoader workers, other jobs) libgomp's spin-waiting
+threads make the 2-thread case slow and erratic (docs/benchmarks.md, Renderer and Scaling).
 
 Rank 0 appends ``{"pid", "step", "t"}`` to ``<work_dir>/runs/<run_name>/steps.jsonl`` after
 every completed optimiser step. The steady-state rate is taken between the journal times of
@@ -25,7 +26,7 @@ step ``--warmup`` and of the last step: ``(last - warmup) * batch * workers / (t
 t_warmup)`` triplets per second, so start-up (Ray workers, process group, DataLoader workers,
 shuffle buffer fill) and the final validation / checkpoint / model registration are left out.
 Validation and checkpoints happen only after the last step. With ``--repeat R`` the keys hold
-the median over repeats and ``*_runs`` lists every value.
+the median over rounds and ``config.runs`` in the JSON lists every run.
 
 Part 2, DDP's communication alone: one gloo all-reduce of the tiny model's gradients (float32,
 all trainable parameters) between two processes on 127.0.0.1, median of 20
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--steps", type=int, default=60, help="training steps per throughput run")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the steady-state rate")
-    parser.add_argument("--repeat", type=int, default=1, help="1-worker / 2-worker pairs, alternating")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the three cases, run in turn")
     parser.add_argument("--submit-steps", type=int, default=20, help="steps of the submitted job")
     parser.add_argument("--no-submit", action="store_true", help="skip the ray job submit part")
     parser.add_argument("--omp-wait-policy", choices=("default", "PASSIVE", "ACTIVE"), default="default",
