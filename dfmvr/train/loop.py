@@ -137,7 +137,11 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_batches += 1
             n_samples += batch.images.shape[0]
-            same_topology = [i for i, v in enumerate(batch.gt_vertices or []) if v.shape[0] == fm.n_vertices]
+            # a non-finite prediction would break the SVD of the alignment: count it, leave it out
+            finite = torch.isfinite(out.shape).flatten(1).all(1)
+            sums["nonfinite_predictions"] = sums.get("nonfinite_predictions", 0.0) + float((~finite).sum())
+            same_topology = [i for i, v in enumerate(batch.gt_vertices or [])
+                             if v.shape[0] == fm.n_vertices and bool(finite[i])]
             if same_topology:
                 gt = torch.stack([batch.gt_vertices[i] for i in same_topology])
                 rmse.append(aligned_vertex_rmse_mm(out.shape[same_topology], gt))
