@@ -3,6 +3,9 @@ printing the final summary."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
 from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, load_yaml, parse_cli_overrides
@@ -35,3 +38,21 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
         if isinstance(value, float):
             value = f"{value:.4f}"
         print(f"  {key:<{width}}  {value}")
+
+
+def parse_job_args(description: str, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config, str]:
+    """The CLI every job shares: ``[preset=NAME] [--config F.yaml ...] [key=value ...]
+    [--summary-json PATH]``. Sets up logging. A bad key or value prints ``error: ...`` and exits
+    with status 2, before anything starts."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
+    parser.add_argument("--config", action="append", default=[], help="YAML override file (repeatable)")
+    parser.add_argument("--summary-json", help="write the final summary here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, note = build_config(args.overrides, args.config, default_preset="tiny")
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, cfg, note

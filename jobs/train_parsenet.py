@@ -21,9 +21,7 @@ to the reconstruction job as ``model.parse_net=<path>`` or to
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -34,21 +32,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dfmvr.cli import build_config, print_summary  # noqa: E402
+from dfmvr.cli import parse_job_args, print_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
-    parser.add_argument("--config", action="append", default=[], help="YAML override file (repeatable)")
-    parser.add_argument("--summary-json", help="write the final summary here as JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, note = build_config(args.overrides, args.config, default_preset="tiny")
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    args, cfg, note = parse_job_args(__doc__, argv)
 
     from dfmvr.parsing import run_job
 
