@@ -94,8 +94,7 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params({k: items[k] for k in keys[i:i + 90]})
 
 
-def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: dict[str, float],
-                  config: dict) -> dict[str, Any]:
+def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: dict[str, float]) -> dict[str, Any]:
     """Log ``checkpoint_dir`` as an MLflow pyfunc model in ``run_id`` and register it as ``name``.
 
     Returns:

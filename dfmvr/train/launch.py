@@ -156,7 +156,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
             local = ckpt.to_directory(tmp)
             val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
-            reg = tracking.register_best(run_id, local, cfg.tracking.registered_model, val, to_dict(cfg))
+            reg = tracking.register_best(run_id, local, cfg.tracking.registered_model, val)
         summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"]})
     return summary
 

@@ -160,7 +160,7 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     return metrics, first
 
 
-def _make_loaders(cfg: Config, rank: int, world_size: int, seed: int):
+def _train_loader(cfg: Config, rank: int, world_size: int, seed: int):
     from dfmvr.data.loader import make_loader
 
     train = make_loader(cfg.data, cfg.data.split, rank=rank, world_size=world_size, resampled=True,
@@ -222,7 +222,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
         counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
         _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
 
-    loader = _make_loaders(cfg, rank, world, seed=cfg.seed * 1000003 + step)
+    loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step)
     val_iter = _val_batches(cfg)
     it = iter(loader)
     config_dict = to_dict(cfg)
