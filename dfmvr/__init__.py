@@ -9,3 +9,15 @@ down -z), *image* (pixels).
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``dfmvr.load`` without importing torch, MLflow and the model on ``import dfmvr``
+    if name == "load":
+        from dfmvr.serving import load
+
+        return load
+    raise AttributeError(f"module 'dfmvr' has no attribute {name!r}")
+
+
+__all__ = ["load"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dfmvr.config import Config, apply_overrides, load_yaml, parse_cli_overrides
 from dfmvr.presets import get_preset
@@ -40,14 +40,18 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def parse_job_args(description: str, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config, str]:
+def parse_job_args(description: str, argv: Sequence[str] | None = None, *,
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                   ) -> tuple[argparse.Namespace, Config, str]:
     """The CLI every job shares: ``[preset=NAME] [--config F.yaml ...] [key=value ...]
-    [--summary-json PATH]``. Sets up logging. A bad key or value prints ``error: ...`` and exits
-    with status 2, before anything starts."""
+    [--summary-json PATH]``, plus the job's own options (``add_arguments``). Sets up logging. A
+    bad key or value prints ``error: ...`` and exits with status 2, before anything starts."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="preset=NAME and dotted key=value overrides")
     parser.add_argument("--config", action="append", default=[], help="YAML override file (repeatable)")
     parser.add_argument("--summary-json", help="write the final summary here as JSON")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

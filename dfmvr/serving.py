@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import mlflow.pyfunc
 import numpy as np
 import torch
 
-from dfmvr.config import Config, from_dict
+from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.model import DFMVR
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, resolve_checkpoint
@@ -25,24 +25,60 @@ _logger = logging.getLogger(__name__)
 
 
 class Reconstructor:
-    """A loaded model in eval mode with the config it was trained with."""
+    """A loaded model in eval mode with the config it was trained with.
+
+    Attributes:
+        model: the :class:`DFMVR` network (eval mode).
+        cfg: its config (the checkpoint's, with any overrides the caller applied).
+        parse_net: the frozen parse net that makes masks for inputs that come without, or None.
+        payload: the checkpoint's dict (step, metrics, extra, ...).
+        source: the URI or path it was loaded from (for messages and MLflow).
+    """
 
     def __init__(self, model: DFMVR, cfg: Config, parse_net: torch.nn.Module | None = None,
-                 payload: dict | None = None):
+                 payload: dict | None = None, source: str = ""):
         self.model = model.eval()
         self.cfg = cfg
         self.parse_net = parse_net
         self.payload = payload or {}
+        self.source = source
 
     @classmethod
-    def from_checkpoint(cls, uri: str | Path, device: str | torch.device = "cpu") -> "Reconstructor":
+    def from_checkpoint(cls, uri: str | Path, device: str | torch.device = "cpu",
+                        overrides: Mapping[str, Any] | None = None) -> "Reconstructor":
+        """Load from a checkpoint path or URI (``s3://``, ``runs:/``, ``models:/``).
+
+        Args:
+            uri: where the checkpoint is.
+            device: where to put the model.
+            overrides: dotted config overrides applied on top of the checkpoint's config (e.g.
+                ``facemodel.bfm_path`` on another machine, ``model.parse_net``).
+
+        Raises:
+            FileNotFoundError: nothing at ``uri``.
+            ValueError: not a dfmvr checkpoint, or made for another face model or coefficient
+                layout (the message names the checkpoint and both signatures).
+        """
         local = resolve_checkpoint(str(uri))
         payload = load_checkpoint(local, map_location=device)
+        return cls.from_payload(payload, str(uri), device, overrides)
+
+    @classmethod
+    def from_payload(cls, payload: dict, source: str, device: str | torch.device = "cpu",
+                     overrides: Mapping[str, Any] | None = None) -> "Reconstructor":
+        """Build from a loaded checkpoint dict (see :meth:`from_checkpoint`); ``source`` names it."""
         cfg = from_dict(Config, payload["config"])
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
         face_model = build_face_model(cfg.facemodel)
-        check_face_signature(payload, face_model.signature(), str(uri))
+        check_face_signature(payload, face_model.signature(), source)
         model = DFMVR(cfg.model, cfg.render, face_model)
-        model.load_state_dict(payload["model"])
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
+                             f"({detail:.400})") from e
         model.to(device)
         parse_net = None
         if cfg.model.parse_net:
@@ -52,59 +88,85 @@ class Reconstructor:
                 parse_net = load_parsenet(cfg.model.parse_net, device)
             except FileNotFoundError:
                 _logger.warning("parse net %s not found: inputs must come with masks", cfg.model.parse_net)
-        return cls(model, cfg, parse_net, payload)
+        return cls(model, cfg, parse_net, payload, source)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
+    def make_masks(self, images: torch.Tensor) -> torch.Tensor:
+        """Parsing masks from the parse net: ``images [B, V, 3, S, S]`` in [-1, 1] -> ``[B, V, S, S]`` class ids.
+
+        Raises:
+            ValueError: no parse net is loaded (``model.parse_net`` empty or not found).
+        """
+        if self.parse_net is None:
+            raise ValueError("this model takes masks (model.mask_input) and no parse net is loaded "
+                             "(model.parse_net): pass masks")
+        b, v = images.shape[:2]
+        images = images.to(self.device)
+        return self.parse_net(images.flatten(0, 1)).argmax(1).view(b, v, *images.shape[-2:])
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = False):
         """``images [B, V, 3, S, S]`` in [-1, 1] (+ masks) -> :class:`dfmvr.model.ReconOutput`."""
         images = images.to(self.device)
         if masks is None and self.cfg.model.mask_input:
-            if self.parse_net is None:
-                raise ValueError("this model takes masks (model.mask_input) and no parse net is loaded: pass masks")
-            b, v = images.shape[:2]
-            masks = self.parse_net(images.flatten(0, 1)).argmax(1).view(b, v, *images.shape[-2:])
+            masks = self.make_masks(images)
         if masks is not None:
             masks = masks.to(self.device)
         return self.model(images, masks, render=render)
 
     def reconstruct(self, left: np.ndarray, front: np.ndarray, right: np.ndarray,
                     masks: list[np.ndarray] | None = None) -> dict[str, Any]:
-        """Three uint8 ``[S, S, 3]`` RGB face crops (aligned as the shards are) -> a mesh.
+        """Three uint8 RGB face crops (square, aligned as the shards are; resized to the
+        model's size when they are not already) -> a mesh.
+
+        Args:
+            left, front, right: uint8 ``[H, H, 3]`` RGB views.
+            masks: three uint8 ``[H, H]`` parsing masks (classes 0..9), or None: the parse net
+                makes them when the model takes masks.
 
         Returns:
-            ``vertices [N, 3]`` (model frame, decimetres), ``faces [F, 3]``, ``albedo [N, 3]``,
-            ``coeffs [269]``, ``lm3d [68, 3]`` (the iBUG-68 vertices).
+            ``vertices [N, 3]`` (model frame, decimetres), ``faces [F, 3]``, ``albedo [N, 3]`` and
+            ``shaded [N, 3]`` (albedo lit by the predicted lighting as the front view sees it) in
+            [0, 1], ``coeffs [269]``, ``lm3d [68, 3]`` (the iBUG-68 vertices), ``lm2d [V, 68, 2]``
+            (their projection in each view, pixels at the model's size).
+
+        Raises:
+            dfmvr.reconstruct.CaptureError: a view or mask that is not a square 8-bit image.
         """
+        from dfmvr.reconstruct import prepare_view
+
         s = self.model.image_size
-        views = []
-        for name, img in (("left", left), ("front", front), ("right", right)):
-            img = np.asarray(img)
-            if img.shape != (s, s, 3) or img.dtype != np.uint8:
-                raise ValueError(f"{name} view: expected uint8 image of shape ({s}, {s}, 3); got "
-                                 f"{img.dtype} {img.shape}")
-            views.append(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1)
-        images = torch.stack(views)[None]
+        views = np.stack([prepare_view(img, s, f"{name} view") for name, img in
+                          (("left", left), ("front", front), ("right", right))])
+        images = torch.from_numpy(views).permute(0, 3, 1, 2).float()[None] / 127.5 - 1
         mask_t = None
         if masks is not None:
-            mask_t = torch.stack([torch.as_tensor(np.asarray(m), dtype=torch.long) for m in masks])[None]
+            if len(masks) != 3:
+                raise ValueError(f"masks: expected 3 (left, front, right), got {len(masks)}")
+            mask_t = torch.from_numpy(np.stack([prepare_view(m, s, f"{name} mask", mask=True) for name, m in
+                                                zip(("left", "front", "right"), masks)]).astype(np.int64))[None]
         out = self.predict(images, mask_t)
         fm = self.model.face.model
         return {
             "vertices": out.shape[0].cpu().numpy(),
             "faces": fm.tri.cpu().numpy(),
             "albedo": out.albedo[0].clamp(0, 1).cpu().numpy(),
+            "shaded": out.colors[0, 1].clamp(0, 1).cpu().numpy(),
             "coeffs": out.coeffs[0].cpu().numpy(),
             "lm3d": out.shape[0, fm.keypoints].cpu().numpy(),
+            "lm2d": out.lm2d[0].cpu().numpy(),
         }
 
 
-def load(uri: str | Path, device: str | torch.device = "cpu") -> Reconstructor:
-    """Load a trained model from a checkpoint path or URI (see the module docstring)."""
-    return Reconstructor.from_checkpoint(uri, device)
+def load(uri: str | Path, device: str | torch.device = "cpu",
+         overrides: Mapping[str, Any] | None = None) -> Reconstructor:
+    """Load a trained model from a checkpoint path or URI (see the module docstring and
+    :meth:`Reconstructor.from_checkpoint`)."""
+    return Reconstructor.from_checkpoint(uri, device, overrides)
 
 
 class DFMVRPyfunc(mlflow.pyfunc.PythonModel):

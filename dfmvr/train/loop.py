@@ -242,7 +242,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             tmp.name, model_state=core.state_dict(), optimizer_state=opt.state_dict(),
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
             face_signature=face_model.signature(), metrics=metrics_now,
-            extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed}},
+            extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
+                   # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
+                   "mlflow_run_id": getattr(tracker, "run_id", None)},
         )
         return tmp
 

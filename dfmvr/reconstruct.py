@@ -1,0 +1,554 @@
+"""New captures in, meshes out: what ``jobs/reconstruct.py`` does, as a library.
+
+Input: a folder of captures, one sub-folder per capture::
+
+    ROOT/<capture>/left.png  front.png  right.png        (or .jpg; RGB face crops)
+    ROOT/<capture>/left.mask.png ...                     optional parsing masks (0..9), all three or none
+
+(a ROOT that itself holds ``left/front/right`` images is one capture), or a shard split
+(:func:`reconstruct_shards`). Views must be square, face-aligned crops like the shards' (the
+model's training input); square images of another side are resized to the model's size (area
+interpolation down, linear up; masks nearest-neighbour), anything else is refused. Captures
+without masks get them from the parse net (``model.parse_net``) when the model takes masks.
+
+Output, under ``out``, per capture (meshes in millimetres, model frame: x to the subject's
+left, y up, z towards the camera)::
+
+    <capture>/mesh.obj            geometry with albedo vertex colours (``v x y z r g b``)
+    <capture>/mesh_albedo.ply     binary PLY, vertex colours = albedo
+    <capture>/mesh_shaded.ply     binary PLY, vertex colours = albedo lit by the predicted SH
+                                  lighting, as the front view sees it
+    <capture>/coeffs.npz          all coefficients, split by the layout (id, exp, tex, gamma,
+                                  angles [V, 3] radians, trans [V, 3] decimetres) and joined
+    <capture>/landmarks3d.txt     68 iBUG landmarks, one ``x y z`` per line, mm, model frame
+    <capture>/overlay.png         per view: input | render over input with predicted landmarks
+
+and for the whole run ``contact_sheet.png`` (every capture's three overlays, labelled) and
+``summary.json`` (what was done and what was skipped, with reasons). A bad capture (a missing
+or unreadable view, a non-square image, masks for only some views, no masks and no parse net,
+a non-finite prediction) is skipped with a message naming its folder and the problem; the run
+goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from dfmvr.data.shards import N_CLASSES, VIEWS
+from dfmvr.evaluate.samples import Skipped
+from dfmvr.facemodel.model import MM_PER_UNIT
+
+if TYPE_CHECKING:
+    from dfmvr.serving import Reconstructor
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+PRED_COLOR = (230, 40, 40)
+TRUE_COLOR = (40, 220, 40)
+RENDER_ALPHA = 0.7
+"""Opacity of the render over the input in overlays: the input must stay visible to judge the fit."""
+
+
+class CaptureError(ValueError):
+    """A capture cannot be used; the message names its folder or file and the problem."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Capture:
+    """Three views of one face, ready for the model."""
+
+    name: str
+    """Capture name (folder name or sample key); the output folder's name."""
+    source: str
+    """Where it came from (folder path, or shard URL)."""
+    images: np.ndarray
+    """uint8 [V, S, S, 3] RGB at the model's size."""
+    masks: np.ndarray | None = None
+    """uint8 [V, S, S] parsing classes, or None (the parse net makes them)."""
+    lmk2d: np.ndarray | None = None
+    """float32 [V, 68, 2] given landmarks (pixels at size S), drawn in green on the overlay."""
+
+
+# --------------------------------------------------------------------------- input
+
+
+def prepare_view(image: np.ndarray, size: int, source: str, *, mask: bool = False) -> np.ndarray:
+    """Check one view (or mask) and bring it to ``size`` x ``size``.
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB (``[H, W]`` grey and ``[H, W, 4]`` RGBA are accepted and
+            converted) or, with ``mask``, uint8 ``[H, W]`` classes 0..9.
+        size: the model's side ``S``.
+        source: file name for messages.
+
+    Returns:
+        uint8 ``[S, S, 3]`` (or ``[S, S]`` for a mask).
+
+    Raises:
+        CaptureError: not uint8, not square, wrong channels, or mask classes outside 0..9.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise CaptureError(f"{source}: expected 8-bit pixels, got {image.dtype}")
+    if mask:
+        if image.ndim == 3 and image.shape[2] in (3, 4) and (image[..., :3] == image[..., :1]).all():
+            image = image[..., 0]
+        if image.ndim != 2:
+            raise CaptureError(f"{source}: a mask must be a single-channel class map, got shape {list(image.shape)}")
+        if image.size and int(image.max()) >= N_CLASSES:
+            raise CaptureError(f"{source}: mask holds class {int(image.max())}, expected 0..{N_CLASSES - 1}")
+    else:
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        elif image.ndim == 3 and image.shape[2] == 4:
+            image = image[..., :3]
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise CaptureError(f"{source}: expected an RGB image, got shape {list(image.shape)}")
+    h, w = image.shape[:2]
+    if h != w:
+        raise CaptureError(f"{source}: image is {w} x {h} px; expected a square face-aligned crop (as in the "
+                           f"shards), which is resized to the model's {size} x {size}")
+    if h == size:
+        return np.ascontiguousarray(image)
+    if mask:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if h > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def _read_image(path: Path, *, mask: bool) -> np.ndarray:
+    flag = cv2.IMREAD_UNCHANGED if mask else cv2.IMREAD_COLOR
+    image = cv2.imread(str(path), flag)
+    if image is None:
+        raise CaptureError(f"{path}: not a readable image")
+    if not mask:
+        image = np.ascontiguousarray(image[..., ::-1])
+    return image
+
+
+def _view_file(folder: Path, view: str) -> Path | None:
+    found = [folder / f"{view}.{ext}" for ext in IMAGE_EXTENSIONS if (folder / f"{view}.{ext}").is_file()]
+    if len(found) > 1:
+        raise CaptureError(f"{folder}: {' and '.join(p.name for p in found)} are both there; keep one per view")
+    return found[0] if found else None
+
+
+def load_capture(folder: str | Path, size: int) -> Capture:
+    """Read one capture folder (see the module docstring).
+
+    Raises:
+        CaptureError: naming the folder or file: a view missing or unreadable, both a .png and a
+            .jpg of one view, a non-square view, masks for only some views, a bad mask.
+    """
+    folder = Path(folder)
+    files = {view: _view_file(folder, view) for view in VIEWS}
+    missing = [view for view, f in files.items() if f is None]
+    if missing:
+        have = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        raise CaptureError(f"{folder}: missing view(s) {missing} (expected {'/'.join(VIEWS)}.png or .jpg; "
+                           f"found {have[:12]})")
+    images = np.stack([prepare_view(_read_image(files[v], mask=False), size, str(files[v])) for v in VIEWS])
+    mask_files = {view: folder / f"{view}.mask.png" for view in VIEWS}
+    present = [view for view, f in mask_files.items() if f.is_file()]
+    masks = None
+    if present:
+        if len(present) != len(VIEWS):
+            raise CaptureError(f"{folder}: masks for {present} only; give {'/'.join(VIEWS)}.mask.png for every "
+                               "view or none (then the parse net makes them)")
+        masks = np.stack([prepare_view(_read_image(mask_files[v], mask=True), size, str(mask_files[v]), mask=True)
+                          for v in VIEWS])
+    return Capture(name=folder.name, source=str(folder), images=images, masks=masks)
+
+
+def find_captures(root: str | Path) -> list[Path]:
+    """Capture folders under ``root``: ``root`` itself when it holds view images, else its
+    sub-folders (sorted; hidden ones ignored). Folders without any view are still listed, so
+    that the run reports them instead of passing over them in silence."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"capture folder {root}: no such directory")
+    if any(_has_any_view(root, view) for view in VIEWS):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_any_view(folder: Path, view: str) -> bool:
+    return any((folder / f"{view}.{ext}").is_file() for ext in IMAGE_EXTENSIONS)
+
+
+def iter_folder(root: str | Path, size: int) -> Iterator[Capture | Skipped]:
+    """Every capture under ``root`` (:func:`find_captures`), loaded, or :class:`Skipped`."""
+    for folder in find_captures(root):
+        try:
+            yield load_capture(folder, size)
+        except CaptureError as e:
+            yield Skipped(name=folder.name, source=str(folder), reason=str(e))
+
+
+def iter_shards(url: str, split: str, size: int, *, endpoint: str | None = None,
+                max_samples: int = 0) -> Iterator[Capture | Skipped]:
+    """Every sample of a shard split as a :class:`Capture` (with its landmarks), or :class:`Skipped`."""
+    from dfmvr.data.shards import read_manifest
+    from dfmvr.evaluate.samples import make_decoder, plan_chunks, read_chunk
+
+    manifest = read_manifest(url, endpoint=endpoint)
+    decoder = make_decoder(manifest, size, with_gt=False)
+    for chunk in plan_chunks(manifest, split, chunk_size=1 << 30, max_samples=max_samples):
+        for item in read_chunk(chunk, decoder, endpoint=endpoint):
+            if isinstance(item, Skipped):
+                yield item
+                continue
+            images = ((item.images.transpose(0, 2, 3, 1) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            yield Capture(name=item.key, source=chunk.url, images=images, masks=item.masks, lmk2d=item.lmk2d)
+
+
+# --------------------------------------------------------------------------- mesh files
+
+
+def write_obj(path: str | Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,
+              comment: str = "") -> Path:
+    """Wavefront OBJ: ``v x y z [r g b]`` (colours in 0..1, the common extension MeshLab and
+    trimesh read), ``f`` 1-based.
+
+    Args:
+        vertices: ``[N, 3]``; faces: ``[F, 3]`` 0-based; colors: ``[N, 3]`` in [0, 1] or None.
+    """
+    path = Path(path)
+    vertices = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    lines = [f"# {line}" for line in comment.splitlines()]
+    if colors is not None:
+        colors = np.clip(np.asarray(colors, dtype=np.float64), 0, 1)
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
+                  for (x, y, z), (r, g, b) in zip(vertices, colors)]
+    else:
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices]
+    lines += [f"f {a} {b} {c}" for a, b, c in faces + 1]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray,
+              comment: str = "") -> Path:
+    """Binary little-endian PLY with per-vertex RGB (uchar).
+
+    Args:
+        vertices: ``[N, 3]``; faces: ``[F, 3]`` 0-based; colors: ``[N, 3]`` in [0, 1].
+    """
+    path = Path(path)
+    vertices = np.asarray(vertices, dtype=np.float32)
+    faces = np.asarray(faces, dtype=np.int32)
+    rgb = (np.clip(np.asarray(colors, dtype=np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+    header = ["ply", "format binary_little_endian 1.0"]
+    header += [f"comment {line}" for line in comment.splitlines()]
+    header += [f"element vertex {len(vertices)}", "property float x", "property float y", "property float z",
+               "property uchar red", "property uchar green", "property uchar blue",
+               f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
+    vertex_rows = np.empty(len(vertices), dtype=[("p", "<f4", 3), ("c", "u1", 3)])
+    vertex_rows["p"], vertex_rows["c"] = vertices, rgb
+    face_rows = np.empty(len(faces), dtype=[("n", "u1"), ("i", "<i4", 3)])
+    face_rows["n"], face_rows["i"] = 3, faces
+    with path.open("wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(vertex_rows.tobytes())
+        f.write(face_rows.tobytes())
+    return path
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _label(image: np.ndarray, text: str, height: int = 18) -> np.ndarray:
+    """``image`` with a white strip above holding ``text``."""
+    strip = np.full((height, image.shape[1], 3), 255, np.uint8)
+    scale = height / 30
+    cv2.putText(strip, text, (3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, image], axis=0)
+
+
+def _dots(image: np.ndarray, points: np.ndarray | None, color, scale: float, radius: int) -> np.ndarray:
+    if points is None:
+        return image
+    for x, y in np.asarray(points, dtype=np.float64) * scale:
+        if np.isfinite(x) and np.isfinite(y):
+            cv2.circle(image, (int(round(x)), int(round(y))), radius, color, -1, lineType=cv2.LINE_AA)
+    return image
+
+
+def blend_render(image: np.ndarray, render: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """The render over the input where it covers: ``image [S, S, 3]`` uint8, ``render [S, S, 3]``
+    in [0, 1], ``cover [S, S]`` in [0, 1] -> uint8 ``[S, S, 3]``."""
+    alpha = RENDER_ALPHA * np.clip(cover, 0, 1)[..., None]
+    out = (1 - alpha) * image.astype(np.float64) + alpha * np.clip(render, 0, 1) * 255
+    return (out + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def view_tiles(image: np.ndarray, render: np.ndarray, cover: np.ndarray, lm_pred: np.ndarray,
+               lm_true: np.ndarray | None, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input, overlay)`` tiles of side ``tile`` for one view: the render over the input with
+    landmarks (given ones green, predicted red). Shapes as :func:`blend_render`, landmarks
+    ``[68, 2]`` pixels at the view's size."""
+    s = image.shape[0]
+    scale = tile / s
+    up = (lambda a: cv2.resize(a, (tile, tile), interpolation=cv2.INTER_LINEAR)) if tile != s else (lambda a: a.copy())
+    radius = max(1, tile // 100)
+    over = up(blend_render(image, render, cover))
+    over = _dots(over, lm_true, TRUE_COLOR, scale, radius)
+    over = _dots(over, lm_pred, PRED_COLOR, scale, radius)
+    return up(image), over
+
+
+def overlay_row(images: np.ndarray, renders: np.ndarray, covers: np.ndarray, lm_pred: np.ndarray,
+                lm_true: np.ndarray | None = None, *, tile: int = 192, title: str = "") -> np.ndarray:
+    """One capture: per view (left, front, right) input | render over input with landmarks.
+
+    Args:
+        images: uint8 ``[V, S, S, 3]``.
+        renders: ``[V, S, S, 3]`` in [0, 1]; covers: ``[V, S, S]`` render coverage.
+        lm_pred: ``[V, 68, 2]`` predicted landmarks, pixels; lm_true: given ones or None.
+        tile: side of each tile in pixels.
+        title: text in a strip above (empty: no strip).
+
+    Returns:
+        uint8 ``[tile (+ strip), 2 * V * tile, 3]``.
+    """
+    tiles = []
+    for v in range(images.shape[0]):
+        inp, over = view_tiles(images[v], renders[v], covers[v], lm_pred[v],
+                               None if lm_true is None else lm_true[v], tile)
+        tiles += [inp, over]
+    row = np.concatenate(tiles, axis=1)
+    return _label(row, title) if title else row
+
+
+def contact_sheet(cells: list[tuple[str, np.ndarray]], *, columns: int = 3, cell_view: int = 96) -> np.ndarray:
+    """A labelled grid: per capture its views' overlays side by side.
+
+    Args:
+        cells: ``(name, views)`` with ``views`` uint8 ``[V, S, S, 3]`` (render over input).
+        columns: captures per row.
+        cell_view: side of each view's thumbnail in pixels.
+
+    Returns:
+        uint8 ``[rows * (cell_view + 18), columns * V * cell_view, 3]`` (white where empty).
+    """
+    if not cells:
+        raise ValueError("contact_sheet: expected at least one capture, got none")
+    n_views = cells[0][1].shape[0]
+    blocks = []
+    for name, views in cells:
+        thumbs = [cv2.resize(v, (cell_view, cell_view), interpolation=cv2.INTER_AREA) for v in views]
+        block = _label(np.concatenate(thumbs, axis=1), name)
+        block[:, -1] = 255  # a white line between neighbours
+        blocks.append(block)
+    blank = np.full_like(blocks[0], 255)
+    while len(blocks) % columns:
+        blocks.append(blank)
+    rows = [np.concatenate(blocks[i:i + columns], axis=1) for i in range(0, len(blocks), columns)]
+    sheet = np.concatenate(rows, axis=0)
+    assert sheet.shape[1] == columns * n_views * cell_view
+    return sheet
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write uint8 RGB ``[H, W, 3]`` as PNG (raises OSError naming the file when it cannot)."""
+    path = Path(path)
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: could not write PNG")
+    return path
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(kw_only=True, slots=True)
+class ReconstructConfig:
+    """How a reconstruction run writes its outputs."""
+
+    out: str
+    """Output folder (created)."""
+    batch_size: int = 8
+    """Captures per forward pass."""
+    tile: int = 192
+    """Side of each tile in ``overlay.png``, pixels (views are upsampled to it)."""
+    sheet_max: int = 60
+    """Captures shown on the contact sheet (the first ones); 0: no sheet."""
+    sheet_columns: int = 3
+    """Captures per row of the contact sheet."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("out: expected an output folder, got ''")
+        for name in ("batch_size", "tile", "sheet_columns"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.sheet_max < 0:
+            raise ValueError(f"sheet_max: expected >= 0, got {self.sheet_max}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ReconstructSummary:
+    """What a run did (``summary.json``)."""
+
+    checkpoint: str
+    out: str
+    done: list[dict] = field(default_factory=list)
+    """``{"name", "source", "dir"}`` per capture written."""
+    skipped: list[Skipped] = field(default_factory=list)
+    contact_sheet: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"checkpoint": self.checkpoint, "out": self.out, "n_done": len(self.done),
+                "n_skipped": len(self.skipped), "contact_sheet": self.contact_sheet,
+                "units": "mm", "frame": "model (x subject's left, y up, z towards the camera)",
+                "done": self.done, "skipped": [s.to_dict() for s in self.skipped]}
+
+
+def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Capture, tile: int) -> np.ndarray:
+    """Write one capture's files from batch row ``b`` of ``out`` (a rendered ReconOutput).
+
+    Returns:
+        uint8 ``[V, S, S, 3]``: the render over each view (for the contact sheet; no landmarks,
+        which would hide the fit at thumbnail size).
+    """
+    fm = recon.model.face.model
+    folder.mkdir(parents=True, exist_ok=True)
+    verts_mm = out.shape[b].cpu().numpy().astype(np.float64) * MM_PER_UNIT
+    faces = fm.tri.cpu().numpy()
+    albedo = out.albedo[b].clamp(0, 1).cpu().numpy()
+    front = VIEWS.index("front")
+    shaded = out.colors[b, front].clamp(0, 1).cpu().numpy()
+    note = (f"dfmvr reconstruction of {capture.name} ({capture.source})\ncheckpoint {recon.source}\n"
+            f"face model {fm.name}; units mm; model frame: x subject's left, y up, z towards the camera")
+    write_obj(folder / "mesh.obj", verts_mm, faces, albedo, note)
+    write_ply(folder / "mesh_albedo.ply", verts_mm, faces, albedo, note.replace("\n", "; ") + "; colours: albedo")
+    write_ply(folder / "mesh_shaded.ply", verts_mm, faces, shaded,
+              note.replace("\n", "; ") + "; colours: shaded (predicted lighting, front view)")
+    parts = out.parts
+    np.savez(folder / "coeffs.npz", coeffs=out.coeffs[b].cpu().numpy(),
+             **{name: getattr(parts, name)[b].cpu().numpy() for name in ("id", "exp", "tex", "gamma", "angles", "trans")},
+             views=np.array(VIEWS), face_model=np.array(fm.name),
+             checkpoint=np.array(recon.source))
+    lm3d = verts_mm[fm.keypoints.cpu().numpy()]
+    np.savetxt(folder / "landmarks3d.txt", lm3d, fmt="%.4f",
+               header=f"68 iBUG landmarks of {capture.name}: x y z in mm, model frame")
+    renders = out.image[b].permute(0, 2, 3, 1).cpu().numpy()
+    covers = out.render_mask[b, :, 0].cpu().numpy()
+    lm2d = out.lm2d[b].cpu().numpy()
+    row = overlay_row(capture.images, renders, covers, lm2d, capture.lmk2d, tile=tile,
+                      title=f"{capture.name}: input | render (red: predicted landmarks"
+                            + (", green: given)" if capture.lmk2d is not None else ")"))
+    write_png(folder / "overlay.png", row)
+    return np.stack([blend_render(capture.images[v], renders[v], covers[v]) for v in range(len(VIEWS))])
+
+
+def _batches(items: Iterable[Capture | Skipped], size: int, skipped: list[Skipped]) -> Iterator[list[Capture]]:
+    batch: list[Capture] = []
+    for item in items:
+        if isinstance(item, Skipped):
+            _logger.warning("skipping %s", item.message())
+            skipped.append(item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Skipped],
+                         cfg: ReconstructConfig) -> ReconstructSummary:
+    """Reconstruct every capture and write its files (see the module docstring).
+
+    Returns:
+        The summary (also written to ``<out>/summary.json``).
+    """
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = ReconstructSummary(checkpoint=recon.source, out=str(out_dir))
+    needs_masks = recon.cfg.model.mask_input
+    if needs_masks and recon.parse_net is None:
+        _logger.warning("model takes masks and no parse net is loaded (model.parse_net): captures without "
+                        "masks will be skipped")
+    sheet: list[tuple[str, np.ndarray]] = []
+    seen: set[str] = set()
+    for batch in _batches(captures, cfg.batch_size, summary.skipped):
+        ready = []
+        for cap in batch:
+            if cap.name in seen:
+                summary.skipped.append(Skipped(name=cap.name, source=cap.source,
+                                               reason="another capture of this name was already written"))
+            elif needs_masks and cap.masks is None and recon.parse_net is None:
+                summary.skipped.append(Skipped(
+                    name=cap.name, source=cap.source,
+                    reason="no masks (left/front/right.mask.png) and no parse net (model.parse_net) to make "
+                           "them; this model takes masks"))
+            else:
+                ready.append(cap)
+                seen.add(cap.name)
+        if not ready:
+            continue
+        images = torch.from_numpy(np.stack([c.images for c in ready])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        masks = None
+        if needs_masks:
+            missing = [i for i, c in enumerate(ready) if c.masks is None]
+            masks = torch.zeros(images.shape[0], images.shape[1], *images.shape[-2:], dtype=torch.long)
+            for i, c in enumerate(ready):
+                if c.masks is not None:
+                    masks[i] = torch.from_numpy(c.masks.astype(np.int64))
+            if missing:
+                masks[missing] = recon.make_masks(images[missing]).cpu()
+        out = recon.predict(images, masks, render=True)
+        finite = torch.isfinite(out.coeffs).all(1) & torch.isfinite(out.shape).flatten(1).all(1)
+        for b, cap in enumerate(ready):
+            if not bool(finite[b]):
+                summary.skipped.append(Skipped(name=cap.name, source=cap.source,
+                                               reason="the model's prediction is not finite (NaN or inf)"))
+                continue
+            folder = out_dir / cap.name
+            try:
+                views = capture_files(recon, folder, out, b, cap, cfg.tile)
+            except OSError as e:
+                summary.skipped.append(Skipped(name=cap.name, source=cap.source, reason=f"cannot write outputs: {e}"))
+                continue
+            summary.done.append({"name": cap.name, "source": cap.source, "dir": str(folder)})
+            if len(sheet) < cfg.sheet_max:
+                sheet.append((cap.name, views))
+        _logger.info("reconstructed %d captures (%d skipped)", len(summary.done), len(summary.skipped))
+    if sheet:
+        path = write_png(out_dir / "contact_sheet.png", contact_sheet(sheet, columns=cfg.sheet_columns))
+        summary.contact_sheet = str(path)
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
+    for s in summary.skipped:
+        _logger.warning("skipped %s", s.message())
+    return summary
+
+
+def reconstruct_folder(recon: "Reconstructor", root: str | Path, cfg: ReconstructConfig) -> ReconstructSummary:
+    """Reconstruct every capture folder under ``root`` (see the module docstring)."""
+    return reconstruct_captures(recon, iter_folder(root, recon.model.image_size), cfg)
+
+
+def reconstruct_shards(recon: "Reconstructor", url: str, split: str, cfg: ReconstructConfig, *,
+                       endpoint: str | None = None, max_samples: int = 0) -> ReconstructSummary:
+    """Reconstruct every sample of a shard split (given landmarks drawn green on the overlays)."""
+    return reconstruct_captures(recon, iter_shards(url, split, recon.model.image_size, endpoint=endpoint,
+                                                   max_samples=max_samples), cfg)
+
+
+__all__ = [
+    "Capture", "CaptureError", "ReconstructConfig", "ReconstructSummary", "contact_sheet", "find_captures",
+    "iter_folder", "iter_shards", "load_capture", "overlay_row", "prepare_view", "reconstruct_captures",
+    "reconstruct_folder", "reconstruct_shards", "write_obj", "write_ply", "write_png",
+]
