@@ -60,3 +60,14 @@ def parse_job_args(description: str, argv: Sequence[str] | None = None, *,
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         raise SystemExit(2) from None
     return args, cfg, note
+
+
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML files' and the command line's dotted overrides (without ``preset``), for jobs
+    that apply them on top of another config than the preset's (a checkpoint's own)."""
+    flat: dict[str, Any] = {}
+    for path in args.config:
+        flat.update(load_yaml(path))
+    flat.update(parse_cli_overrides(args.overrides))
+    flat.pop("preset", None)
+    return flat

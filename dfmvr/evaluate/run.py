@@ -1,0 +1,618 @@
+"""Evaluate a checkpoint on a shard split: the model beside its baselines, in mm.
+
+What ``jobs/evaluate.py`` runs (docs/evaluation.md, "Jobs"). Per sample with a ground-truth mesh
+(``gt.npz``), three reconstructions are scored with the same metrics
+(:mod:`dfmvr.evaluate.metrics`):
+
+- ``model``: the checkpoint on the sample's three views;
+- ``mean_face``: the face model's mean shape (zero identity and expression coefficients); pose
+  does not matter because every metric aligns the prediction onto the scan first;
+- ``single_view``: the same model fed the front view three times (and its mask likewise; the
+  per-view yaw prior unchanged), the closest we get to a single-view method on the same weights.
+
+Metrics per sample and method: NoW's scan-to-mesh distances (``now_*``; the 7 scan landmarks are
+the ground-truth vertices at ``keypoints[NOW_LANDMARKS_IBUG]`` when the scan has the model's
+topology, else the sample's ``lmk3d`` when it holds the 68 iBUG points), the point-to-plane RMSE
+(``p2p_rmse_mm``, cropped around the nose tip, iBUG 30) and, for scans of the model's topology,
+the aligned per-vertex RMSE (``vertex_rmse_mm``, as in training's validation) and REALY's
+per-region errors (``region_<name>_mm``). The split's ``now_*`` statistics pool the distances of
+all samples, as NoW does; ``p2p_rmse_mm``, ``vertex_rmse_mm`` and the regions average the
+per-sample values.
+
+A sample that cannot be scored (undecodable, landmarks outside its image, a scan without faces
+or with NaN vertices, no scan landmarks, a non-finite prediction) is skipped with a reason that
+names it and its shard; the run goes on and the summary lists them. Splits of more than
+``ray_threshold`` samples are cut into chunks spread over Ray tasks; smaller ones run in this
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+
+from dfmvr.data.batch import TripletItem, collate
+from dfmvr.data.shards import VIEWS, read_manifest
+from dfmvr.evaluate.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
+
+if TYPE_CHECKING:
+    from dfmvr.serving import Reconstructor
+
+_logger = logging.getLogger(__name__)
+
+METHODS = ("model", "mean_face", "single_view")
+"""The reconstructions scored per sample; the last two are the baselines."""
+BASELINES = METHODS[1:]
+NOSE_TIP_IBUG = 30
+TABLE_KEYS = ("now_mean_mm", "now_median_mm", "now_std_mm", "p2p_rmse_mm", "vertex_rmse_mm")
+"""Rows of the printed table (region rows follow when present)."""
+RANK_KEY = "now_mean_mm"
+"""Per-sample metric of the model that orders the best and worst overlays."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """One evaluation run."""
+
+    split: str = "test"
+    """Split of the shard manifest."""
+    out: str = ""
+    """Folder for summary.json, per_sample.jsonl and overlays/ (required)."""
+    batch_size: int = 8
+    """Samples per forward pass."""
+    ray_threshold: int = 256
+    """Splits with more samples than this are spread over Ray tasks; others run in-process."""
+    chunk_size: int = 64
+    """Most samples per Ray task (smaller when that leaves workers idle)."""
+    n_overlays: int = 4
+    """Best and worst samples (by the model's per-sample NoW mean) drawn as overlays, each."""
+    max_samples: int = 0
+    """Evaluate only the first this many samples of the split (0: all)."""
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``auto`` (in-process; Ray tasks take a GPU when the cluster has them)."""
+    icp_iters: int = 60
+    """Most ICP iterations per alignment."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("out: expected an output folder, got ''")
+        for name in ("batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("ray_threshold", "n_overlays", "max_samples", "icp_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device: expected 'cpu', 'cuda' or 'auto', got {self.device!r}")
+
+
+def checkpoint_slug(uri: str) -> str:
+    """A short folder name for a checkpoint URI: ``runs:/abc.../model`` -> ``run-abc12345``,
+    ``models:/dfmvr/3`` -> ``dfmvr-v3``, a path -> its last component."""
+    if uri.startswith("runs:/"):
+        return "run-" + uri[len("runs:/"):].split("/")[0][:8]
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/"):].strip("/")
+        return rest.replace("@", "-").replace("/", "-v", 1).replace("/", "-")
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return (name[:-len(".pt")] if name.endswith(".pt") else name) or "checkpoint"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- per-sample work
+
+
+@dataclass(kw_only=True, slots=True)
+class ScanTruth:
+    """A sample's ground truth as the metrics take it (face-model units)."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    lmk7: np.ndarray
+    """``[7, 3]`` NoW's landmarks on the scan."""
+    nose_tip: np.ndarray
+    same_topology: bool
+    """The scan is a mesh of the face model's topology (synthetic data): vertex-wise metrics apply."""
+
+
+def scan_truth(item: TripletItem, keypoints: np.ndarray, n_vertices: int, now_ibug: tuple[int, ...]
+               ) -> ScanTruth | str:
+    """The ground truth of ``item``, or why it has none usable."""
+    if item.gt_vertices is None or item.gt_faces is None:
+        return "no ground-truth mesh (gt.npz) in the sample"
+    verts, faces = item.gt_vertices.astype(np.float64), item.gt_faces
+    if len(verts) == n_vertices:
+        lmk68 = verts[keypoints]
+        same = True
+    elif item.lmk3d is not None and len(item.lmk3d) == 68:
+        lmk68 = item.lmk3d.astype(np.float64)
+        same = False
+    else:
+        k = 0 if item.lmk3d is None else len(item.lmk3d)
+        return (f"scan has {len(verts)} vertices (not the face model's {n_vertices}) and lmk3d holds {k} "
+                "points, not the 68 iBUG landmarks: no scan landmarks for the alignment")
+    return ScanTruth(vertices=verts, faces=faces, lmk7=lmk68[list(now_ibug)], nose_tip=lmk68[NOSE_TIP_IBUG],
+                     same_topology=same)
+
+
+def score(pred: np.ndarray, truth: ScanTruth, faces: np.ndarray, keypoints: np.ndarray, regions: np.ndarray,
+          *, source: str, icp_iters: int) -> tuple[dict[str, float], np.ndarray]:
+    """All metrics of one reconstruction ``pred [N, 3]`` (decimetres) against ``truth``.
+
+    Returns:
+        ``(metrics, now_distances_mm [K] float32)``.
+
+    Raises:
+        dfmvr.evaluate.metrics.ScanError: the scan or the prediction cannot be scored.
+    """
+    from dfmvr.evaluate import metrics as m
+    from dfmvr.train.metrics import aligned_vertex_rmse_mm
+
+    lmk = pred[keypoints]
+    now = m.now_error(pred, faces, lmk[list(m.NOW_LANDMARKS_IBUG)], truth.vertices, truth.faces, truth.lmk7,
+                      icp_iters=icp_iters, source=source)
+    out = {"now_mean_mm": now.mean_mm, "now_median_mm": now.median_mm, "now_std_mm": now.std_mm,
+           "now_points": float(now.n_scan_points)}
+    out["p2p_rmse_mm"] = float(m.p2p_rmse(pred, faces, truth.vertices, truth.faces, scan_nose_tip=truth.nose_tip,
+                                          pred_nose_tip=lmk[NOSE_TIP_IBUG], source=source))
+    if truth.same_topology:
+        p, g = torch.from_numpy(pred)[None], torch.from_numpy(truth.vertices)[None]
+        out["vertex_rmse_mm"] = float(aligned_vertex_rmse_mm(p.double(), g.double())[0])
+        for name, value in m.region_errors(pred, truth.vertices, regions).items():
+            out[f"region_{name}_mm"] = float(value)
+    return out, now.distances_mm.astype(np.float32)
+
+
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    """A sample that may be drawn as a best or worst overlay."""
+
+    key: str
+    score: float
+    image: np.ndarray
+    """uint8 overlay row."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ChunkResult:
+    """What evaluating some samples produced (merged by :func:`merge`)."""
+
+    records: list[dict] = field(default_factory=list)
+    """Per sample: ``{"key", "source", "model": {...}, "mean_face": {...}, "single_view": {...}}``."""
+    distances: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in METHODS})
+    """Per method, NoW distances of each scored sample (mm)."""
+    skipped: list[Skipped] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _masks_for(recon: "Reconstructor", batch, result: ChunkResult, sources: list[str]) -> tuple[list[int], Any]:
+    """Indices of the samples that can run, and the masks tensor (None for a mask-free model)."""
+    keep = list(range(len(batch)))
+    if not recon.cfg.model.mask_input:
+        return keep, None
+    masks = batch.masks.clone()
+    missing = [i for i in keep if not bool(batch.has_masks[i])]
+    if missing and recon.parse_net is not None:
+        masks[missing] = recon.make_masks(batch.images[missing]).cpu()
+    elif missing:
+        for i in missing:
+            result.skipped.append(Skipped(name=batch.keys[i], source=sources[i],
+                                          reason="no masks in the sample and no parse net (model.parse_net) "
+                                                 "to make them; this model takes masks"))
+        keep = [i for i in keep if i not in missing]
+    return keep, masks
+
+
+@torch.no_grad()
+def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: list[str], *, n_overlays: int,
+                   icp_iters: int, result: ChunkResult | None = None) -> ChunkResult:
+    """Score one batch of decoded samples (``sources``: each one's shard) into ``result``."""
+    from dfmvr.evaluate.metrics import ScanError, vertex_regions
+    from dfmvr.reconstruct import overlay_row
+
+    result = result if result is not None else ChunkResult()
+    model = recon.model
+    fm = model.face.model
+    keypoints = fm.keypoints.cpu().numpy()
+    faces = fm.tri.cpu().numpy()
+    regions = vertex_regions(fm)
+    mean_shape = fm.mean_shape.double().cpu().numpy()
+    front = VIEWS.index("front")
+    batch = collate(items, with_gt=True)
+    keep, masks = _masks_for(recon, batch, result, sources)
+    if not keep:
+        return result
+    device = recon.device
+    images = batch.images[keep].to(device)
+    masks = masks[keep].to(device) if masks is not None else None
+    outputs = {"model": model(images, masks, render=False)}
+    same = [front] * len(VIEWS)
+    outputs["single_view"] = model(images[:, same], masks[:, same] if masks is not None else None, render=False)
+    scored: list[tuple[int, float]] = []
+    by_row: dict[int, dict] = {}
+    for row, i in enumerate(keep):
+        key, source = batch.keys[i], sources[i]
+        where = f"sample {key} in {source}"
+        preds = {name: outputs[name].shape[row].double().cpu().numpy() for name in ("model", "single_view")}
+        preds["mean_face"] = mean_shape
+        bad = [name for name, p in preds.items() if not np.isfinite(p).all()]
+        if bad:
+            result.skipped.append(Skipped(name=key, source=source,
+                                          reason=f"non-finite prediction (NaN or inf) from {bad}"))
+            continue
+        truth = scan_truth(items[i], keypoints, fm.n_vertices, _now_ibug())
+        if isinstance(truth, str):
+            result.skipped.append(Skipped(name=key, source=source, reason=truth))
+            continue
+        record: dict[str, Any] = {"key": key, "source": source}
+        dists = {}
+        try:
+            for name in METHODS:
+                record[name], dists[name] = score(preds[name], truth, faces, keypoints, regions, source=where,
+                                                  icp_iters=icp_iters)
+        except ScanError as e:
+            result.skipped.append(Skipped(name=key, source=source, reason=str(e)))
+            continue
+        result.records.append(record)
+        for name in METHODS:
+            result.distances[name].append(dists[name])
+        scored.append((row, record["model"][RANK_KEY]))
+        by_row[row] = record
+    if n_overlays and scored:
+        chosen = _extremes(scored, n_overlays)
+        rendered = model.decode(outputs["model"].coeffs[[r for r, _ in chosen]], render=True)
+        for j, (row, value) in enumerate(chosen):
+            i = keep[row]
+            rec = by_row[row]
+            title = (f"{batch.keys[i]}: NoW mean {value:.2f} mm (mean face {rec['mean_face'][RANK_KEY]:.2f}, "
+                     f"single view {rec['single_view'][RANK_KEY]:.2f}); green given, red predicted landmarks")
+            imgs = ((batch.images[i].permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            image = overlay_row(imgs, rendered.image[j].permute(0, 2, 3, 1).cpu().numpy(),
+                                rendered.render_mask[j, :, 0].cpu().numpy(), rendered.lm2d[j].cpu().numpy(),
+                                batch.lmk2d[i].numpy(), tile=max(160, model.image_size), title=title)
+            result.candidates.append(Candidate(key=batch.keys[i], score=value, image=image))
+    return result
+
+
+def _now_ibug() -> tuple[int, ...]:
+    from dfmvr.evaluate.metrics import NOW_LANDMARKS_IBUG
+
+    return tuple(NOW_LANDMARKS_IBUG)
+
+
+def _extremes(scored: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
+    """The ``k`` lowest and ``k`` highest entries by value (each once)."""
+    order = sorted(scored, key=lambda rv: rv[1])
+    picked = {r: v for r, v in order[:k] + order[-k:]}
+    return sorted(picked.items(), key=lambda rv: rv[1])
+
+
+def _keep_extremes(candidates: list[Candidate], k: int) -> list[Candidate]:
+    order = sorted(candidates, key=lambda c: c.score)
+    chosen = {id(c): c for c in order[:k] + order[-k:]}
+    return sorted(chosen.values(), key=lambda c: c.score)
+
+
+def evaluate_chunk(recon: "Reconstructor", chunk: ShardChunk, decoder, cfg: EvalConfig, *,
+                   endpoint: str | None = None) -> ChunkResult:
+    """Read and score the samples of one chunk, batch by batch."""
+    t0 = time.perf_counter()
+    result = ChunkResult()
+    pending: list[TripletItem] = []
+
+    def flush() -> None:
+        if pending:
+            evaluate_items(recon, pending, [chunk.url] * len(pending), n_overlays=cfg.n_overlays,
+                           icp_iters=cfg.icp_iters, result=result)
+            pending.clear()
+            result.candidates = _keep_extremes(result.candidates, cfg.n_overlays)
+
+    for item in read_chunk(chunk, decoder, endpoint=endpoint):
+        if isinstance(item, Skipped):
+            result.skipped.append(item)
+            continue
+        pending.append(item)
+        if len(pending) == cfg.batch_size:
+            flush()
+    flush()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- running it
+
+
+_WORKER_MODELS: dict[str, "Reconstructor"] = {}
+"""Per Ray worker process: the model built for an evaluation, reused by its later chunks."""
+
+
+def _chunk_task(shared: dict, chunk: ShardChunk, cfg: EvalConfig) -> ChunkResult:
+    """One Ray task: build (or reuse) the model, score a chunk."""
+    from dfmvr.serving import Reconstructor
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    recon = _WORKER_MODELS.get(shared["token"])
+    if recon is None:
+        _WORKER_MODELS.clear()
+        recon = Reconstructor.from_payload(shared["payload"], shared["source"], device, shared["overrides"])
+        _WORKER_MODELS[shared["token"]] = recon
+    manifest = shared["manifest"]
+    decoder = make_decoder(manifest, recon.model.image_size, with_gt=True, weight_map=recon.cfg.data.weight_map)
+    return evaluate_chunk(recon, chunk, decoder, cfg, endpoint=shared["endpoint"])
+
+
+def _slim_payload(payload: dict) -> dict:
+    """What a worker needs to rebuild the model (no optimizer state)."""
+    return {k: payload[k] for k in ("format_version", "model", "step", "config", "face_signature", "metrics", "extra")
+            if k in payload}
+
+
+def _run_ray(recon: "Reconstructor", manifest, chunks: list[ShardChunk], cfg: EvalConfig, overrides: dict,
+             endpoint: str | None) -> list[ChunkResult]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # plain: joins the cluster under `ray job submit`, else starts a local one
+    use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    shared = ray.put({"payload": _slim_payload(recon.payload), "source": recon.source, "overrides": overrides,
+                      "manifest": manifest, "endpoint": endpoint,
+                      "token": f"{recon.source}:{recon.payload.get('step')}:{time.time_ns()}"})
+    task = ray.remote(_chunk_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=2)
+    pending = [task.remote(shared, chunk, cfg) for chunk in chunks]
+    order = {ref: i for i, ref in enumerate(pending)}
+    results: list[ChunkResult | None] = [None] * len(pending)
+    done = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            results[order[ref]] = ray.get(ref)
+            done += 1
+        _logger.info("evaluated %d/%d chunks", done, len(chunks))
+    return [r for r in results if r is not None]
+
+
+def merge(results: Iterable[ChunkResult], n_overlays: int) -> ChunkResult:
+    """One result from many (records in sample order as the chunks came)."""
+    total = ChunkResult()
+    for r in results:
+        total.records += r.records
+        total.skipped += r.skipped
+        total.candidates = _keep_extremes(total.candidates + r.candidates, n_overlays)
+        total.seconds += r.seconds
+        for name in METHODS:
+            total.distances[name] += r.distances[name]
+    return total
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def summarize(result: ChunkResult) -> dict[str, Any]:
+    """Split statistics per method: the model's at the top level, the baselines' under
+    ``baselines.<name>`` (same keys). ``None`` where no sample had the metric."""
+
+    def method(name: str) -> dict[str, float | None]:
+        d = np.concatenate(result.distances[name]).astype(np.float64) if result.distances[name] else np.zeros(0)
+        out: dict[str, float | None] = {
+            "now_mean_mm": _finite_or_none(d.mean()) if d.size else None,
+            "now_median_mm": _finite_or_none(np.median(d)) if d.size else None,
+            "now_std_mm": _finite_or_none(d.std()) if d.size else None,
+        }
+        per_sample: dict[str, list[float]] = {}
+        for rec in result.records:
+            for k, v in rec[name].items():
+                if k.startswith("now_"):
+                    continue
+                per_sample.setdefault(k, []).append(v)
+        for k, values in per_sample.items():
+            out[k] = _finite_or_none(float(np.mean(values)))
+            if k == "p2p_rmse_mm":
+                out["p2p_rmse_std_mm"] = _finite_or_none(float(np.std(values)))
+        out.setdefault("p2p_rmse_mm", None)
+        out.setdefault("vertex_rmse_mm", None)
+        out["samples"] = len(result.records)
+        return out
+
+    summary: dict[str, Any] = method("model")
+    summary["baselines"] = {name: method(name) for name in BASELINES}
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The model beside its baselines, one metric per row (mm)."""
+    rows = list(TABLE_KEYS) + sorted(k for k in summary if k.startswith("region_"))
+    head = f"{'metric (mm)':<22}{'model':>10}{'mean face':>12}{'single view':>13}"
+    lines = [head, "-" * len(head)]
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) and v is not None else "-"
+
+    for key in rows:
+        base = summary["baselines"]
+        lines.append(f"{key:<22}{cell(summary.get(key)):>10}{cell(base['mean_face'].get(key)):>12}"
+                     f"{cell(base['single_view'].get(key)):>13}")
+    return "\n".join(lines)
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalReport:
+    """An evaluation's results and where its files went."""
+
+    summary: dict[str, Any]
+    records: list[dict]
+    skipped: list[Skipped]
+    out: Path
+    overlays: list[Path]
+
+
+def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None = None,
+             data_url: str | None = None) -> EvalReport:
+    """Evaluate ``recon`` on ``cfg.split`` of its data (``data_url`` or the checkpoint's
+    ``data.url``) and write ``summary.json``, ``per_sample.jsonl`` and ``overlays/`` under
+    ``cfg.out``.
+
+    Args:
+        recon: the loaded model (:func:`dfmvr.serving.load`).
+        cfg: the run's settings.
+        overrides: the config overrides ``recon`` was loaded with (Ray workers rebuild it the same way).
+        data_url: shard root; default ``recon.cfg.data.url``.
+
+    Raises:
+        FileNotFoundError / dfmvr.data.shards.ManifestError: no manifest, or no such split.
+    """
+    url = data_url or recon.cfg.data.url
+    if not url:
+        raise ValueError("data.url: the checkpoint's config names no shards; pass data.url=ROOT")
+    endpoint = recon.cfg.data.s3_endpoint or None
+    manifest = read_manifest(url, endpoint=endpoint)
+    n_total = manifest.split(cfg.split).count
+    n = min(n_total, cfg.max_samples) if cfg.max_samples else n_total
+    use_ray = n > cfg.ray_threshold
+    t0 = time.perf_counter()
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        chunk_size = max(1, min(cfg.chunk_size, math.ceil(n / slots)))
+        chunks = plan_chunks(manifest, cfg.split, chunk_size, max_samples=cfg.max_samples)
+        _logger.info("evaluating %d samples of %s split %r in %d Ray tasks", n, manifest.url, cfg.split, len(chunks))
+        result = merge(_run_ray(recon, manifest, chunks, cfg, dict(overrides or {}), endpoint), cfg.n_overlays)
+    else:
+        chunks = plan_chunks(manifest, cfg.split, cfg.chunk_size, max_samples=cfg.max_samples)
+        _logger.info("evaluating %d samples of %s split %r in this process", n, manifest.url, cfg.split)
+        decoder = make_decoder(manifest, recon.model.image_size, with_gt=True, weight_map=recon.cfg.data.weight_map)
+        result = merge((evaluate_chunk(recon, c, decoder, cfg, endpoint=endpoint) for c in chunks), cfg.n_overlays)
+    elapsed = time.perf_counter() - t0
+
+    out = Path(cfg.out)
+    overlay_dir = out / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    from dfmvr.reconstruct import write_png
+
+    overlays = []
+    by_score = sorted(result.candidates, key=lambda c: c.score)
+    for label, picked in (("best", by_score[:cfg.n_overlays]), ("worst", by_score[::-1][:cfg.n_overlays])):
+        for rank, cand in enumerate(picked, 1):
+            overlays.append(write_png(overlay_dir / f"{label}_{rank:02d}_{cand.key}.png", cand.image))
+    per_sample = out / "per_sample.jsonl"
+    with per_sample.open("w") as f:
+        for rec in result.records:
+            f.write(json.dumps(rec) + "\n")
+    summary = summarize(result)
+    summary.update({
+        "checkpoint": recon.source,
+        "checkpoint_step": int(recon.payload.get("step", 0)),
+        "shards": manifest.url,
+        "split": cfg.split,
+        "split_samples": n_total,
+        "skipped": [s.to_dict() for s in result.skipped],
+        "n_skipped": len(result.skipped),
+        "ray": use_ray,
+        "chunks": len(chunks),
+        "seconds": elapsed,
+        "out": str(out),
+        "per_sample": str(per_sample),
+        "overlays": [str(p) for p in overlays],
+    })
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for s in result.skipped:
+        _logger.warning("skipped %s", s.message())
+    return EvalReport(summary=summary, records=result.records, skipped=result.skipped, out=out, overlays=overlays)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def find_run(uri: str, payload: dict) -> tuple[str | None, str]:
+    """The MLflow run a checkpoint belongs to (tracking URI already set), and how it was found
+    or why there is none.
+
+    ``runs:/RUN_ID/...`` names it; ``models:/NAME/VERSION`` (also ``@ALIAS``, ``/latest`` and
+    logged-model ids ``models:/m-...``) through the registry; a path or ``s3://`` through the
+    ``mlflow_run_id`` the training loop stores in every checkpoint.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith(("runs:/", "models:/")) and not (payload.get("extra") or {}).get("mlflow_run_id"):
+        return None, "the checkpoint carries no MLflow run id"
+    client = MlflowClient()
+    run_id = None
+    try:
+        if uri.startswith("runs:/"):
+            run_id, how = uri[len("runs:/"):].split("/")[0], "from the runs:/ URI"
+        elif uri.startswith("models:/"):
+            rest = uri[len("models:/"):].strip("/")
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                run_id = client.get_model_version_by_alias(name, alias).run_id
+            elif "/" in rest:
+                name, version = rest.split("/", 1)
+                if version == "latest":
+                    versions = client.search_model_versions(f"name='{name}'")
+                    version = str(max(int(v.version) for v in versions)) if versions else version
+                run_id = client.get_model_version(name, version).run_id
+            else:
+                run_id = client.get_logged_model(rest).source_run_id
+            how = "from the model registry"
+        else:
+            run_id, how = (payload.get("extra") or {}).get("mlflow_run_id"), "stored in the checkpoint"
+        if not run_id:
+            return None, "the checkpoint carries no MLflow run id"
+        client.get_run(run_id)
+    except (MlflowException, ValueError) as e:
+        return None, f"run {run_id or '?'} of {uri} not found in the tracking store ({str(e).splitlines()[0]:.200})"
+    return run_id, how
+
+
+def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
+    """Log ``eval/<split>/...`` metrics (baselines under ``eval/<split>/<baseline>/...``) at the
+    checkpoint's step, and the summary, per-sample JSONL and overlays as artifacts under
+    ``eval/<split>/``. Returns the metric names logged."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    split = report.summary["split"]
+    now = int(time.time() * 1000)
+    metrics: dict[str, float] = {}
+
+    def add(prefix: str, values: dict) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
+                metrics[f"{prefix}/{k}"] = float(v)
+
+    add(f"eval/{split}", {k: v for k, v in report.summary.items() if k.endswith("_mm") or k == "samples"})
+    add(f"eval/{split}", {"skipped": report.summary["n_skipped"]})
+    for name in BASELINES:
+        add(f"eval/{split}/{name}", report.summary["baselines"][name])
+    batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i:i + 500])
+    client.log_artifact(run_id, str(report.out / "summary.json"), artifact_path=f"eval/{split}")
+    client.log_artifact(run_id, str(report.out / "per_sample.jsonl"), artifact_path=f"eval/{split}")
+    if report.overlays:
+        client.log_artifacts(run_id, str(report.out / "overlays"), artifact_path=f"eval/{split}/overlays")
+    return sorted(metrics)
+
+
+__all__ = ["EvalConfig", "EvalReport", "METHODS", "evaluate", "find_run", "format_table", "log_to_mlflow",
+           "summarize"]

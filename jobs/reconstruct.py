@@ -1,0 +1,82 @@
+"""Reconstruct new captures: per capture an OBJ, PLYs with albedo and shaded vertex colours, the
+coefficients, the 68 3D landmarks and an overlay PNG; a contact sheet for the run
+(docs/evaluation.md, "Jobs"; the formats are in dfmvr/reconstruct.py).
+
+One machine:  python jobs/reconstruct.py --checkpoint models:/dfmvr/1 --input captures/ --out meshes/
+From shards:  python jobs/reconstruct.py --checkpoint runs:/RUN_ID/model --shards work/shards --split test
+(runs in this process, on a GPU when there is one; outputs are local files)
+
+Usage: python jobs/reconstruct.py --checkpoint URI (--input DIR | --shards URL [--split test])
+           [--out DIR] [--batch-size 8] [--max-samples N] [--device cpu|cuda|auto]
+           [--summary-json PATH] [--config FILE.yaml] [key=value ...]
+DIR holds one folder per capture with left/front/right.png (or .jpg) and optionally
+left/front/right.mask.png; square views of any size are resized to the model's. Captures
+without masks get them from the parse net (model.parse_net=PATH overrides the checkpoint's).
+Overrides (dotted config keys) apply on top of the checkpoint's own config.
+Exit status: 0 done (skipped captures are listed), 1 nothing could be reconstructed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dfmvr.cli import overrides_of, parse_job_args, print_summary  # noqa: E402
+
+
+def _options(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="path, s3://, runs:/RUN_ID/model or models:/NAME/VERSION")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="folder of capture folders (left/front/right images)")
+    source.add_argument("--shards", help="shard root (local or s3://) to read --split from")
+    parser.add_argument("--split", default="test", help="split of --shards (default test)")
+    parser.add_argument("--out", help="output folder (default <work_dir>/reconstruct/<input name>)")
+    parser.add_argument("--batch-size", type=int, default=8, help="captures per forward pass")
+    parser.add_argument("--max-samples", type=int, default=0, help="with --shards: only the first N (0: all)")
+    parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cli_cfg, _ = parse_job_args(__doc__, argv, add_arguments=_options)
+    import mlflow
+
+    from dfmvr import tracking
+    from dfmvr.evaluate.run import resolve_device
+    from dfmvr.reconstruct import ReconstructConfig, reconstruct_folder, reconstruct_shards
+    from dfmvr.serving import load
+
+    work = Path(cli_cfg.work_dir)
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(cli_cfg.tracking, work))
+    name = Path((args.input or f"{args.shards}-{args.split}").rstrip("/")).name
+    try:
+        cfg = ReconstructConfig(out=args.out or str(work / "reconstruct" / name), batch_size=args.batch_size)
+        recon = load(args.checkpoint, resolve_device(args.device), overrides_of(args))
+        if args.input:
+            summary = reconstruct_folder(recon, args.input, cfg)
+        else:
+            summary = reconstruct_shards(recon, args.shards, args.split, cfg, endpoint=recon.cfg.data.s3_endpoint or None,
+                                         max_samples=args.max_samples)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # ManifestError is a ValueError
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    result = summary.to_dict()
+    print_summary("reconstruction", {"checkpoint": result["checkpoint"], "done": result["n_done"],
+                                     "skipped": result["n_skipped"], "out": result["out"],
+                                     "contact_sheet": result["contact_sheet"]})
+    if summary.skipped:
+        print(f"\nskipped {len(summary.skipped)} capture(s):")
+        for s in summary.skipped:
+            print(f"  {s.message()}")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(result, indent=2))
+    return 0 if summary.done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
