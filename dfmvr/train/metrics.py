@@ -12,11 +12,12 @@ import torch
 from dfmvr.facemodel.model import MM_PER_UNIT
 
 
-def similarity_align(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Align ``src [B, N, 3]`` onto ``dst [B, N, 3]`` with the least-squares similarity transform.
+def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least-squares similarity taking ``src [B, N, 3]`` onto ``dst [B, N, 3]`` (Umeyama 1991:
+    rotation without reflection, uniform scale, translation), in float64.
 
     Returns:
-        ``[B, N, 3]`` the transformed ``src`` (Umeyama 1991: rotation, uniform scale, translation).
+        ``(scale [B], rot [B, 3, 3], trans [B, 3])`` with ``dst ~ scale * src @ rot.T + trans``.
     """
     src64, dst64 = src.double(), dst.double()
     mu_s, mu_d = src64.mean(1, keepdim=True), dst64.mean(1, keepdim=True)
@@ -28,7 +29,18 @@ def similarity_align(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     rot = u @ torch.diag_embed(d) @ vt
     var_s = (xs ** 2).sum((1, 2)) / src.shape[1]
     scale = (sig * d).sum(1) / var_s.clamp_min(1e-12)
-    out = scale[:, None, None] * xs @ rot.transpose(1, 2) + mu_d
+    trans = mu_d[:, 0] - scale[:, None] * (mu_s @ rot.transpose(1, 2))[:, 0]
+    return scale, rot, trans
+
+
+def similarity_align(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Align ``src [B, N, 3]`` onto ``dst [B, N, 3]`` with the least-squares similarity transform.
+
+    Returns:
+        ``[B, N, 3]`` the transformed ``src`` (Umeyama 1991: rotation, uniform scale, translation).
+    """
+    scale, rot, trans = similarity_transform(src, dst)
+    out = scale[:, None, None] * src.double() @ rot.transpose(1, 2) + trans[:, None]
     return out.to(src.dtype)
 
 
