@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
 from dfmvr.train.loop import VAL_METRIC
@@ -78,15 +78,17 @@ def _scaling(cfg: Config):
     return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources), n, use_gpu
 
 
-def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
-    """Run one training job; returns the summary (also what ``--summary-json`` holds)."""
-    import mlflow
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+def preflight(cfg: Config) -> tuple[Config, str]:
+    """Everything checked before Ray starts: the work dir (made absolute), the MLflow tracking URI
+    (reachable) and the shards (``ensure_data``: generated for the embedded default).
 
+    Returns:
+        ``(cfg, tracking_uri)`` with ``work_dir`` and ``data.url`` resolved.
+
+    Raises:
+        PreflightError: unreachable S3 or MLflow, missing or bad shards.
+    """
     from dfmvr import tracking
-    from dfmvr.train.ray_worker import train_func_per_worker
 
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,46 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         data_url = ensure_data(cfg)
     except (OSError, ValueError) as e:  # ConnectionError, StorageError, FileNotFoundError, ManifestError
         raise PreflightError(str(e)) from e
-    cfg = apply_overrides(cfg, {"data.url": data_url})
+    return apply_overrides(cfg, {"data.url": data_url}), tracking_uri
+
+
+def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage_path: str, scaling,
+                  callbacks: Sequence[Any] = ()):
+    """The ``TorchTrainer`` that trains ``cfg``: :func:`train_func_per_worker` on every worker, rank 0
+    logging into MLflow run ``run_id``, checkpoints under ``storage_path/train.run_name`` (the best
+    ``train.keep_checkpoints`` by validation RMSE). ``jobs/train.py`` and every Ray Tune trial
+    (``dfmvr.tune``, which passes Tune's report callback) fit this same trainer."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from dfmvr.train.ray_worker import train_func_per_worker
+
+    return TorchTrainer(
+        train_func_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+
+
+def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
+    """Run one training job; returns the summary (also what ``--summary-json`` holds)."""
+    import mlflow
+    import ray
+
+    from dfmvr import tracking
+
+    cfg, tracking_uri = preflight(cfg)
+    work = Path(cfg.work_dir)
+    data_url = cfg.data.url
     storage_path = cfg.train.storage_path or str(work / "ray_results")
 
     if not ray.is_initialized():
@@ -113,19 +154,8 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     mlflow.log_dict(to_dict(cfg), "config.json")
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
-    trainer = TorchTrainer(
-        train_func_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=cfg.train.run_name,
-            storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute=VAL_METRIC,
-                                               checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
+    trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
+                            scaling=scaling)
     t0 = time.perf_counter()
     status = "FAILED"
     try:
