@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from dfmvr.tune.settings import TuneConfig
+
 _SENTINEL = object()
 
 
@@ -411,6 +413,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise TypeError(f"{key}: unsupported config field type {typ!r}")
 
 
+def _is_mapping(typ: Any) -> bool:
+    return typ is dict or typing.get_origin(typ) is dict
+
+
 def _section_fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
@@ -432,6 +438,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     for key, value in overrides.items():
         parts = key.split(".")
         node: Any = cfg
+        entry = None
         for depth, part in enumerate(parts):
             if not dataclasses.is_dataclass(node):
                 raise KeyError(f"unknown config key {key!r}: {'.'.join(parts[:depth])} is not a section")
@@ -443,7 +450,18 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                     f"valid: {sorted(fields)}"
                 )
             if depth < len(parts) - 1:
+                if _is_mapping(_field_type(type(node), part)):
+                    # a mapping field takes the rest of the key as one entry: tune.space.loss.photo
+                    entry = ".".join(parts[depth + 1:])
+                    parts = parts[:depth + 1]
+                    break
                 node = getattr(node, part)
+        if entry is not None:
+            data_node = data
+            for part in parts:
+                data_node = data_node[part]
+            data_node[entry] = value
+            continue
         leaf_parent = node
         leaf = parts[-1]
         typ = _field_type(type(leaf_parent), leaf)
@@ -557,6 +575,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parsenet: ParseNetConfig = field(default_factory=ParseNetConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     work_dir: str = "work"
     """Where embedded defaults live: shards, MLflow store, checkpoints."""
     seed: int = 0
