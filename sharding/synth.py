@@ -121,6 +121,11 @@ class SynthConfig:
     """Image side in pixels."""
     yaw_deg: tuple[float, float, float] = (-45.0, 0.0, 45.0)
     """Nominal yaw of the left, front and right views."""
+    side_yaw_choices: tuple[float, ...] = ()
+    """When set, each capture's left and right views get a yaw drawn (independently) from these
+    magnitudes, left at minus and right at plus, instead of ``yaw_deg``'s (paper Tab. III
+    "random"). Drawn after every other random number, so a sample differs from the fixed-yaw one
+    of the same seed only in its side views' yaw."""
     seed: int = 0
     """Seed of everything random in the data (not of the face model)."""
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -156,6 +161,9 @@ class SynthConfig:
         if self.image_format not in ("png", "jpg"):
             raise ValueError(f"image_format: expected 'png' or 'jpg', got {self.image_format!r}")
         self.yaw_deg = tuple(float(y) for y in self.yaw_deg)
+        if not all(math.isfinite(float(y)) and 0 <= float(y) <= 90 for y in self.side_yaw_choices):
+            raise ValueError(f"side_yaw_choices: expected yaw magnitudes in 0..90 degrees, got {self.side_yaw_choices!r}")
+        self.side_yaw_choices = tuple(float(y) for y in self.side_yaw_choices)
         self.splits = parse_fractions(self.splits)
 
     def face_model_config(self) -> FaceModelConfig:
@@ -174,6 +182,8 @@ class SynthConfig:
             "max_count": self.max_count, "image_format": self.image_format, "sampling": self.sampling.to_dict(),
             "facemodel": {"source": fm.source, "bfm_path": fm.bfm_path, "n_vertices": fm.n_vertices, "seed": fm.seed},
         }
+        if self.side_yaw_choices:  # only when set: fingerprints of fixed-yaw datasets stay as they were
+            doc["side_yaw_choices"] = list(self.side_yaw_choices)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -263,6 +273,8 @@ class SampleParams:
     """``[3, 3]`` decimetres per view."""
     backgrounds: list[np.ndarray]
     """Per view ``[S, S, 3]`` float32 in [0, 1]."""
+    yaw_deg: tuple[float, ...] = ()
+    """Nominal yaw of each view (before jitter), degrees."""
 
 
 def sample_params(model, cfg: SynthConfig, subject: int, capture: int) -> SampleParams:
@@ -279,11 +291,15 @@ def sample_params(model, cfg: SynthConfig, subject: int, capture: int) -> Sample
         exp_c = rng.standard_normal(n_exp) * s.exp_scale
     gamma = sample_lighting(rng, s)
     jitter = np.deg2rad(_clipped_normal(rng, s.angle_jitter_deg, 3))
-    angles = jitter + np.array([[0.0, math.radians(y), 0.0] for y in cfg.yaw_deg])
     trans = _clipped_normal(rng, s.trans_jitter, 3)
     backgrounds = [random_background(rng, cfg.size) for _ in VIEWS]
+    yaw = cfg.yaw_deg
+    if cfg.side_yaw_choices:
+        left, right = rng.choice(np.asarray(cfg.side_yaw_choices), size=2)
+        yaw = (-float(left), cfg.yaw_deg[1], float(right))
+    angles = jitter + np.array([[0.0, math.radians(y), 0.0] for y in yaw])
     return SampleParams(id=id_c, exp=exp_c, tex=tex_c, gamma=gamma, angles=angles, trans=trans,
-                        backgrounds=backgrounds)
+                        backgrounds=backgrounds, yaw_deg=tuple(yaw))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -349,7 +365,7 @@ def make_sample(model, renderer, cfg: SynthConfig, subject: int, capture: int) -
         gt={"vertices": r.shape, "faces": model.tri.numpy().astype(np.int32), "units": "dm"},
         coeffs=coeffs.numpy().astype(np.float32),
         meta={
-            "yaw_deg": list(cfg.yaw_deg),
+            "yaw_deg": list(p.yaw_deg),
             "source": "synthetic",
             "seed": cfg.seed,
             "subject_index": subject,
