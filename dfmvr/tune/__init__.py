@@ -10,6 +10,8 @@ results table and bar chart to its folder and logs them to the parent run.
 - :mod:`dfmvr.tune.presets`: named sweeps (``ablation``, ``loss-weights``, ``angles``).
 - :mod:`dfmvr.tune.trial`: what runs in each trial.
 - :mod:`dfmvr.tune.runs`: the MLflow parent and child runs.
+- :mod:`dfmvr.tune.callback`: the driver's Tune callback (result journal, closing child runs).
+- :mod:`dfmvr.tune.journal`: the result journal and an ASHA that survives ``Tuner.restore``.
 - :mod:`dfmvr.tune.results`: the table and chart.
 - :mod:`dfmvr.tune.angles`: test sets rendered at other side-view angles (``angles`` preset).
 - :mod:`dfmvr.tune.sweep`: the driver (``run_sweep``), used by ``jobs/tune.py``.

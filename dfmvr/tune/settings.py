@@ -55,9 +55,9 @@ class TuneConfig:
     storage_path: str = ""
     """Tune and Ray Train storage (local dir or ``s3://``); empty means ``<work_dir>/tune_results``."""
     angles: tuple[str, ...] = ("30", "45", "60", "random")
-    """``angles`` preset: side-view yaws (degrees) of the test sets, or ``random``."""
-    angles_random_deg: tuple[float, float] = (30.0, 60.0)
-    """``angles`` preset: range each side view's yaw is drawn from for the ``random`` test set."""
+    """``angles`` preset: side-view yaws (degrees; left at minus, right at plus the angle) of the
+    test sets, and ``random``: each capture's left and right yaw drawn from the listed angles
+    (paper Tab. III)."""
     angles_subjects: int = 24
     """``angles`` preset: test subjects per angle (identities not in the training data)."""
     angles_captures: int = 2
@@ -99,7 +99,6 @@ class TuneConfig:
                     ok = False
                 if not ok:
                     raise ValueError(f"tune.angles: expected side-view yaws in 0..90 degrees or 'random', got {a!r}")
-        r = tuple(self.angles_random_deg)
-        if len(r) != 2 or not 0.0 <= r[0] < r[1] <= 90.0:
-            raise ValueError(f"tune.angles_random_deg: expected (low, high) with 0 <= low < high <= 90, "
-                             f"got {self.angles_random_deg!r}")
+        if self.angles == ("random",):
+            raise ValueError("tune.angles: 'random' draws from the listed angles; expected at least one angle "
+                             "besides it, got ('random',)")

@@ -1,0 +1,111 @@
+"""The sweep driver's Tune callback: journal every result, close each trial's MLflow child run.
+
+Runs in the sweep driver (not in trials), so it also sees trials Tune stopped early (ASHA
+ends them by killing their process: nothing in the trial can log that) and trials whose
+process died. On completion it logs the trial's best checkpoint (lowest validation RMSE among
+the reports that carried one) into the child run; on error, the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from dfmvr.train.loop import VAL_METRIC
+from dfmvr.tune import runs
+from dfmvr.tune.journal import ResultJournal, best_record, last_step
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+"""Where ``TuneReportCallback`` puts the path of a report's checkpoint."""
+
+
+def checkpoint_uri(path: str, train_storage: str) -> str:
+    """A checkpoint path as Ray reports it (``bucket/key`` on S3) -> a URI ``resolve_checkpoint`` takes."""
+    if train_storage.startswith("s3://") and not path.startswith("s3://"):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def trial_error_text(trial) -> str:
+    """The error Tune recorded for ``trial`` (its ``error.txt``), or a note that there is none."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return Path(path).read_text()
+    return f"trial {trial.trial_id} ended with status {trial.status} and no recorded error"
+
+
+class SweepCallback(Callback):
+    """Journal results, close child runs. Holds only plain data: Tune pickles it with the sweep."""
+
+    def __init__(self, *, journal: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 train_storage: str, total_steps: int):
+        self.journal_path = journal
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.train_storage = train_storage
+        self.total_steps = total_steps
+        self._records: dict[str, list[dict[str, Any]]] | None = None
+
+    def _journal(self) -> dict[str, list[dict[str, Any]]]:
+        if self._records is None:
+            self._records = ResultJournal(self.journal_path).read()
+        return self._records
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "step" not in result:
+            return
+        metric = result.get(VAL_METRIC)
+        rec = {"trial_id": trial.trial_id, "step": float(result["step"]),
+               "metric": float(metric) if metric is not None else None,
+               "checkpoint": result.get(CHECKPOINT_PATH_KEY), "time_total_s": result.get("time_total_s"),
+               "extra": {k: float(v) for k, v in result.items() if k.startswith("angles/")}}
+        ResultJournal(self.journal_path).append(rec)
+        self._journal().setdefault(trial.trial_id, []).append(rec)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        # a trial restarted after an interruption may have finished in its first attempt: the
+        # journal has every attempt's steps, Tune's last result only the latest attempt's
+        steps = max(last_step(self._journal().get(trial.trial_id, [])), int((trial.last_result or {}).get("step", 0)))
+        self.close(trial.trial_id, "finished" if steps >= self.total_steps else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.close(trial.trial_id, "failed", error=trial_error_text(trial))
+
+    def close(self, trial_id: str, outcome: str, *, error: str = "") -> None:
+        """End the trial's child run (once: a run no longer RUNNING is left as it is)."""
+        try:
+            client = runs.client(self.tracking_uri)
+            run = runs.find_child(client, self.experiment_id, self.parent_run_id, trial_id)
+            if run is None:
+                _logger.warning("trial %s ended (%s) before it opened its MLflow run", trial_id, outcome)
+                return
+            if run.info.status != "RUNNING":
+                return
+            best = best_record(self._journal().get(trial_id, []))
+            metrics = {}
+            if best is not None and best.get("metric") is not None and math.isfinite(best["metric"]):
+                metrics = {"best/val_rmse_mm": best["metric"], "best/step": best["step"]}
+            if best is not None and best.get("checkpoint") and outcome != "failed":
+                from dfmvr.train.checkpoint import resolve_checkpoint
+
+                with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
+                    try:
+                        local = resolve_checkpoint(checkpoint_uri(best["checkpoint"], self.train_storage),
+                                                   cache_dir=tmp)
+                    except FileNotFoundError as e:
+                        _logger.warning("trial %s: best checkpoint not found (%s); not logged", trial_id, e)
+                        local = None
+                    runs.close_child(client, run.info.run_id, outcome, error=error, metrics=metrics,
+                                     checkpoint_dir=local)
+                return
+            runs.close_child(client, run.info.run_id, outcome, error=error, metrics=metrics)
+        except Exception:  # a tracking hiccup must not end the sweep; the final pass retries
+            _logger.exception("trial %s: could not close its MLflow run", trial_id)

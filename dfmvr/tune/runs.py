@@ -1,0 +1,129 @@
+"""MLflow for a sweep: one parent run, one child run per trial, found again by tags on resume.
+
+Everything goes through an explicit ``MlflowClient`` (never the fluent active run): the sweep
+driver, Tune's callback thread and every trial's process log into runs they name by id.
+Child runs carry ``mlflow.parentRunId`` (the MLflow UI nests them under the sweep) and
+``dfmvr.trial_id`` (Tune's trial id, stable across ``Tuner.restore``), so a resumed trial logs
+into the run it started, not a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+_logger = logging.getLogger(__name__)
+
+TAG_SWEEP = "dfmvr.sweep"
+TAG_ROLE = "dfmvr.sweep_role"
+TAG_TRIAL_ID = "dfmvr.trial_id"
+TAG_VARIANT = "dfmvr.variant"
+TAG_SEED = "dfmvr.seed"
+TAG_STATUS = "dfmvr.trial_status"
+TAG_ERROR = "dfmvr.error"
+PARENT_TAG = "mlflow.parentRunId"
+
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+"""Trial outcome -> MLflow run status (an early-stopped trial is KILLED: it ended on purpose)."""
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches (MLflow takes at most 100 per call and 6000 characters per value)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000] if v is not None else "") for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        c.log_batch(run_id, params=items[i:i + 90])
+
+
+def log_metrics(c, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Finite metrics only (MLflow refuses NaN in some stores and infinities mean "none yet")."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    if batch:
+        c.log_batch(run_id, metrics=batch)
+
+
+def start_parent(c, experiment_id: str, sweep: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """A new parent run for ``sweep``; returns its id."""
+    run = c.create_run(experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_ROLE: "parent", **tags})
+    log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def find_child(c, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The child run of ``trial_id`` under ``parent_run_id``, or None."""
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'",
+        max_results=5,
+    )
+    return runs[0] if runs else None
+
+
+def children(c, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of the sweep."""
+    return list(c.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_run_id}'",
+                              max_results=10000))
+
+
+def open_child(c, experiment_id: str, parent_run_id: str, *, trial_id: str, name: str,
+               params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """The child run of this trial: found (a resumed trial: set RUNNING again) or created with its
+    params and tags. Returns its id."""
+    found = find_child(c, experiment_id, parent_run_id, trial_id)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            c.update_run(found.info.run_id, status="RUNNING")
+        c.set_tag(found.info.run_id, TAG_STATUS, "running")
+        _logger.info("trial %s: continuing MLflow run %s", trial_id, found.info.run_id)
+        return found.info.run_id
+    run = c.create_run(experiment_id, run_name=name, tags={
+        PARENT_TAG: parent_run_id, TAG_TRIAL_ID: trial_id, TAG_ROLE: "trial", TAG_STATUS: "running", **tags})
+    log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def short_error(error: BaseException | str) -> str:
+    """One line for a table cell: the innermost ``SomethingError: message`` line of a (Ray-wrapped)
+    error, at most 200 characters."""
+    text = str(error) if not isinstance(error, str) else error
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    candidates = [ln for ln in lines if ("Error:" in ln or "Exception:" in ln) and not ln.startswith("File ")]
+    line = candidates[-1] if candidates else (lines[0] if lines else type(error).__name__)
+    if not candidates and isinstance(error, BaseException):
+        line = f"{type(error).__name__}: {line}"
+    line = line.replace("|", "/")  # a markdown table cell
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def close_child(c, run_id: str, outcome: str, *, error: str = "", metrics: Mapping[str, float] | None = None,
+                checkpoint_dir: str | Path | None = None) -> None:
+    """End a child run: outcome tag and MLflow status (``finished``/``stopped``/``failed``), the
+    error (tag: one line; artifact ``error.txt``: all of it), summary metrics, the best checkpoint
+    (artifact ``checkpoint/``: ``dfmvr.serving.load("runs:/<id>/checkpoint")`` loads it)."""
+    if metrics:
+        log_metrics(c, run_id, metrics)
+    if checkpoint_dir is not None:
+        c.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
+    if error:
+        c.set_tag(run_id, TAG_ERROR, short_error(error))
+        with tempfile.TemporaryDirectory(prefix="dfmvr-error-") as d:
+            path = Path(d) / "error.txt"
+            path.write_text(error)
+            c.log_artifact(run_id, str(path))
+    c.set_tag(run_id, TAG_STATUS, outcome)
+    c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
