@@ -52,7 +52,8 @@ def parse_job_args(description: str, argv: Sequence[str] | None = None, *,
     parser.add_argument("--summary-json", help="write the final summary here as JSON")
     if add_arguments is not None:
         add_arguments(parser)
-    args = parser.parse_args(argv)
+    # options may come between the key=value overrides (`preset=tiny --seeds 3 optim.lr=1e-4`)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, note = build_config(args.overrides, args.config, default_preset="tiny")
