@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary("sweep", summary)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
-    return 0
+    return 0 if summary["status"] == "FINISHED" else 1
 
 
 if __name__ == "__main__":

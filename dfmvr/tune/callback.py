@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from dfmvr.train.loop import VAL_METRIC
 from dfmvr.tune import runs
-from dfmvr.tune.journal import ResultJournal, best_record, last_step
+from dfmvr.tune.journal import ResultJournal, best_record, last_step, stopped_early
 
 _logger = logging.getLogger(__name__)
 
@@ -52,12 +52,10 @@ class SweepCallback(Callback):
         self.parent_run_id = parent_run_id
         self.train_storage = train_storage
         self.total_steps = total_steps
-        self._records: dict[str, list[dict[str, Any]]] | None = None
 
     def _journal(self) -> dict[str, list[dict[str, Any]]]:
-        if self._records is None:
-            self._records = ResultJournal(self.journal_path).read()
-        return self._records
+        # read afresh: ASHA appends its stop events to the same file (small: a line per report)
+        return ResultJournal(self.journal_path).read()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "step" not in result:
@@ -68,13 +66,18 @@ class SweepCallback(Callback):
                "checkpoint": result.get(CHECKPOINT_PATH_KEY), "time_total_s": result.get("time_total_s"),
                "extra": {k: float(v) for k, v in result.items() if k.startswith("angles/")}}
         ResultJournal(self.journal_path).append(rec)
-        self._journal().setdefault(trial.trial_id, []).append(rec)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         # a trial restarted after an interruption may have finished in its first attempt: the
         # journal has every attempt's steps, Tune's last result only the latest attempt's
-        steps = max(last_step(self._journal().get(trial.trial_id, [])), int((trial.last_result or {}).get("step", 0)))
-        self.close(trial.trial_id, "finished" if steps >= self.total_steps else "stopped")
+        records = self._journal().get(trial.trial_id, [])
+        steps = max(last_step(records), int((trial.last_result or {}).get("step", 0)))
+        if steps >= self.total_steps:
+            self.close(trial.trial_id, "finished")
+        elif stopped_early(records):
+            self.close(trial.trial_id, "stopped")
+        else:  # ended without an error short of its last step: Tune was stopped (Ctrl-C)
+            self.close(trial.trial_id, "interrupted")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.close(trial.trial_id, "failed", error=trial_error_text(trial))

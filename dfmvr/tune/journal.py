@@ -79,8 +79,19 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(pool, key=lambda r: r["metric"]) if pool else None
 
 
+STOPPED = "stopped"
+"""``event`` of the journal line ASHA writes when it stops a trial early."""
+
+
+def stopped_early(records: list[dict[str, Any]]) -> bool:
+    """Whether the scheduler stopped the trial before its last step."""
+    return any(r.get("event") == STOPPED for r in records)
+
+
 class ResumableASHA(AsyncHyperBandScheduler):
-    """ASHA (``time_attr`` = optimiser step) that re-learns restored trials' rungs from the journal.
+    """ASHA (``time_attr`` = optimiser step) that re-learns restored trials' rungs from the journal,
+    and journals its early stops (``{"trial_id", "step", "event": "stopped"}``) so the table can
+    tell a stopped trial from an interrupted one.
 
     Metric and mode come from ``tune.TuneConfig`` (Tune refuses them in both places).
     """
@@ -104,3 +115,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
             bracket.on_result(trial, rec["step"], self._metric_op * metric)
         if records:
             _logger.info("ASHA: replayed %d results of restored trial %s", len(records), trial.trial_id)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if action == self.STOP and step is not None and step < self._max_t:
+            ResultJournal(self._journal_path).append({"trial_id": trial.trial_id, "step": float(step),
+                                                      "event": STOPPED})
+        return action

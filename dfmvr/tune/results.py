@@ -35,7 +35,8 @@ class TrialRecord:
     params: dict[str, Any]
     """The trial's searched values (dotted keys)."""
     status: str
-    """``finished``, ``stopped`` (early, by ASHA) or ``failed``."""
+    """``finished``, ``stopped`` (early, by ASHA), ``failed`` or ``interrupted`` (the sweep was
+    stopped before the trial ended: ``--resume`` continues it)."""
     val_rmse_mm: float | None
     """Lowest validation RMSE the trial reported (mm), None when it reported none."""
     steps: int
@@ -101,7 +102,7 @@ def trial_records(result_grid, journal: dict[str, list[dict[str, Any]]], *, tota
         names / descriptions / labels / run_ids: by trial id (trial name, variant description,
             space label, MLflow child run id).
     """
-    from dfmvr.tune.journal import last_step, train_seconds
+    from dfmvr.tune.journal import last_step, stopped_early, train_seconds
     from dfmvr.tune.runs import short_error
 
     out = []
@@ -118,8 +119,10 @@ def trial_records(result_grid, journal: dict[str, list[dict[str, Any]]], *, tota
             status = "failed"
         elif steps >= total_steps:
             status = "finished"
-        else:
+        elif stopped_early(recs):
             status = "stopped"
+        else:
+            status = "interrupted"
         variant = cfg.get("variant") or ""
         desc = " ".join(x for x in (descriptions.get(variant, ""), labels.get(trial_id, "")) if x)
         out.append(TrialRecord(
@@ -139,7 +142,7 @@ def _status(records: list[TrialRecord]) -> str:
     if set(counts) == {"finished"}:
         return "finished"
     parts = []
-    for status in ("finished", "stopped", "failed"):
+    for status in ("finished", "stopped", "failed", "interrupted"):
         if status not in counts:
             continue
         if status == "stopped":
@@ -149,7 +152,7 @@ def _status(records: list[TrialRecord]) -> str:
             errors = sorted({r.error for r in records if r.status == "failed"})
             parts.append(f"{counts[status]} failed: {'; '.join(errors)}")
         else:
-            parts.append(f"{counts[status]} finished")
+            parts.append(f"{counts[status]} {status}")
     return ", ".join(parts)
 
 

@@ -27,8 +27,9 @@ TAG_STATUS = "dfmvr.trial_status"
 TAG_ERROR = "dfmvr.error"
 PARENT_TAG = "mlflow.parentRunId"
 
-MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
-"""Trial outcome -> MLflow run status (an early-stopped trial is KILLED: it ended on purpose)."""
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+"""Trial outcome -> MLflow run status (stopped early by ASHA, or interrupted with the sweep:
+KILLED; ``dfmvr.trial_status`` tells which; ``--resume`` reopens an interrupted trial's run)."""
 
 
 def client(tracking_uri: str):
@@ -112,7 +113,8 @@ def short_error(error: BaseException | str) -> str:
 
 def close_child(c, run_id: str, outcome: str, *, error: str = "", metrics: Mapping[str, float] | None = None,
                 checkpoint_dir: str | Path | None = None) -> None:
-    """End a child run: outcome tag and MLflow status (``finished``/``stopped``/``failed``), the
+    """End a child run: outcome tag and MLflow status (``finished``/``stopped``/``failed``/
+    ``interrupted``), the
     error (tag: one line; artifact ``error.txt``: all of it), summary metrics, the best checkpoint
     (artifact ``checkpoint/``: ``dfmvr.serving.load("runs:/<id>/checkpoint")`` loads it)."""
     if metrics:

@@ -241,10 +241,10 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
             ),
         )
     try:
-        grid = tuner.fit()
-    except BaseException:
-        # an interrupted driver leaves the parent RUNNING only if it is killed; here we know
-        client.set_terminated(parent_run_id, status="FAILED")
+        grid = tuner.fit()  # a first Ctrl-C makes Tune save its state and return: see _finish
+    except BaseException as e:
+        # only a killed driver leaves the parent RUNNING; --resume sets it RUNNING again
+        client.set_terminated(parent_run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     seconds = time.perf_counter() - t0
     return _finish(cfg, plan, grid, ctx=ctx, dists=dists, folder=folder, client=client, seconds=seconds,
@@ -289,7 +289,8 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
     paths = results.write(folder, rows, records, title=title, reference_name=plan.reference)
     for p in paths.values():
         client.log_artifact(parent, str(p))
-    counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped", "failed")}
+    counts = {s: sum(r.status == s for r in records) for s in ("finished", "stopped", "failed", "interrupted")}
+    interrupted = counts["interrupted"] > 0
     ranked = sorted((r for r in records if r.val_rmse_mm is not None and r.status != "failed"),
                     key=lambda r: r.val_rmse_mm)
     best = ranked[0] if ranked else None
@@ -301,9 +302,9 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
             key = row.trial if len(row.trial) <= 40 else row.trial[:40]
             parent_metrics[f"rows/{key}/val_rmse_mm"] = row.mean
     runs.log_metrics(client, parent, {k.replace(" ", "_").replace(",", ""): v for k, v in parent_metrics.items()})
-    client.set_terminated(parent, status="FINISHED")
+    client.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
     summary: dict[str, Any] = {
-        "status": "FINISHED",
+        "status": "INTERRUPTED" if interrupted else "FINISHED",
         "sweep": cfg.tune.name,
         "preset": plan.preset or "none",
         "trials": len(records),
@@ -321,5 +322,9 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
     if best is not None:
         summary.update({"best_trial": best.name, "best_val_rmse_mm": best.val_rmse_mm,
                         "best_checkpoint": f"runs:/{best.run_id}/checkpoint" if best.run_id else ""})
+    if interrupted:
+        _logger.warning("sweep %s interrupted with %d trials unfinished; continue it with: python jobs/tune.py "
+                        "--resume tune.name=%s work_dir=%s", cfg.tune.name, counts["interrupted"], cfg.tune.name,
+                        cfg.work_dir)
     _logger.info("sweep %s done: %s", cfg.tune.name, counts)
     return summary

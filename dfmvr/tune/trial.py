@@ -73,7 +73,6 @@ def trial_config(ctx: SweepContext, params: dict, trial_id: str) -> Config:
         "train.num_workers": t.workers_per_trial,
         "train.cpus_per_worker": t.cpus_per_worker,
         "train.use_gpu": "true" if t.gpus_per_worker > 0 else "false",
-        "train.resume_from": "",
     })
     return apply_overrides(base, overrides)
 

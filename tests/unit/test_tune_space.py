@@ -10,7 +10,7 @@ import pytest
 
 from dfmvr.config import Config, apply_overrides, flatten, from_dict, load_yaml, to_dict
 from dfmvr.presets import tiny
-from dfmvr.tune.journal import ResultJournal, ResumableASHA, best_record, last_step, train_seconds
+from dfmvr.tune.journal import ResultJournal, ResumableASHA, best_record, last_step, stopped_early, train_seconds
 from dfmvr.tune.presets import get_sweep, list_sweeps
 from dfmvr.tune.results import Row, TrialRecord, markdown, plot, summarise
 from dfmvr.tune.runs import short_error
@@ -242,12 +242,18 @@ def test_resumed_asha_compares_new_trials_with_the_rungs_of_trials_before_the_in
     assert resumed.on_trial_result(None, _Trial("c"), worse) == "STOP"
     resumed.on_trial_add(None, _Trial("d"))
     assert resumed.on_trial_result(None, _Trial("d"), {"step": 4.0, "val/rmse_mm": 4.80}) == "CONTINUE"
+    # the early stop is journaled (the table tells it from an interruption); the end of a trial is not
+    assert resumed.on_trial_result(None, _Trial("d"), {"step": 16.0, "val/rmse_mm": 4.70}) == "STOP"
+    records = ResultJournal(journal).read()
+    assert stopped_early(records["c"]) and not stopped_early(records.get("d", []))
+    assert records["c"][-1] == {"trial_id": "c", "step": 4.0, "event": "stopped"}
 
 
 # --- the table and the chart ----------------------------------------------------------------
 
-def _rec(name, variant, seed, status, val, *, steps=8, secs=60.0, error="", extra=None):
-    return TrialRecord(trial_id=f"x_{seed:05d}{name}", name=name, variant=variant, description=f"{variant} desc",
+def _rec(name, variant, seed, status, val, *, steps=8, secs=60.0, error="", extra=None, description=None):
+    description = f"{variant} desc" if description is None else description
+    return TrialRecord(trial_id=f"x_{seed:05d}{name}", name=name, variant=variant, description=description,
                        seed=seed, params={}, status=status, val_rmse_mm=val, steps=steps, train_seconds=secs,
                        error=error, extra=extra or {})
 
@@ -283,6 +289,13 @@ def test_angle_rows_are_the_test_angles_over_every_trained_seed():
     rows = summarise(records, angles=["yaw30", "random"])
     assert [(r.trial, r.seeds) for r in rows] == [("yaw30", 2), ("random", 2)]
     assert rows[0].mean == pytest.approx(3.1) and rows[1].mean == pytest.approx(3.4)
+
+
+def test_trials_cut_short_by_a_stopped_sweep_are_interrupted_not_stopped():
+    rows = summarise([_rec("trial-00000", "", 0, "interrupted", 5.0, steps=4, description="lr=0.1"),
+                      _rec("trial-00001", "", 1, "finished", 4.0, description="lr=0.01")])
+    assert [(r.trial, r.variant, r.status) for r in rows] == [("trial-00000", "lr=0.1", "1 interrupted"),
+                                                              ("trial-00001", "lr=0.01", "finished")]
 
 
 def test_a_row_without_values_shows_no_number():
