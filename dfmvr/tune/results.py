@@ -244,7 +244,7 @@ def plot(rows: list[Row], path: str | Path, *, title: str = "", reference_name: 
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(rows)), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 1.1 * len(rows)), 4.0), dpi=120)
     xs = list(range(len(rows)))
     means = [r.mean if r.mean is not None else 0.0 for r in rows]
     stds = [r.std or 0.0 for r in rows]
@@ -259,11 +259,17 @@ def plot(rows: list[Row], path: str | Path, *, title: str = "", reference_name: 
     if refs:
         ax.scatter([x for x, _ in refs], [v for _, v in refs], marker="D", color="#DD8452", zorder=3,
                    label=reference_name or "reference")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.set_xticks(xs)
-    names = [r.trial if not r.trial.startswith("trial-") else r.variant or r.trial for r in rows]
-    ax.set_xticklabels([n if len(n) <= 16 else n[:15] + "…" for n in names], fontsize=7,
-                       rotation=0 if len(rows) <= 6 else 45, ha="center" if len(rows) <= 6 else "right")
+
+    def short(text: str) -> str:
+        return text if len(text) <= 22 else text[:21] + "…"
+
+    # named variants: name over what it changes; search trials: their point in the space
+    names = [short(r.variant or r.trial) if r.trial.startswith("trial-") else f"{r.trial}\n{short(r.variant)}"
+             for r in rows]
+    ax.set_xticklabels(names, fontsize=7, rotation=0 if len(rows) <= 6 else 45,
+                       ha="center" if len(rows) <= 6 else "right")
     ax.set_ylabel("val RMSE (mm)")
     if title:
         ax.set_title(title, fontsize=9)

@@ -100,7 +100,9 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dfmvr.train.launch import _best_checkpoint, _checkpoint_uri, build_trainer
+    from dfmvr.train.loop import VAL_METRIC
     from dfmvr.tune import runs
+    from dfmvr.tune.callback import CHECKPOINT_PATH_KEY
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trial_id = tune.get_context().get_trial_id()
@@ -120,11 +122,14 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
                             scaling=trial_scaling(cfg), callbacks=[TuneReportCallback()])
     try:
         result = trainer.fit()
+        best = _best_checkpoint(result)
+        final: dict[str, Any] = {"step": float((result.metrics or {}).get("step", 0))}
+        if best is not None:
+            ckpt, metrics = best
+            final.update({VAL_METRIC: float(metrics.get(VAL_METRIC, math.inf)), CHECKPOINT_PATH_KEY: ckpt.path})
         if ctx.angle_sets:
-            best = _best_checkpoint(result)
             if best is None:
                 raise RuntimeError(f"trial {trial_id}: training reported no checkpoint to evaluate on the angle sets")
-            ckpt, metrics = best
             from dfmvr.train.checkpoint import resolve_checkpoint
             from dfmvr.tune.angles import evaluate_angles
 
@@ -132,11 +137,13 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
                 local = resolve_checkpoint(_checkpoint_uri(ckpt, ctx.train_storage), cache_dir=tmp)
                 angle_metrics = evaluate_angles(str(local), cfg, ctx.angle_sets)
             runs.log_metrics(client, run_id, angle_metrics, step=int(metrics.get("step", 0)))
-            # a last report: the step and validation RMSE of the evaluated checkpoint, with the angles
-            from dfmvr.train.loop import VAL_METRIC
-
-            tune.report({"step": float(metrics.get("step", cfg.train.steps)),
-                         VAL_METRIC: float(metrics.get(VAL_METRIC, math.inf)), **angle_metrics})
+            final.update(angle_metrics)
+        # A closing report: the last step and the best checkpoint (with the angle metrics). It
+        # repeats what Tune has seen, except when this attempt resumed a Ray Train run that had
+        # already trained to its end before an interruption (nothing new to report then, and the
+        # old reports may never have reached the sweep driver): without it, that trial would look
+        # unfinished.
+        tune.report(final)
     except Exception as e:
         # the sweep driver marks the trial failed too; here the whole traceback is at hand
         runs.close_child(client, run_id, "failed", error=f"{runs.short_error(e)}\n\n{traceback.format_exc()}")
