@@ -7,7 +7,7 @@ One machine (after python jobs/train.py; MLflow in ./work/mlflow.db):
            python jobs/evaluate.py --checkpoint models:/dfmvr/1
 
 Usage: python jobs/evaluate.py --checkpoint URI [--split test] [--out DIR] [--ray-threshold 256]
-           [--chunk-size 64] [--overlays 4] [--max-samples N] [--device cpu|cuda|auto]
+           [--chunk-size 64] [--overlays 4] [--max-samples N] [--icp-iters 60] [--device cpu|cuda|auto]
            [--no-mlflow] [--summary-json PATH] [--config FILE.yaml] [key=value ...]
 URI: a checkpoint directory, s3://bucket/prefix, runs:/RUN_ID/model or models:/NAME/VERSION.
 Overrides (dotted config keys) apply on top of the checkpoint's own config, e.g. data.url=ROOT
@@ -41,6 +41,7 @@ def _options(parser) -> None:
     parser.add_argument("--overlays", type=int, default=4, help="best and worst samples drawn, each")
     parser.add_argument("--max-samples", type=int, default=0, help="only the first N samples (0: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument("--icp-iters", type=int, default=60, help="most ICP iterations per alignment")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = EvalConfig(split=args.split, out=args.out or str(work / "eval" / f"{checkpoint_slug(args.checkpoint)}-{args.split}"),
                          batch_size=args.batch_size, ray_threshold=args.ray_threshold, chunk_size=args.chunk_size,
-                         n_overlays=args.overlays, max_samples=args.max_samples, device=args.device)
+                         n_overlays=args.overlays, max_samples=args.max_samples, device=args.device,
+                         icp_iters=args.icp_iters)
         recon = load(args.checkpoint, resolve_device(args.device), overrides)
         report = evaluate(recon, cfg, overrides=overrides)
     except (FileNotFoundError, ValueError, KeyError) as e:  # ManifestError and CaptureError are ValueErrors

@@ -162,16 +162,19 @@ def score(pred: np.ndarray, truth: ScanTruth, faces: np.ndarray, keypoints: np.n
     from dfmvr.train.metrics import aligned_vertex_rmse_mm
 
     lmk = pred[keypoints]
-    now = m.now_error(pred, faces, lmk[list(m.NOW_LANDMARKS_IBUG)], truth.vertices, truth.faces, truth.lmk7,
-                      icp_iters=icp_iters, source=source)
+    pred_lmk7 = lmk[list(m.NOW_LANDMARKS_IBUG)]
+    icp = m.IcpConfig(max_iters=icp_iters)
+    now = m.now_error(pred, faces, pred_lmk7, truth.vertices, truth.faces, truth.lmk7, icp=icp, source=source)
     out = {"now_mean_mm": now.mean_mm, "now_median_mm": now.median_mm, "now_std_mm": now.std_mm,
            "now_points": float(now.n_scan_points)}
+    # the 7 landmarks give ICP its start (a scan's frame need not be the model's); the nose tip crops
     out["p2p_rmse_mm"] = float(m.p2p_rmse(pred, faces, truth.vertices, truth.faces, scan_nose_tip=truth.nose_tip,
-                                          pred_nose_tip=lmk[NOSE_TIP_IBUG], source=source))
+                                          pred_nose_tip=lmk[NOSE_TIP_IBUG], scan_landmarks=truth.lmk7,
+                                          pred_landmarks=pred_lmk7, icp=icp, source=source))
     if truth.same_topology:
         p, g = torch.from_numpy(pred)[None], torch.from_numpy(truth.vertices)[None]
         out["vertex_rmse_mm"] = float(aligned_vertex_rmse_mm(p.double(), g.double())[0])
-        for name, value in m.region_errors(pred, truth.vertices, regions).items():
+        for name, value in m.region_errors(pred, truth.vertices, regions, source=source).items():
             out[f"region_{name}_mm"] = float(value)
     return out, now.distances_mm.astype(np.float32)
 

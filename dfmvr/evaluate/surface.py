@@ -24,6 +24,7 @@ How a query works:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -215,7 +216,7 @@ class MeshSurface:
         self.face_normals = n / np.where(norm == 0.0, 1.0, norm)
         """``[F, 3]`` unit normals (right-hand rule over the face's vertex order; zero when degenerate)."""
         self.n_retried = 0
-        """Query points that needed a second (wider) query so far (for benchmarks and tests)."""
+        """Query points that needed the second (ball) query so far (for benchmarks and tests)."""
 
     def closest(self, points: np.ndarray) -> SurfaceHit:
         """The closest surface point of each of ``points [P, 3]``; exact (see the module docstring)."""
@@ -225,28 +226,23 @@ class MeshSurface:
         out_q = np.empty_like(p)
         out_d = np.empty(len(p))
         out_f = np.empty(len(p), dtype=np.int64)
-        todo = np.arange(len(p))
-        k = self.k
-        while len(todo):
-            exhaustive = k >= len(self.samples)
-            k = min(k, len(self.samples))
-            unsure = []
-            # chunks bound the [points, k, 3] intermediates (~50 MB each)
-            step = max(1, _CHUNK_PAIRS // k)
-            for lo in range(0, len(todo), step):
-                idx = todo[lo:lo + step]
-                q, d, f, certain = self._query(p[idx], k)
-                out_q[idx], out_d[idx], out_f[idx] = q, d, f
-                unsure.append(idx[~certain] if not exhaustive else idx[:0])
-            todo = np.concatenate(unsure)
-            if len(todo):
-                self.n_retried += len(todo)
-                k *= 4
+        unsure = []
+        step = max(1, _CHUNK_PAIRS // self.k)  # bounds the [points, k, 3] intermediates
+        for lo in range(0, len(p), step):
+            q, d, f, certain = self._query(p[lo:lo + step])
+            out_q[lo:lo + step], out_d[lo:lo + step], out_f[lo:lo + step] = q, d, f
+            unsure.append(lo + np.flatnonzero(~certain))
+        todo = np.concatenate(unsure) if unsure else np.zeros(0, np.int64)
+        if len(todo):
+            self.n_retried += len(todo)
+            q, d, f = self._ball(p[todo], out_d[todo] + self.bound)
+            out_q[todo], out_d[todo], out_f[todo] = q, d, f
         return SurfaceHit(points=out_q, distances=out_d, faces=out_f)
 
-    def _query(self, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _query(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Nearest point among the faces of the ``k`` nearest samples, and whether it is provably
         the nearest on the whole surface."""
+        k = self.k
         sdist, near = self.tree.query(p, k=k)
         sdist = sdist.reshape(len(p), k)
         cand = self.sample_face[near.reshape(len(p), k)]
@@ -255,7 +251,40 @@ class MeshSurface:
         best = d2.argmin(axis=1)
         rows = np.arange(len(p))
         d = np.sqrt(d2[rows, best])
-        return q[rows, best], d, cand[rows, best], d <= sdist[:, -1] - self.bound
+        certain = d <= sdist[:, -1] - self.bound if k < len(self.samples) else np.ones(len(p), bool)
+        return q[rows, best], d, cand[rows, best], certain
+
+    def _ball(self, p: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact answers by trying every face with a sample within ``radius`` of each point."""
+        out_q = np.empty_like(p)
+        out_d = np.empty(len(p))
+        out_f = np.empty(len(p), dtype=np.int64)
+        n_faces = len(self.faces)
+        start = 0
+        while start < len(p):
+            # grow the chunk while its pairs fit the budget (counts first, lists after)
+            counts = self.tree.query_ball_point(p[start:start + 4096], radius[start:start + 4096],
+                                                return_length=True)
+            take = max(1, int(np.searchsorted(np.cumsum(counts), _CHUNK_PAIRS, side="right")))
+            stop = start + take
+            lists = self.tree.query_ball_point(p[start:stop], radius[start:stop])
+            sizes = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+            assert (sizes > 0).all(), "the ball always holds a sample of the face the k-query found"
+            owner = np.repeat(np.arange(stop - start), sizes)
+            faces = self.sample_face[np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64,
+                                                 count=int(sizes.sum()))]
+            # a face's samples often share one ball: try each face once per point
+            key = np.unique(owner * n_faces + faces)
+            owner, faces = key // n_faces, key % n_faces
+            q = self._on_faces(p[start + owner], faces)
+            d2 = ((q - p[start + owner]) ** 2).sum(-1)
+            first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            low = np.minimum.reduceat(d2, first)
+            hit = np.flatnonzero(d2 == low[owner])
+            pick = hit[np.unique(owner[hit], return_index=True)[1]]
+            out_q[start:stop], out_d[start:stop], out_f[start:stop] = q[pick], np.sqrt(d2[pick]), faces[pick]
+            start = stop
+        return out_q, out_d, out_f
 
     def _on_faces(self, p: np.ndarray, face_idx: np.ndarray) -> np.ndarray:
         return _closest(p, self._terms.take(face_idx))
