@@ -422,10 +422,13 @@ def point_to_plane(pred_vertices: np.ndarray, pred_faces: np.ndarray, scan_verti
     translation that puts the predicted nose tip on the scan's (or, when both landmark sets are
     given, from their Procrustes similarity); ICP with scale on the kept points
     (:func:`icp_similarity`); then each kept scan point ``p`` with closest point ``q`` on the
-    aligned predicted surface, on face ``f`` with unit normal ``n_f``, contributes
-    ``|(p - q) . n_f|``, its distance to the tangent plane of the surface at ``q``. Where ``q``
-    is inside a face that equals ``|p - q|``; where it is on an edge or a corner (scan points past
-    the prediction's border) it is the distance to the plane of the face the query returned.
+    aligned predicted surface contributes ``|(p - q) . n(q)|``, its distance to the tangent plane
+    of the surface at ``q``, with ``n(q)`` the prediction's angle-weighted vertex normals
+    interpolated at ``q`` (:meth:`~dfmvr.evaluate.surface.MeshSurface.normals_at`). A face
+    normal would leave the plane undefined wherever ``q`` is on an edge or a corner (which of the
+    faces sharing it?), and on a face mesh a large share of the closest points are; the
+    interpolated normal has one value there. The distance is at most ``|p - q|`` (the
+    scan-to-mesh distance) and equals it where ``p - q`` is along ``n(q)``.
 
     Args:
         pred_vertices, pred_faces: ``[N, 3]``, ``[F, 3]`` the reconstruction.
@@ -468,7 +471,7 @@ def point_to_plane(pred_vertices: np.ndarray, pred_faces: np.ndarray, scan_verti
     tf, iters = icp_similarity(surface, pts, init, cfg)
     local = tf.inverse_apply(pts)
     hit = surface.closest(local)
-    d = np.abs(np.einsum("ij,ij->i", local - hit.points, surface.face_normals[hit.faces])) * tf.scale
+    d = np.abs(np.einsum("ij,ij->i", local - hit.points, surface.normals_at(hit))) * tf.scale
     return P2PResult(distances_mm=d, rmse_mm=float(np.sqrt(np.mean(d ** 2))), transform=tf.matrix(m),
                      n_scan_points=len(d), icp_iterations=iters)
 

@@ -217,6 +217,56 @@ class MeshSurface:
         """``[F, 3]`` unit normals (right-hand rule over the face's vertex order; zero when degenerate)."""
         self.n_retried = 0
         """Query points that needed the second (ball) query so far (for benchmarks and tests)."""
+        self._vertex_normals: np.ndarray | None = None
+
+    @property
+    def vertex_normals(self) -> np.ndarray:
+        """``[N, 3]`` unit vertex normals: the normals of the faces around each vertex, weighted by
+        the face's angle at that vertex (so they do not depend on how a region is triangulated);
+        zero for a vertex no non-degenerate face uses. Computed on first use."""
+        if self._vertex_normals is None:
+            c = self.corners
+            weights = np.empty((len(c), 3))
+            for i in range(3):
+                e1, e2 = c[:, (i + 1) % 3] - c[:, i], c[:, (i + 2) % 3] - c[:, i]
+                weights[:, i] = np.arctan2(np.linalg.norm(np.cross(e1, e2), axis=1), np.einsum("ij,ij->i", e1, e2))
+            acc = np.zeros_like(self.vertices)
+            for i in range(3):
+                np.add.at(acc, self.faces[:, i], self.face_normals * weights[:, i, None])
+            norm = np.linalg.norm(acc, axis=1, keepdims=True)
+            self._vertex_normals = acc / np.where(norm == 0.0, 1.0, norm)
+        return self._vertex_normals
+
+    def barycentric(self, points: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """``[P, 3]`` barycentric weights of ``points [P, 3]`` (on or near the surface) in the faces
+        ``faces [P]`` (e.g. a :class:`SurfaceHit`'s); for a degenerate face, weight 1 on its corner
+        nearest the point."""
+        t = self._terms.take(faces)
+        ap = np.asarray(points, dtype=np.float64) - t.a
+        d1 = np.einsum("ij,ij->i", t.ab, ap)
+        d2 = np.einsum("ij,ij->i", t.ac, ap)
+        denom = t.e11 * t.e22 - t.e12 ** 2
+        safe = np.where(t.degenerate | (denom == 0.0), 1.0, denom)
+        v = (t.e22 * d1 - t.e12 * d2) / safe
+        w = (t.e11 * d2 - t.e12 * d1) / safe
+        out = np.stack([1.0 - v - w, v, w], axis=1)
+        bad = t.degenerate | (denom == 0.0)
+        if bad.any():
+            corners = self.corners[faces[bad]]
+            near = np.linalg.norm(corners - np.asarray(points, dtype=np.float64)[bad, None], axis=2).argmin(1)
+            out[bad] = np.eye(3)[near]
+        return out
+
+    def normals_at(self, hit: SurfaceHit) -> np.ndarray:
+        """``[P, 3]`` unit surface normal at each closest point of ``hit``: the vertex normals
+        (:attr:`vertex_normals`) interpolated with the point's barycentric weights. Unlike a face
+        normal it is one value at a point on an edge or corner (whichever of the faces sharing it
+        the query returned) and it varies continuously over the surface; the face's own normal
+        where the interpolation vanishes."""
+        bary = self.barycentric(hit.points, hit.faces)
+        n = np.einsum("pk,pkj->pj", bary, self.vertex_normals[self.faces[hit.faces]])
+        norm = np.linalg.norm(n, axis=1, keepdims=True)
+        return np.where(norm > 1e-12, n / np.where(norm == 0.0, 1.0, norm), self.face_normals[hit.faces])
 
     def closest(self, points: np.ndarray) -> SurfaceHit:
         """The closest surface point of each of ``points [P, 3]``; exact (see the module docstring)."""
