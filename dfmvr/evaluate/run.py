@@ -19,9 +19,9 @@ per-region errors (``region_<name>_mm``). The split's ``now_*`` statistics pool 
 all samples, as NoW does; ``p2p_rmse_mm``, ``vertex_rmse_mm`` and the regions average the
 per-sample values.
 
-A sample that cannot be scored (undecodable, landmarks outside its image, a scan without faces
-or with NaN vertices, no scan landmarks, a non-finite prediction) is skipped with a reason that
-names it and its shard; the run goes on and the summary lists them. Splits of more than
+A sample that cannot be scored (undecodable, landmarks well outside its image, a scan without
+faces or with NaN vertices, no scan landmarks, a non-finite prediction) is skipped with a reason
+that names it and its shard; the run goes on and the summary lists them. Splits of more than
 ``ray_threshold`` samples are cut into chunks spread over Ray tasks; smaller ones run in this
 process.
 """

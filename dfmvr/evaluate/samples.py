@@ -8,7 +8,7 @@ sample positions within one shard (:func:`plan_chunks`). A chunk is read by stre
 and decoding only the samples in its range (:func:`read_chunk`), which yields either a decoded
 :class:`~dfmvr.data.batch.TripletItem` or a :class:`Skipped` record naming the sample, its
 shard and the problem. Beyond what the decoder checks, a sample is refused when a landmark lies
-outside its image (the crop does not hold the face the way the model expects).
+well outside its image (the crop does not hold the face the way the model expects).
 """
 
 from __future__ import annotations
@@ -94,13 +94,20 @@ def make_decoder(manifest: Manifest, image_size: int, *, with_gt: bool, weight_m
                           tally=Tally())
 
 
+LANDMARK_MARGIN = 0.1
+"""How far (share of the image side) a 2D landmark may lie outside the image before the sample
+is refused: a crop that cuts the chin's tip is normal (3 of 114 synthetic samples at 64 px had
+a jaw landmark up to 1.6 px outside), landmarks far outside mean wrong landmarks or a wrong crop."""
+
+
 def landmark_problem(lmk2d: np.ndarray, size: int) -> str | None:
     """Why ``lmk2d [V, 68, 2]`` (pixels at side ``size``) is unusable, or None.
 
-    A landmark outside ``[0, size]`` on either axis means the crop does not contain the face as
-    the shards' alignment promises.
+    A landmark more than :data:`LANDMARK_MARGIN` of the side outside ``[0, size]`` on either
+    axis means the crop does not contain the face as the shards' alignment promises.
     """
-    outside = ~((lmk2d >= 0) & (lmk2d <= size)).all(-1)  # [V, 68]
+    slack = LANDMARK_MARGIN * size
+    outside = ~((lmk2d >= -slack) & (lmk2d <= size + slack)).all(-1)  # [V, 68]
     if not outside.any():
         return None
     parts = []
@@ -109,7 +116,8 @@ def landmark_problem(lmk2d: np.ndarray, size: int) -> str | None:
         if idx.size:
             x, y = lmk2d[v, idx[0]]
             parts.append(f"{idx.size} in view '{view}' (e.g. landmark {idx[0]} at ({x:.1f}, {y:.1f}))")
-    return f"lmk2d: landmarks outside the {size} x {size} image: " + ", ".join(parts)
+    return (f"lmk2d: landmarks more than {slack:.3g} px outside the {size} x {size} image: "
+            + ", ".join(parts))
 
 
 class _Errors:
@@ -172,4 +180,4 @@ def _not_gt(fname: str) -> bool:
     return not fname.endswith(".gt.npz")
 
 
-__all__ = ["ShardChunk", "Skipped", "landmark_problem", "make_decoder", "plan_chunks", "read_chunk"]
+__all__ = ["LANDMARK_MARGIN", "ShardChunk", "Skipped", "landmark_problem", "make_decoder", "plan_chunks", "read_chunk"]
