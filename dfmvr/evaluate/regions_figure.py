@@ -5,12 +5,13 @@
 One row per model (the 2500-vertex and the default 35709-vertex procedural models unless
 ``--n-vertices`` says otherwise), columns: front and a 40-degree turn to the subject's left.
 Faces take the region most of their vertices have, flat-shaded by a light from the front; the
-68 landmarks are dots.
+68 landmarks that face the viewer are dots.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dfmvr.evaluate.metrics import REGION_NAMES, vertex_regions
+from dfmvr.evaluate.surface import MeshSurface
 from dfmvr.facemodel.model import MM_PER_UNIT, FaceModel
 
 _logger = logging.getLogger(__name__)
@@ -51,7 +53,10 @@ def draw_regions(ax, model: FaceModel, yaw_deg: float = 0.0) -> None:
     order = order[visible[order]]
     polys = v[tri[order]][:, :, :2]
     ax.add_collection(PolyCollection(polys, facecolors=colours[order] * shade[order, None], edgecolors="none"))
-    kp = v[model.keypoints.numpy()]
+    # landmarks on the far side of the turned head would show through it: only the facing ones
+    kp_idx = model.keypoints.numpy()
+    facing = MeshSurface(v, tri).vertex_normals[kp_idx, 2] > 0
+    kp = v[kp_idx[facing]]
     ax.scatter(kp[:, 0], kp[:, 1], s=4, c="k", zorder=3)
     ax.set_xlim(v[:, 0].min() - 5, v[:, 0].max() + 5)
     ax.set_ylim(v[:, 1].min() - 5, v[:, 1].max() + 5)
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
     from matplotlib.patches import Patch
 
     from dfmvr.facemodel.procedural import make_procedural_model
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/evaluation-regions.png", help="PNG to write")
     parser.add_argument("--n-vertices", type=int, nargs="+", default=[2500, 35709])
+    parser.add_argument("--dpi", type=int, default=90, help="resolution")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     yaws = (0.0, 40.0)
@@ -85,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
                loc="lower center", ncol=len(REGION_NAMES), frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    # a 128-colour palette (Pillow comes with matplotlib) keeps the figure near 150 KB for docs/
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=args.dpi, format="png")
+    image = Image.open(buf).convert("RGB")
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(args.out, optimize=True)
     _logger.info("wrote %s", args.out)
 
 
