@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -95,10 +96,13 @@ def test_evaluate_job_on_ray_matches_in_process_and_logs_to_the_run(trained, tmp
     from dfmvr.serving import load
 
     out = tmp_path / "job"
-    res = _job("evaluate.py", "--checkpoint", trained.models_uri, "--out", str(out), "--ray-threshold", "1",
-               "--chunk-size", "1", "--max-samples", "3", "--overlays", "1", "--icp-iters", ICP_ITERS,
-               "--device", "cpu", "--summary-json", str(tmp_path / "summary.json"),
-               env_extra=_ray_env(tmp_path))
+    env = _ray_env(tmp_path)
+    try:
+        res = _job("evaluate.py", "--checkpoint", trained.models_uri, "--out", str(out), "--ray-threshold", "1",
+                   "--chunk-size", "1", "--max-samples", "3", "--overlays", "1", "--icp-iters", ICP_ITERS,
+                   "--device", "cpu", "--summary-json", str(tmp_path / "summary.json"), env_extra=env)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads((out / "summary.json").read_text())
