@@ -4,8 +4,10 @@ printing the final summary."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dfmvr.config import Config, apply_overrides, load_yaml, parse_cli_overrides
@@ -38,6 +40,19 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
         if isinstance(value, float):
             value = f"{value:.4f}"
         print(f"  {key:<{width}}  {value}")
+
+
+def finish_batch_job(title: str, shown: dict[str, Any], skipped: Sequence, noun: str,
+                     summary_json: str | None, payload: dict[str, Any]) -> None:
+    """A batch job's ending: the summary block, then every skipped item's message (a batch goes on
+    past bad items and lists them here), then ``payload`` as JSON at ``summary_json`` if given."""
+    print_summary(title, shown)
+    if skipped:
+        print(f"\nskipped {len(skipped)} {noun}(s):")
+        for item in skipped:
+            print(f"  {item.message()}")
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(payload, indent=2))
 
 
 def parse_job_args(description: str, argv: Sequence[str] | None = None, *,

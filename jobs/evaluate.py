@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dfmvr.cli import overrides_of, parse_job_args, print_summary  # noqa: E402
+from dfmvr.cli import finish_batch_job, overrides_of, parse_job_args  # noqa: E402
 
 
 def _options(parser) -> None:
@@ -85,16 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     (report.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     print("\n" + format_table(summary))
-    print_summary("evaluation", {"checkpoint": summary["checkpoint"], "split": summary["split"],
-                                 "samples": summary["samples"], "skipped": summary["n_skipped"],
-                                 "ray": summary["ray"], "seconds": summary["seconds"], "out": summary["out"],
-                                 "mlflow_run_id": run_id or summary["mlflow"]["note"]})
-    if report.skipped:
-        print(f"\nskipped {len(report.skipped)} sample(s):")
-        for s in report.skipped:
-            print(f"  {s.message()}")
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+    finish_batch_job("evaluation", {"checkpoint": summary["checkpoint"], "split": summary["split"],
+                                    "samples": summary["samples"], "skipped": summary["n_skipped"],
+                                    "ray": summary["ray"], "seconds": summary["seconds"], "out": summary["out"],
+                                    "mlflow_run_id": run_id or summary["mlflow"]["note"]},
+                     report.skipped, "sample", args.summary_json, summary)
     return 0 if summary["samples"] else 1
 
 

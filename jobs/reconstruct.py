@@ -18,7 +18,6 @@ Exit status: 0 done (skipped captures are listed), 1 nothing could be reconstruc
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dfmvr.cli import overrides_of, parse_job_args, print_summary  # noqa: E402
+from dfmvr.cli import finish_batch_job, overrides_of, parse_job_args  # noqa: E402
 
 
 def _options(parser) -> None:
@@ -66,15 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     result = summary.to_dict()
-    print_summary("reconstruction", {"checkpoint": result["checkpoint"], "done": result["n_done"],
-                                     "skipped": result["n_skipped"], "out": result["out"],
-                                     "contact_sheet": result["contact_sheet"]})
-    if summary.skipped:
-        print(f"\nskipped {len(summary.skipped)} capture(s):")
-        for s in summary.skipped:
-            print(f"  {s.message()}")
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(result, indent=2))
+    finish_batch_job("reconstruction", {"checkpoint": result["checkpoint"], "done": result["n_done"],
+                                        "skipped": result["n_skipped"], "out": result["out"],
+                                        "contact_sheet": result["contact_sheet"]},
+                     summary.skipped, "capture", args.summary_json, result)
     return 0 if summary.done else 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -156,3 +157,14 @@ def make_face_sample(
 def face_sample():
     """The :func:`make_face_sample` factory."""
     return make_face_sample
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset (8 subjects x 2 captures, 64 px, the tiny face model), one per
+    test module that asks for it."""
+    from sharding.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(str(root), n_subjects=8, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500)
+    return root

@@ -44,15 +44,6 @@ def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
     return base
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    from sharding.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(str(root), n_subjects=8, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500)
-    return root
-
-
 @pytest.fixture
 def local_ray(tmp_path, monkeypatch):
     import ray

@@ -31,15 +31,6 @@ step 4: ASHA stops it there, always) and one whose first step blows the weights 
 loss is non-finite: the trial crashes)."""
 
 
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> Path:
-    from sharding.synth import generate
-
-    root = tmp_path_factory.mktemp("tune-synth")
-    generate(str(root), n_subjects=8, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500)
-    return root
-
-
 @pytest.fixture
 def scratch():
     """A short Ray temp dir (unix socket paths are limited to about 107 bytes); every process
