@@ -335,7 +335,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             last_val = _broadcast(val_metrics, world)
             if tracker:
                 tracker.log_metrics(last_val, step)
-                if view is not None:
+                if view is not None and cfg.tracking.log_images:
                     tracker.log_validation_images(view, step)
             best_val = min(best_val, last_val.get(VAL_METRIC, math.inf))
         if is_ckpt:

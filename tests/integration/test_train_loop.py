@@ -115,3 +115,20 @@ def test_unreachable_s3_endpoint_fails_fast_with_the_url(tmp_path):
     assert res.returncode != 0
     assert "s3://nobucket/shards/manifest.json" in res.stderr and f"127.0.0.1:{port}" in res.stderr
     assert "topsecretvalue" not in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("log_images", [True, False])
+def test_validation_grids_follow_tracking_log_images(shards, tmp_path, log_images):
+    import mlflow
+
+    from dfmvr.train.ray_worker import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("loop", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    run_loop(_cfg(shards, **{"tracking.log_images": log_images}), LocalSession(tmp_path / "ckpt"),
+             tracker=RunLogger(uri, run_id))
+    grids = [a.path for a in client.list_artifacts(run_id, "val_images")]
+    assert grids == (["val_images/val_step0000004.png"] if log_images else [])
+    assert "val/loss" in client.get_run(run_id).data.metrics, "metrics are logged either way"
