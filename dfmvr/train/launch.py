@@ -33,8 +33,8 @@ EMBEDDED_SUBJECTS = 2000
 EMBEDDED_CAPTURES = 2
 """Size of the synthetic dataset the embedded default makes. Identity generalises only with
 many subjects: with 240 training subjects a model regressing the 3D landmarks directly
-overfits within 16k triplets and stalls at 25% below the mean face's error, with 1600 it
-reaches 35% at 32k and is still improving (docs/training.md). 4000 triplets at 64 px take
+overfits and stalls at 24% below the mean face's error after 32k triplets; with 1600 it
+reaches 38% and is still improving (docs/training.md, benchmarks/identity_ceiling.py). 4000 triplets at 64 px take
 about 90 s on one core."""
 
 

@@ -41,6 +41,18 @@ def test_unknown_key_names_the_key_and_valid_fields():
         ("loss.photo", "-1", "loss.photo"),
         ("data.resampled", "maybe", "expected true or false"),
         ("facemodel.source", "bfm", "facemodel.bfm_path"),
+        # the tune section (dfmvr/tune/settings.py) checks its fields the same way
+        ("tune.name", "a/b", "tune.name"),
+        ("tune.seeds", 0, "tune.seeds: expected >= 1, got 0"),
+        ("tune.num_samples", 0, "tune.num_samples"),
+        ("tune.scheduler", "hyperband", "tune.scheduler: expected one of ['asha', 'fifo'], got 'hyperband'"),
+        ("tune.reduction_factor", 1.0, "tune.reduction_factor: expected > 1, got 1.0"),
+        ("tune.grace_period", -1, "tune.grace_period"),
+        ("tune.max_concurrent_trials", -1, "tune.max_concurrent_trials"),
+        ("tune.cpus_per_worker", 0, "tune.cpus_per_worker"),
+        ("tune.gpus_per_worker", 1.5, "tune.gpus_per_worker"),
+        ("tune.angles", "30,100", "tune.angles"),
+        ("tune.angles", "random", "tune.angles"),
     ],
 )
 def test_bad_values_name_the_field(key, value, expect):
