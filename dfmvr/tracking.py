@@ -122,3 +122,9 @@ def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: d
         out["registered_uri"] = f"models:/{name}/{mv.version}"
         out["version"] = mv.version
     return out
+
+
+def ui_command(uri: str) -> str:
+    """How a person opens the tracking store's UI: ``mlflow ui`` on a local store, the server's
+    address (credentials redacted) otherwise."""
+    return f"open {redact(uri)}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"

@@ -293,7 +293,7 @@ def icp_similarity(surface: MeshSurface, points: np.ndarray, init: Similarity,
     pts = points[_spread(len(points), cfg.max_points)]
     n_keep = len(pts) if cfg.trim_fraction == 0 else max(3, int(np.ceil(len(pts) * (1.0 - cfg.trim_fraction))))
     tf = init
-    best: tuple[float, Similarity, np.ndarray, np.ndarray, np.ndarray] | None = None
+    best: tuple[float, Similarity, np.ndarray, np.ndarray] | None = None
     it, moved, reverted = 0, np.inf, False
     for it in range(1, cfg.max_iters + 1):
         hit = surface.closest(tf.inverse_apply(pts))
@@ -312,7 +312,7 @@ def icp_similarity(surface: MeshSurface, points: np.ndarray, init: Similarity,
             converged = best is not None and best[0] - err <= cfg.rel_tol * best[0]
             on_surface = tf.apply(hit.points)
             normals = surface.face_normals[hit.faces] @ tf.rot.T
-            best = (err, tf, on_surface, keep, dist)
+            best = (err, tf, on_surface, keep)
             if converged:
                 break  # tf is the transform just measured, the best one
             step = _gauss_newton_step(on_surface[keep], pts[keep], dist[keep], normals[keep])

@@ -17,9 +17,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dfmvr.evaluate.metrics import REGION_NAMES, vertex_regions
-from dfmvr.evaluate.surface import MeshSurface
+from dfmvr.facemodel import geometry
 from dfmvr.facemodel.model import MM_PER_UNIT, FaceModel
 
 _logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def draw_regions(ax, model: FaceModel, yaw_deg: float = 0.0) -> None:
     ax.add_collection(PolyCollection(polys, facecolors=colours[order] * shade[order, None], edgecolors="none"))
     # landmarks on the far side of the turned head would show through it: only the facing ones
     kp_idx = model.keypoints.numpy()
-    facing = MeshSurface(v, tri).vertex_normals[kp_idx, 2] > 0
+    vn = geometry.vertex_normals(torch.from_numpy(v)[None], model.tri)[0].numpy()
+    facing = vn[kp_idx, 2] > 0
     kp = v[kp_idx[facing]]
     ax.scatter(kp[:, 0], kp[:, 1], s=4, c="k", zorder=3)
     ax.set_xlim(v[:, 0].min() - 5, v[:, 0].max() + 5)

@@ -168,7 +168,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         mlflow.end_run(status=status)
     elapsed = time.perf_counter() - t0
 
-    best = _best_checkpoint(result)
+    best = best_checkpoint(result)
     summary: dict[str, Any] = {
         "status": status,
         "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
@@ -176,13 +176,13 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         "shards": data_url,
         "mlflow_tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
-        "mlflow_ui": _ui_command(tracking_uri),
+        "mlflow_ui": tracking.ui_command(tracking_uri),
         "num_workers": n_workers,
         "use_gpu": use_gpu,
     }
     if best is not None:
         ckpt, metrics = best
-        summary["checkpoint"] = _checkpoint_uri(ckpt, storage_path)
+        summary["checkpoint"] = checkpoint_uri(ckpt.path, storage_path)
         summary["checkpoint_step"] = int(metrics.get("step", 0))
         summary["val_rmse_mm"] = metrics.get(VAL_METRIC)
         summary["mean_face_rmse_mm"] = metrics.get("val/mean_face_rmse_mm")
@@ -194,7 +194,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     return summary
 
 
-def _best_checkpoint(result):
+def best_checkpoint(result):
     """``(checkpoint, metrics)`` with the lowest finite validation RMSE, else the latest."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if math.isfinite(float(m.get(VAL_METRIC, math.inf)))]
     if candidates:
@@ -204,14 +204,9 @@ def _best_checkpoint(result):
     return None
 
 
-def _checkpoint_uri(ckpt, storage_path: str) -> str:
-    """The checkpoint's location as a user passes it back (``s3://...`` on S3 storage)."""
-    if storage_path.startswith("s3://") and not ckpt.path.startswith("s3://"):
-        return "s3://" + ckpt.path.lstrip("/")
-    return ckpt.path
-
-
-def _ui_command(uri: str) -> str:
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+def checkpoint_uri(path: str, storage_path: str) -> str:
+    """A checkpoint path as Ray reports it (``bucket/key`` on S3) -> the URI a user passes back
+    (``s3://...`` on S3 storage) and ``resolve_checkpoint`` takes."""
+    if storage_path.startswith("s3://") and not path.startswith("s3://"):
+        return "s3://" + path.lstrip("/")
+    return path

@@ -26,13 +26,6 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"
 """Where ``TuneReportCallback`` puts the path of a report's checkpoint."""
 
 
-def checkpoint_uri(path: str, train_storage: str) -> str:
-    """A checkpoint path as Ray reports it (``bucket/key`` on S3) -> a URI ``resolve_checkpoint`` takes."""
-    if train_storage.startswith("s3://") and not path.startswith("s3://"):
-        return "s3://" + path.lstrip("/")
-    return path
-
-
 def trial_error_text(trial) -> str:
     """The error Tune recorded for ``trial`` (its ``error.txt``), or a note that there is none."""
     path = getattr(trial, "error_file", None)
@@ -73,17 +66,20 @@ class SweepCallback(Callback):
         records = self._journal().get(trial.trial_id, [])
         steps = max(last_step(records), int((trial.last_result or {}).get("step", 0)))
         if steps >= self.total_steps:
-            self.close(trial.trial_id, "finished")
+            outcome = "finished"
         elif stopped_early(records):
-            self.close(trial.trial_id, "stopped")
+            outcome = "stopped"
         else:  # ended without an error short of its last step: Tune was stopped (Ctrl-C)
-            self.close(trial.trial_id, "interrupted")
+            outcome = "interrupted"
+        self.close(trial.trial_id, outcome, records=records)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.close(trial.trial_id, "failed", error=trial_error_text(trial))
 
-    def close(self, trial_id: str, outcome: str, *, error: str = "") -> None:
-        """End the trial's child run (once: a run no longer RUNNING is left as it is)."""
+    def close(self, trial_id: str, outcome: str, *, error: str = "",
+              records: list[dict[str, Any]] | None = None) -> None:
+        """End the trial's child run (once: a run no longer RUNNING is left as it is). ``records``:
+        the trial's journal entries when the caller has read them already."""
         try:
             client = runs.client(self.tracking_uri)
             run = runs.find_child(client, self.experiment_id, self.parent_run_id, trial_id)
@@ -92,12 +88,13 @@ class SweepCallback(Callback):
                 return
             if run.info.status != "RUNNING":
                 return
-            best = best_record(self._journal().get(trial_id, []))
+            best = best_record(records if records is not None else self._journal().get(trial_id, []))
             metrics = {}
             if best is not None and best.get("metric") is not None and math.isfinite(best["metric"]):
                 metrics = {"best/val_rmse_mm": best["metric"], "best/step": best["step"]}
             if best is not None and best.get("checkpoint") and outcome != "failed":
                 from dfmvr.train.checkpoint import resolve_checkpoint
+                from dfmvr.train.launch import checkpoint_uri
 
                 with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
                     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dfmvr.config import Config, apply_overrides, flatten, from_dict, to_dict
+from dfmvr.data import storage
 from dfmvr.train.loop import VAL_METRIC
 from dfmvr.tune.presets import SweepPlan, get_sweep
 from dfmvr.tune.space import Distribution, label, param_space, parse_space
@@ -82,10 +83,6 @@ def count_trials(cfg: Config, plan: SweepPlan, dists: dict[str, Distribution]) -
 
 def sweep_dir(cfg: Config) -> Path:
     return Path(cfg.work_dir).resolve() / "sweeps" / cfg.tune.name
-
-
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
 
 
 def _local_slots(cfg: Config) -> int:
@@ -174,8 +171,8 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     folder.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.tune
     tune_storage = tcfg.storage_path or str(Path(cfg.work_dir) / "tune_results")
-    experiment_path = _join(tune_storage, tcfg.name)
-    train_storage = _join(tune_storage, f"{tcfg.name}-trials")
+    experiment_path = storage.join(tune_storage, tcfg.name)
+    train_storage = storage.join(tune_storage, f"{tcfg.name}-trials")
     n_trials = count_trials(cfg, plan, dists)
 
     driver_resources = _start_ray(cfg)
@@ -198,7 +195,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     if plan.angles:
         from dfmvr.tune.angles import make_angle_sets
 
-        angle_sets = make_angle_sets(cfg, _join(tune_storage, f"{tcfg.name}-angles"))
+        angle_sets = make_angle_sets(cfg, storage.join(tune_storage, f"{tcfg.name}-angles"))
 
     variants = {v.name: v.overrides for v in plan.variants}
     ctx = SweepContext(base=to_dict(cfg), tracking_uri=tracking_uri, experiment_id=experiment_id,
@@ -299,7 +296,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         parent_metrics["best/val_rmse_mm"] = best.val_rmse_mm
     for row in rows:
         if row.mean is not None:
-            key = row.trial if len(row.trial) <= 40 else row.trial[:40]
+            key = row.trial[:40]
             parent_metrics[f"rows/{key}/val_rmse_mm"] = row.mean
     runs.log_metrics(client, parent, {k.replace(" ", "_").replace(",", ""): v for k, v in parent_metrics.items()})
     client.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
@@ -316,8 +313,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         "tune_experiment": experiment_path,
         "mlflow_tracking_uri": tracking.redact(ctx.tracking_uri),
         "mlflow_parent_run_id": parent,
-        "mlflow_ui": f"mlflow ui --backend-store-uri {ctx.tracking_uri}" if not ctx.tracking_uri.startswith("http")
-                     else f"open {tracking.redact(ctx.tracking_uri)}",
+        "mlflow_ui": tracking.ui_command(ctx.tracking_uri),
     }
     if best is not None:
         summary.update({"best_trial": best.name, "best_val_rmse_mm": best.val_rmse_mm,

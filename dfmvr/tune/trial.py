@@ -99,7 +99,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dfmvr.train.launch import _best_checkpoint, _checkpoint_uri, build_trainer
+    from dfmvr.train.launch import best_checkpoint, build_trainer, checkpoint_uri
     from dfmvr.train.loop import VAL_METRIC
     from dfmvr.tune import runs
     from dfmvr.tune.callback import CHECKPOINT_PATH_KEY
@@ -122,7 +122,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
                             scaling=trial_scaling(cfg), callbacks=[TuneReportCallback()])
     try:
         result = trainer.fit()
-        best = _best_checkpoint(result)
+        best = best_checkpoint(result)
         final: dict[str, Any] = {"step": float((result.metrics or {}).get("step", 0))}
         if best is not None:
             ckpt, metrics = best
@@ -134,7 +134,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
             from dfmvr.tune.angles import evaluate_angles
 
             with tempfile.TemporaryDirectory(prefix="dfmvr-angles-") as tmp:
-                local = resolve_checkpoint(_checkpoint_uri(ckpt, ctx.train_storage), cache_dir=tmp)
+                local = resolve_checkpoint(checkpoint_uri(ckpt.path, ctx.train_storage), cache_dir=tmp)
                 angle_metrics = evaluate_angles(str(local), cfg, ctx.angle_sets)
             runs.log_metrics(client, run_id, angle_metrics, step=int(metrics.get("step", 0)))
             final.update(angle_metrics)
