@@ -99,7 +99,9 @@ class DFMVR(nn.Module):
                                         levels=model_cfg.levels, n_views=self.n_views)
         self.regressor = create_regressor(model_cfg.regressor, in_channels=self.backbone.out_channels,
                                           width=model_cfg.regressor_width, layout=self.layout,
-                                          view_yaw_deg=tuple(model_cfg.view_yaw_deg))
+                                          view_yaw_deg=tuple(model_cfg.view_yaw_deg),
+                                          stages=tuple(model_cfg.regressor_blocks),
+                                          involution_norm=model_cfg.involution_norm)
         self.renderer = create_renderer(render_cfg)
 
     def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:

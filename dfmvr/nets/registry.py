@@ -79,6 +79,8 @@ def create_regressor(
     width: int,
     layout: CoeffLayout,
     view_yaw_deg: Sequence[float] = (-45.0, 0.0, 45.0),
+    stages: Sequence[int] = (3, 4, 6, 3),
+    involution_norm: str = "group",
 ) -> nn.Module:
     """Build a registered coefficient regressor.
 
@@ -89,12 +91,15 @@ def create_regressor(
         layout: the coefficient layout; the head emits ``layout.size`` numbers.
         view_yaw_deg: nominal yaw per view in degrees (``layout.n_views`` of them); the
             untrained head outputs the mean face turned by these angles.
+        stages: bottlenecks per stage (ResNet-50's ``3, 4, 6, 3`` by default).
+        involution_norm: normalisation of involution kernel generators (``group`` or ``batch``).
 
     Returns:
         A module mapping ``feat [B, C, h, w]`` to ``coeffs [B, layout.size]``.
     """
     if name not in _REGRESSORS:
         raise ValueError(f"model.regressor: unknown regressor {name!r}; registered: {list_regressors()}")
-    model = _REGRESSORS[name](in_channels=in_channels, width=width, layout=layout, view_yaw_deg=tuple(view_yaw_deg))
+    model = _REGRESSORS[name](in_channels=in_channels, width=width, layout=layout, view_yaw_deg=tuple(view_yaw_deg),
+                                   stages=tuple(stages), involution_norm=involution_norm)
     _logger.debug("built regressor %s: %d parameters", name, sum(p.numel() for p in model.parameters()))
     return model

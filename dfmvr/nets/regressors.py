@@ -43,8 +43,11 @@ SpatialFactory = Callable[[int, int, bool], nn.Module]
 """``(channels, stride, in_stem) -> module`` keeping the channel count."""
 
 
-def _involution(channels: int, stride: int, in_stem: bool) -> nn.Module:
-    return Involution2d(channels, 3 if in_stem else 7, stride, group_channels=16, reduction=4)
+def _involution(norm: str) -> SpatialFactory:
+    def make(channels: int, stride: int, in_stem: bool) -> nn.Module:
+        return Involution2d(channels, 3 if in_stem else 7, stride, group_channels=16, reduction=4, norm=norm)
+
+    return make
 
 
 def _conv3x3(channels: int, stride: int, in_stem: bool) -> nn.Module:
@@ -175,19 +178,25 @@ class CoefficientRegressor(nn.Module):
 
 @register_regressor
 def rednet50(
-    *, in_channels: int, width: int, layout: CoeffLayout, view_yaw_deg: Sequence[float] = (-45.0, 0.0, 45.0)
+    *, in_channels: int, width: int, layout: CoeffLayout, view_yaw_deg: Sequence[float] = (-45.0, 0.0, 45.0),
+    stages: Sequence[int] = RESNET50_STAGES, involution_norm: str = "group",
 ) -> CoefficientRegressor:
-    """RedNet-50: involution (kernel 7, 16 channels per group) in the 3x3 slot (the paper's)."""
+    """RedNet-50: involution (kernel 7, 16 channels per group) in the 3x3 slot (the paper's);
+    ``involution_norm`` is the kernel generator's normalisation (:class:`Involution2d`)."""
     return CoefficientRegressor(
-        in_channels=in_channels, width=width, layout=layout, view_yaw_deg=view_yaw_deg, spatial=_involution
+        in_channels=in_channels, width=width, layout=layout, view_yaw_deg=view_yaw_deg,
+        spatial=_involution(involution_norm), stages=stages,
     )
 
 
 @register_regressor
 def resnet50(
-    *, in_channels: int, width: int, layout: CoeffLayout, view_yaw_deg: Sequence[float] = (-45.0, 0.0, 45.0)
+    *, in_channels: int, width: int, layout: CoeffLayout, view_yaw_deg: Sequence[float] = (-45.0, 0.0, 45.0),
+    stages: Sequence[int] = RESNET50_STAGES, involution_norm: str = "group",
 ) -> CoefficientRegressor:
-    """ResNet-50 with the same deep stem: a 3x3 convolution in the 3x3 slot (Tab. II v3)."""
+    """ResNet-50 with the same deep stem: a 3x3 convolution in the 3x3 slot (Tab. II v3);
+    it has no involution, so ``involution_norm`` is accepted (one signature for every
+    regressor) and unused."""
     return CoefficientRegressor(
-        in_channels=in_channels, width=width, layout=layout, view_yaw_deg=view_yaw_deg, spatial=_conv3x3
+        in_channels=in_channels, width=width, layout=layout, view_yaw_deg=view_yaw_deg, spatial=_conv3x3, stages=stages
     )

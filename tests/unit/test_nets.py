@@ -249,7 +249,7 @@ def test_involution_matches_a_brute_force_loop(stride, dilation):
 
 def test_involution_kernel_generation_follows_the_paper():
     torch.manual_seed(0)
-    inv = Involution2d(32, kernel_size=7, stride=2).eval()
+    inv = Involution2d(32, kernel_size=7, stride=2, norm="batch").eval()
     assert (inv.groups, inv.group_channels) == (2, 16)
     bn = inv.reduce[1]
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
@@ -261,6 +261,25 @@ def test_involution_kernel_generation_follows_the_paper():
     expected = torch.einsum("oc,bchw->bohw", inv.span.weight[:, :, 0, 0], hidden) + inv.span.bias[:, None, None]
     with torch.no_grad():
         torch.testing.assert_close(inv.kernels(x), expected.reshape(1, 2, 49, 5, 5))
+
+
+def test_group_normed_involution_is_linear_in_the_input_scale():
+    """The default kernel generator normalises per sample: scaling x scales y by the same factor
+    (a BatchNorm generator in eval mode makes y grow with the square of it)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 9, 9)
+    grouped = Involution2d(32, kernel_size=7, stride=1).eval()
+    batched = Involution2d(32, kernel_size=7, stride=1, norm="batch").eval()
+    with torch.no_grad():
+        y, y100 = grouped(x), grouped(100 * x)
+        assert ((y100 - 100 * y).norm() / (100 * y).norm()).item() < 1e-3  # GroupNorm eps only
+        ratio = (batched(100 * x).norm() / batched(x).norm()).item()
+    assert ratio > 1000, ratio
+
+
+def test_involution_norm_is_checked():
+    with pytest.raises(ValueError, match="'group' or 'batch'"):
+        Involution2d(32, norm="layer")
 
 
 def test_involution_with_one_hot_kernels_is_a_per_group_shift():
