@@ -136,6 +136,12 @@ class ModelConfig:
     """Encoder levels (max-pool between them)."""
     regressor_width: int = 64
     """Stem width of the regressor (64 for ResNet-50 proper)."""
+    regressor_blocks: tuple[int, ...] = (3, 4, 6, 3)
+    """Bottlenecks per regressor stage (ResNet-50's ``3, 4, 6, 3``; the tiny preset uses fewer)."""
+    involution_norm: Literal["group", "batch"] = "group"
+    """Normalisation in RedNet's involution kernel generators: ``group`` (per sample; eval mode
+    cannot overflow) or ``batch`` (the involution paper's; its eval mode overflowed to inf early in
+    training, docs/training.md)."""
     mask_input: bool = True
     """Concatenate each view's parsing mask to its image (paper: yes)."""
     parse_net: str = ""
@@ -147,6 +153,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.width < 1 or self.regressor_width < 1:
             raise ValueError(f"model.width/regressor_width: expected >= 1, got {self.width}, {self.regressor_width}")
+        _check_choice("model.involution_norm", self.involution_norm, ("group", "batch"))
+        if not self.regressor_blocks or any(n < 1 for n in self.regressor_blocks):
+            raise ValueError(f"model.regressor_blocks: expected one or more stages of >= 1 block, "
+                             f"got {self.regressor_blocks!r}")
         if not 2 <= self.levels <= 6:
             raise ValueError(f"model.levels: expected 2..6, got {self.levels}")
         if not self.view_yaw_deg or any(not -180.0 <= a <= 180.0 for a in self.view_yaw_deg):
@@ -201,9 +211,18 @@ class OptimConfig:
     """Final learning rate as a fraction of ``lr``."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = no clipping)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up from ``lr / warmup_steps`` over this many steps (0 = none)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights for validation, checkpoints' exported model and
+    inference (0 = off; e.g. 0.999). The average warms up as ``min(decay, (1 + t) / (10 + t))``."""
 
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay: expected 0 (off) or a number in (0, 1), got {self.ema_decay}")
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("optim.grad_clip", self.grad_clip, allow_zero=True)
         if self.cosine_after < 0:

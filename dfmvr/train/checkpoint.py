@@ -28,8 +28,13 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, config: dict,
                     face_signature: dict, metrics: dict | None = None, optimizer_state: dict | None = None,
-                    scheduler_state: dict | None = None, extra: dict | None = None) -> Path:
+                    scheduler_state: dict | None = None, extra: dict | None = None,
+                    live_model_state: dict | None = None) -> Path:
     """Write a checkpoint into ``directory`` (created). Returns the directory.
+
+    ``model_state`` is the model to serve and score (the weight average when training keeps one,
+    ``optim.ema_decay``); ``live_model_state`` the optimiser's own weights, which a resumed run
+    continues from (``model_live``; absent when they are the same as ``model``).
 
     The file is written under a temporary name and renamed, so a crash mid-write never leaves
     a truncated ``checkpoint.pt`` where the last good one was.
@@ -39,6 +44,7 @@ def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, conf
     payload = {
         "format_version": FORMAT_VERSION,
         "model": model_state,
+        **({"model_live": live_model_state} if live_model_state is not None else {}),
         "optimizer": optimizer_state,
         "scheduler": scheduler_state,
         "step": int(step),

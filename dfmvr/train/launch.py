@@ -179,6 +179,8 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         "mlflow_ui": tracking.ui_command(tracking_uri),
         "num_workers": n_workers,
         "use_gpu": use_gpu,
+        # the largest share of validation triplets with a non-finite prediction in any validation
+        "val_nonfinite_max": float((result.metrics or {}).get("val/nonfinite_max", 0.0)),
     }
     if best is not None:
         ckpt, metrics = best

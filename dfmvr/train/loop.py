@@ -33,6 +33,7 @@ from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_c
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer
+from dfmvr.train.weights import WeightAverage
 
 _logger = logging.getLogger(__name__)
 
@@ -206,6 +207,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
     model = prepare_model(core) if prepare_model else core
     core = unwrap(model)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, cfg.train.steps)
+    # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
+    # could serve it; only rank 0 validates and saves it
+    average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
 
     step = 0
     counters = {"skipped_samples": 0.0, "nan_steps": 0.0}
@@ -213,7 +217,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
     if restore:
         payload = load_checkpoint(restore, map_location=device)
         check_face_signature(payload, face_model.signature(), str(restore))
-        core.load_state_dict(payload["model"])
+        core.load_state_dict(payload.get("model_live", payload["model"]))
+        if average:
+            average.load_state_dict(payload["model"])
         if payload.get("optimizer"):
             opt.load_state_dict(payload["optimizer"])
         if payload.get("scheduler"):
@@ -239,7 +245,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             return None
         tmp = tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-")
         save_checkpoint(
-            tmp.name, model_state=core.state_dict(), optimizer_state=opt.state_dict(),
+            tmp.name, model_state=(average.model if average else core).state_dict(),
+            live_model_state=core.state_dict() if average else None, optimizer_state=opt.state_dict(),
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
             face_signature=face_model.signature(), metrics=metrics_now,
             extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
@@ -303,6 +310,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
         opt.step()
         sched.step()
         step += 1
+        if average:
+            average.update(core, step)
         if on_step:
             on_step(step)
         samples_since += batch.images.shape[0]
@@ -330,9 +339,15 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
         is_val = step % cfg.train.val_every == 0 or step == cfg.train.steps
         is_ckpt = is_val or step % cfg.train.ckpt_every == 0
         if is_val:
-            val_metrics, view = (validate(core, val_iter(), cfg, parse_net, max_samples=cfg.train.val_samples,
+            scored = average.model if average else core
+            val_metrics, view = (validate(scored, val_iter(), cfg, parse_net, max_samples=cfg.train.val_samples,
                                           step=step) if rank == 0 else ({}, None))
             last_val = _broadcast(val_metrics, world)
+            # the worst validation of the run so far, carried in every report (the job's summary
+            # shows it: a model that trained without non-finite steps must never predict one)
+            counters["val_nonfinite_max"] = max(counters.get("val_nonfinite_max", 0.0),
+                                                last_val.get("val/loss_nonfinite_predictions", 0.0))
+            last_val["val/nonfinite_max"] = counters["val_nonfinite_max"]
             if tracker:
                 tracker.log_metrics(last_val, step)
                 if view is not None and cfg.tracking.log_images:

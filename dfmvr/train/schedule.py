@@ -1,4 +1,5 @@
-"""The reference learning-rate schedule: constant, then cosine decay to ``lr * min_lr_ratio``."""
+"""The reference learning-rate schedule: constant, then cosine decay to ``lr * min_lr_ratio``,
+after an optional linear warm-up."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 import torch
 
 
-def lr_factor(step: int, *, total_steps: int, cosine_after: int, min_lr_ratio: float) -> float:
+def lr_factor(step: int, *, total_steps: int, cosine_after: int, min_lr_ratio: float,
+              warmup_steps: int = 0) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if step < cosine_after or total_steps <= cosine_after:
         return 1.0
     progress = min(1.0, (step - cosine_after) / max(1, total_steps - cosine_after))
@@ -21,6 +25,6 @@ def build_optimizer(params, optim_cfg, total_steps: int):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s, total_steps=total_steps, cosine_after=optim_cfg.cosine_after,
-                            min_lr_ratio=optim_cfg.min_lr_ratio),
+                            min_lr_ratio=optim_cfg.min_lr_ratio, warmup_steps=optim_cfg.warmup_steps),
     )
     return opt, sched
