@@ -34,22 +34,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfmvr.config import apply_overrides  # noqa: E402
-from dfmvr.data.loader import make_loader  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
 from dfmvr.presets import tiny  # noqa: E402
+from dfmvr.train.curve import MemorySplit, load_split  # noqa: E402
 from dfmvr.train.metrics import aligned_vertex_rmse_mm  # noqa: E402
-
-
-def load_split(cfg, split: str) -> dict[str, torch.Tensor]:
-    """Every triplet of ``split`` in memory: ``x [T, 12, S, S]``, ``lmk3d [T, K, 3]``, ``gt [T, N, 3]``."""
-    xs, lms, gts = [], [], []
-    for b in make_loader(cfg.data, split, rank=0, world_size=1, resampled=False, with_gt=True, shuffle=False,
-                         batch_size=32):
-        mask = b.masks.unsqueeze(2).float() / 9 * 2 - 1  # class ids -> [-1, 1], as the model's mask channel
-        xs.append(torch.cat([b.images, mask], 2).flatten(1, 2))
-        lms.append(b.lmk3d)
-        gts.append(torch.stack(b.gt_vertices))
-    return {"x": torch.cat(xs), "lmk3d": torch.cat(lms), "gt": torch.cat(gts).double()}
 
 
 def make_net(width: int, size: int, n_out: int) -> nn.Sequential:
@@ -63,6 +51,68 @@ def make_net(width: int, size: int, n_out: int) -> nn.Sequential:
     nn.init.zeros_(net[-1].weight)  # starts at the mean face, like the model's head
     nn.init.zeros_(net[-1].bias)
     return net
+
+
+def ceiling_curve(cfg, train: MemorySplit, val: MemorySplit, *, triplets: int, every: int, seed: int = 0,
+                  batch_size: int = 16, lr: float = 1e-3, width: int = 32,
+                  train_eval: MemorySplit | None = None) -> list[dict]:
+    """Train the ceiling CNN on ``train`` for ``triplets`` triplets; every ``every`` triplets the
+    aligned vertex RMSE on ``val`` (and ``train_eval`` when given) beside the mean face's.
+
+    Returns:
+        ``[{triplets, step, lm3d_mm, val_rmse_mm, val_mean_face_mm, val_gain_pct, gain_pct, train_s,
+        (train_rmse_mm, train_mean_face_mm, train_gain_pct)}]``; ``gain_pct`` repeats ``val_gain_pct``.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fm = build_face_model(cfg.facemodel)
+    n_id, n_exp, n_v = fm.id_base.shape[1], fm.exp_base.shape[1], fm.mean_shape.shape[0]
+
+    def stacked(split: MemorySplit, idx: torch.Tensor) -> torch.Tensor:
+        t = split.tensors
+        mask = t["masks"][idx].unsqueeze(2).float() / 9 * 2 - 1  # class ids -> [-1, 1], the model's mask channel
+        return torch.cat([t["images"][idx], mask], 2).flatten(1, 2)  # [B, 12, S, S]
+
+    def shape(c: torch.Tensor) -> torch.Tensor:
+        return fm.mean_shape + (c[:, :n_id] @ fm.id_base.T + c[:, n_id:] @ fm.exp_base.T).reshape(-1, n_v, 3)
+
+    def rmse(net: nn.Module, split: MemorySplit) -> tuple[float, float]:
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([shape(net(stacked(split, torch.arange(i, min(i + 64, len(split))))))
+                              for i in range(0, len(split), 64)]).double()
+        net.train()
+        gt = split.gt.double()
+        mean = fm.mean_shape.double().expand_as(gt)
+        return float(aligned_vertex_rmse_mm(pred, gt).mean()), float(aligned_vertex_rmse_mm(mean, gt).mean())
+
+    net = make_net(width, cfg.data.image_size, n_id + n_exp)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    points, seen, step, train_s = [], 0, 0, 0.0
+    while seen < triplets:
+        idx = torch.from_numpy(rng.choice(len(train), batch_size, replace=False))
+        t0 = time.perf_counter()
+        lm = shape(net(stacked(train, idx)))[:, fm.lm3d_index]
+        loss = ((lm - train.tensors["lmk3d"][idx]).norm(dim=-1) * 100).mean()  # mm (decimetre units)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        train_s += time.perf_counter() - t0
+        seen += batch_size
+        step += 1
+        if seen // every > (seen - batch_size) // every or seen >= triplets:
+            v, vm = rmse(net, val)
+            row = {"triplets": seen, "step": step, "lm3d_mm": float(loss), "val_rmse_mm": v, "val_mean_face_mm": vm,
+                   "val_gain_pct": 100 * (1 - v / vm), "gain_pct": 100 * (1 - v / vm), "train_s": train_s}
+            if train_eval is not None:
+                t, tm = rmse(net, train_eval)
+                row.update(train_rmse_mm=t, train_mean_face_mm=tm, train_gain_pct=100 * (1 - t / tm))
+            points.append(row)
+            print(f"{seen} triplets ({train_s:.0f} s): val {v:.3f} mm vs mean face {vm:.3f} "
+                  f"({row['val_gain_pct']:.0f}% better)"
+                  + (f", train {row['train_rmse_mm']:.3f} vs {row['train_mean_face_mm']:.3f} "
+                     f"({row['train_gain_pct']:.0f}%)" if train_eval is not None else ""), flush=True)
+    return points
 
 
 def main() -> None:
@@ -80,55 +130,20 @@ def main() -> None:
     torch.manual_seed(0)
 
     cfg = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0})
-    fm = build_face_model(cfg.facemodel)
     t0 = time.perf_counter()
-    train, val = load_split(cfg, "train"), load_split(cfg, "val")
+    train = load_split(cfg, "train", with_gt=True)
+    val = load_split(cfg, "val", with_gt=True)
     load_s = time.perf_counter() - t0
-    n_id, n_exp = fm.id_base.shape[1], fm.exp_base.shape[1]
-    n_v = fm.mean_shape.shape[0]
-
-    def shape(c: torch.Tensor) -> torch.Tensor:
-        return fm.mean_shape + (c[:, :n_id] @ fm.id_base.T + c[:, n_id:] @ fm.exp_base.T).reshape(-1, n_v, 3)
-
-    def rmse(net: nn.Module, split: dict, n: int) -> tuple[float, float]:
-        net.eval()
-        with torch.no_grad():
-            gt = split["gt"][:n]
-            pred = torch.cat([shape(net(x)) for x in split["x"][:n].split(64)]).double()
-            mean = fm.mean_shape.double().expand_as(gt)
-            out = float(aligned_vertex_rmse_mm(pred, gt).mean()), float(aligned_vertex_rmse_mm(mean, gt).mean())
-        net.train()
-        return out
-
-    net = make_net(args.width, cfg.data.image_size, n_id + n_exp)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    rng = np.random.default_rng(0)
-    n_eval = len(val["x"])
-    history = []
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        idx = torch.from_numpy(rng.choice(len(train["x"]), args.batch_size, replace=False))
-        lm = shape(net(train["x"][idx]))[:, fm.lm3d_index]
-        loss = ((lm - train["lmk3d"][idx]).norm(dim=-1) * 100).mean()  # mm (face-model units are decimetres)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % args.every == 0 or step == args.steps:
-            v, vm = rmse(net, val, n_eval)
-            t, tm = rmse(net, train, n_eval)
-            row = {"step": step, "triplets_seen": step * args.batch_size, "lm3d_mm": float(loss),
-                   "val_rmse_mm": v, "val_mean_face_mm": vm, "val_gain_pct": 100 * (1 - v / vm),
-                   "train_rmse_mm": t, "train_mean_face_mm": tm, "train_gain_pct": 100 * (1 - t / tm)}
-            history.append(row)
-            print(f"step {step:5d} ({row['triplets_seen']} triplets, {time.perf_counter() - t0:.0f} s): "
-                  f"val {v:.3f} mm vs mean face {vm:.3f} ({row['val_gain_pct']:.0f}% better), "
-                  f"train {t:.3f} vs {tm:.3f} ({row['train_gain_pct']:.0f}%)", flush=True)
+    # training-set error on as many triplets as validation has: how much of the gain generalises
+    train_eval = MemorySplit({k: v[:len(val)] for k, v in train.tensors.items()}, train.gt[:len(val)])
+    history = ceiling_curve(cfg, train, val, triplets=args.steps * args.batch_size, every=args.every * args.batch_size,
+                            batch_size=args.batch_size, lr=args.lr, width=args.width, train_eval=train_eval)
     last = history[-1]
     summary = {
         "benchmark": "identity_ceiling",
-        "results": {"train_triplets": float(len(train["x"])), "final_val_gain_pct": last["val_gain_pct"],
+        "results": {"train_triplets": float(len(train)), "final_val_gain_pct": last["val_gain_pct"],
                     "final_train_gain_pct": last["train_gain_pct"], "final_val_rmse_mm": last["val_rmse_mm"],
-                    "triplets_seen": float(last["triplets_seen"]), "load_s": load_s},
+                    "triplets_seen": float(last["triplets"]), "load_s": load_s},
         "units": {"train_triplets": "triplets", "final_val_gain_pct": "%",
                   "final_train_gain_pct": "%", "final_val_rmse_mm": "mm", "triplets_seen": "triplets",
                   "load_s": "s"},

@@ -1,0 +1,175 @@
+"""Learning curves: validation gain over the mean face against triplets seen, in one process.
+
+The quickest faithful measure of how much identity a configuration learns per triplet: the
+same model, objective, optimiser, schedule and clipping as :func:`dfmvr.train.loop.run_loop`,
+on a split held in memory (no loader, no Ray, no MLflow), with the validation metric of
+training (aligned vertex RMSE against the mean face's on the same triplets) every few
+triplets. Used by ``benchmarks/learning_curve.py`` and the learning test; the numbers it
+gives are what ``docs/training.md`` compares configurations with.
+
+::
+
+    train, val = load_split(cfg, "train"), load_split(cfg, "val", limit=200, with_gt=True)
+    points = learning_curve(cfg, train, val, triplets=16000, every=2000)
+    points[-1].gain_pct        # % below the mean face's error after 16k triplets
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dfmvr.config import Config
+from dfmvr.data.batch import Batch
+from dfmvr.facemodel import build_face_model
+from dfmvr.model import DFMVR
+from dfmvr.train.metrics import aligned_vertex_rmse_mm
+from dfmvr.train.objective import reconstruction_losses
+from dfmvr.train.schedule import build_optimizer
+from dfmvr.train.weights import WeightAverage
+
+_logger = logging.getLogger(__name__)
+
+_FIELDS = ("images", "masks", "has_masks", "weights", "lmk2d", "yaw_deg", "lmk3d", "lmk3d_valid", "has_lmk3d")
+
+
+@dataclass
+class MemorySplit:
+    """One split's triplets as stacked tensors (``T`` triplets), sliced into :class:`Batch` es.
+
+    Attributes:
+        tensors: the :class:`Batch` fields in ``_FIELDS``, each with ``T`` rows.
+        gt: ``[T, N, 3]`` ground-truth vertices (decimetres), or None.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    gt: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tensors["images"])
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        n = len(idx)
+        return Batch(keys=[str(int(i)) for i in idx], subjects=[""] * n, coeffs=torch.zeros(n, 0),
+                     has_coeffs=torch.zeros(n, dtype=torch.bool), **{k: v[idx] for k, v in self.tensors.items()})
+
+
+def load_split(cfg: Config, split: str, *, limit: int | None = None, with_gt: bool = False) -> MemorySplit:
+    """The first ``limit`` triplets (all when None) of ``split`` at ``cfg.data.url``, in memory.
+
+    Raises:
+        ValueError: when the split yields no triplet, or ground truth is asked for and missing.
+    """
+    from dfmvr.data.loader import make_loader
+
+    batches, n = [], 0
+    for b in make_loader(cfg.data, split, rank=0, world_size=1, resampled=False, with_gt=with_gt, shuffle=False,
+                         batch_size=32, num_workers=0):
+        batches.append(b)
+        n += b.images.shape[0]
+        if limit and n >= limit:
+            break
+    if not batches:
+        raise ValueError(f"{cfg.data.url}: split {split!r} yielded no triplet")
+    tensors = {k: torch.cat([getattr(b, k) for b in batches])[:limit] for k in _FIELDS}
+    gt = None
+    if with_gt:
+        meshes = [v for b in batches for v in b.gt_vertices][:limit]
+        if any(v.shape[0] == 0 for v in meshes):
+            raise ValueError(f"{cfg.data.url}: split {split!r} has triplets without a ground-truth mesh")
+        gt = torch.stack(meshes)
+    return MemorySplit(tensors, gt)
+
+
+@dataclass
+class CurvePoint:
+    """Validation after ``triplets`` triplets (``step`` optimiser steps)."""
+
+    triplets: int
+    step: int
+    rmse_mm: float
+    mean_face_rmse_mm: float
+    gain_pct: float
+    """``100 * (1 - rmse / mean_face_rmse)``: how far below the mean face's error."""
+    nonfinite: int
+    """Validation triplets whose eval-mode prediction was not finite (left out of the RMSE)."""
+    train_s: float
+    """Seconds spent in training steps so far (validation excluded)."""
+    loss: dict[str, float]
+    """The last step's loss terms (unweighted) and total."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def val_gain(model: DFMVR, val: MemorySplit, *, chunk: int = 50) -> tuple[float, float, int]:
+    """``(rmse_mm, mean_face_rmse_mm, nonfinite)`` of ``model`` in eval mode on ``val``."""
+    was_training = model.training
+    model.eval()
+    try:
+        shapes = []
+        for i in range(0, len(val), chunk):
+            t = val.tensors
+            masks = t["masks"][i:i + chunk] if model.cfg.mask_input else None
+            shapes.append(model(t["images"][i:i + chunk], masks, render=False).shape)
+    finally:
+        model.train(was_training)
+    pred, gt = torch.cat(shapes).double(), val.gt.double()
+    finite = torch.isfinite(pred).flatten(1).all(1)
+    mean = model.face.model.mean_shape.double().expand_as(gt[finite])
+    rmse = float(aligned_vertex_rmse_mm(pred[finite], gt[finite]).mean()) if finite.any() else math.inf
+    return rmse, float(aligned_vertex_rmse_mm(mean, gt[finite]).mean()), int((~finite).sum())
+
+
+def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplets: int, every: int,
+                   seed: int = 0, on_point: Callable[[CurvePoint], None] | None = None) -> list[CurvePoint]:
+    """Train ``cfg``'s model on ``train`` for ``triplets`` triplets, validating every ``every``.
+
+    Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
+    the learning-rate schedule spans the whole run (``cfg.optim``, over ``triplets / batch``
+    steps, not ``cfg.train.steps``), clipping and weight averaging as in training. Validation
+    uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
+    bs = cfg.data.batch_size
+    total_steps = max(1, triplets // bs)
+    opt, sched = build_optimizer(model.parameters(), cfg.optim, total_steps)
+    average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
+    points: list[CurvePoint] = []
+    train_s, seen, step = 0.0, 0, 0
+    model.train()
+    while step < total_steps:
+        batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
+        t0 = time.perf_counter()
+        out = model(batch.images, batch.masks if cfg.model.mask_input else None)
+        total, terms = reconstruction_losses(model, out, batch, cfg.loss, step)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        opt.step()
+        sched.step()
+        if average:
+            average.update(model, step + 1)
+        train_s += time.perf_counter() - t0
+        step += 1
+        seen += bs
+        if seen // every > (seen - bs) // every or step == total_steps:
+            rmse, mean, nonfinite = val_gain(average.model if average else model, val)
+            point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
+                               gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
+                               loss={k: float(v.detach()) for k, v in terms.items()})
+            points.append(point)
+            _logger.info("%d triplets: %.3f mm vs mean face %.3f (%.1f%% below), %.1f triplets/s", seen, rmse, mean,
+                         point.gain_pct, seen / train_s)
+            if on_point:
+                on_point(point)
+    return points
