@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -103,6 +103,10 @@ class CurvePoint:
     """Seconds spent in training steps so far (validation excluded)."""
     loss: dict[str, float]
     """The last step's loss terms (unweighted) and total."""
+    grad_split: dict[str, dict[str, float]] | None = None
+    """Per weighted loss term, on the last batch: the gradient norm on the head's identity rows,
+    pose rows and on the backbone, and the cosine between its backbone gradient and lm3d's
+    (:func:`gradient_split`); None unless asked for."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,21 +132,63 @@ def val_gain(model: DFMVR, val: MemorySplit, *, chunk: int = 50) -> tuple[float,
     return rmse, float(aligned_vertex_rmse_mm(mean, gt[finite]).mean()), int((~finite).sum())
 
 
+def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int) -> dict[str, dict[str, float]]:
+    """How each weighted loss term pulls on the network, on one batch.
+
+    Returns:
+        ``{term: {"head_id", "head_pose", "backbone", "cos_lm3d"}}``: the norms of the term's
+        weighted gradient on the head rows that emit the identity coefficients, on the rows that
+        emit the per-view poses, and on every backbone parameter; ``cos_lm3d`` is the cosine
+        between the term's backbone gradient and the lm3d term's (1 for lm3d itself; absent
+        without lm3d).
+    """
+    layout = model.layout
+    head = model.regressor.head.weight
+    n_shared = layout.n_shared
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    out = model(batch.images, batch.masks if model.cfg.mask_input else None)
+    _, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
+    grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    names = [k for k in terms if k != "total"]
+    for i, name in enumerate(names):
+        weighted = getattr(loss_cfg, name) * terms[name]
+        g = torch.autograd.grad(weighted, [head, *backbone], retain_graph=i < len(names) - 1, allow_unused=True)
+        g_head = g[0] if g[0] is not None else torch.zeros_like(head)
+        g_bb = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g[1:], backbone)])
+        grads[name] = (g_head[layout.id], g_head[n_shared:], g_bb)
+    result = {}
+    for name, (gid, gpose, gbb) in grads.items():
+        row = {"head_id": float(gid.norm()), "head_pose": float(gpose.norm()), "backbone": float(gbb.norm())}
+        if "lm3d" in grads:
+            ref = grads["lm3d"][2]
+            row["cos_lm3d"] = float(torch.nn.functional.cosine_similarity(gbb, ref, dim=0, eps=1e-20))
+        result[name] = row
+    model.zero_grad(set_to_none=True)
+    return result
+
+
 def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplets: int, every: int,
-                   seed: int = 0, on_point: Callable[[CurvePoint], None] | None = None) -> list[CurvePoint]:
+                   seed: int = 0, on_point: Callable[[CurvePoint], None] | None = None,
+                   with_grad_split: bool = False) -> list[CurvePoint]:
     """Train ``cfg``'s model on ``train`` for ``triplets`` triplets, validating every ``every``.
 
     Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
-    the learning-rate schedule spans the whole run (``cfg.optim``, over ``triplets / batch``
-    steps, not ``cfg.train.steps``), clipping and weight averaging as in training. Validation
-    uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does.
+    the learning-rate schedule is ``cfg.optim``'s stretched from ``cfg.train.steps`` to this
+    run's ``triplets / batch`` steps (warm-up and decay start at the same fractions of the run);
+    clipping and weight averaging as in training. Validation
+    uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does;
+    ``with_grad_split`` adds :func:`gradient_split` on the last batch to every point.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
     bs = cfg.data.batch_size
     total_steps = max(1, triplets // bs)
-    opt, sched = build_optimizer(model.parameters(), cfg.optim, total_steps)
+    # the schedule keeps its shape: the decay starts at the same fraction of the run
+    stretch = total_steps / max(1, cfg.train.steps)
+    optim_cfg = replace(cfg.optim, cosine_after=round(cfg.optim.cosine_after * stretch),
+                        warmup_steps=round(cfg.optim.warmup_steps * stretch))
+    opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
     points: list[CurvePoint] = []
     train_s, seen, step = 0.0, 0, 0
@@ -166,7 +212,8 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
             rmse, mean, nonfinite = val_gain(average.model if average else model, val)
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
-                               loss={k: float(v.detach()) for k, v in terms.items()})
+                               loss={k: float(v.detach()) for k, v in terms.items()},
+                               grad_split=gradient_split(model, batch, cfg.loss, step) if with_grad_split else None)
             points.append(point)
             _logger.info("%d triplets: %.3f mm vs mean face %.3f (%.1f%% below), %.1f triplets/s", seen, rmse, mean,
                          point.gain_pct, seen / train_s)
