@@ -12,8 +12,8 @@ Curves (``--curves``, comma-separated):
 
 - ``ceiling``: ``benchmarks/identity_ceiling.py``'s plain CNN (three views stacked, lm3d only,
   batch 16, Adam 1e-3): what the synthetic data gives per triplet to the most direct learner.
-- ``full``: the ``tiny`` preset's full model with every loss term, as ``make train`` trains it:
-  batch 8 per step (its 2 workers x 4), the schedule stretched to the curve's own length.
+- ``full``: the ``tiny`` preset's full model with every loss term and its loss weights and
+  schedule (stretched to the curve's own length), batch 8 per step.
 - ``lm3d``: the same model with the photometric and 2D-landmark weights at 0.
 - ``before``: the tiny preset as it was before the training-efficiency work (reference loss
   weights photo 24 and lm2d 0.02, Adam 3e-3 with cosine decay from step 500, BatchNorm in the
@@ -101,7 +101,8 @@ def main() -> None:
     for name in names:
         curve_overrides(name)  # unknown names fail before the data is loaded
 
-    # batch 8: one optimiser step of `make train` (2 workers x the preset's 4)
+    # batch 8 per step in this one process (make train's 2 workers take 8 each, 16 per step; in one
+    # process batch 8 learned more per triplet than 16: docs/training.md)
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8})
     t0 = time.perf_counter()
     train, val = load_split(base, "train"), load_split(base, "val", limit=args.val, with_gt=True)
