@@ -78,8 +78,9 @@ class SweepCallback(Callback):
 
     def close(self, trial_id: str, outcome: str, *, error: str = "",
               records: list[dict[str, Any]] | None = None) -> None:
-        """End the trial's child run (once: a run no longer RUNNING is left as it is). ``records``:
-        the trial's journal entries when the caller has read them already."""
+        """End the trial's child run (once: a run no longer RUNNING is left as it is; the trial
+        itself only records its error, the status is Tune's outcome). ``records``: the trial's
+        journal entries when the caller has read them already."""
         try:
             client = runs.client(self.tracking_uri)
             run = runs.find_child(client, self.experiment_id, self.parent_run_id, trial_id)
@@ -88,6 +89,10 @@ class SweepCallback(Callback):
                 return
             if run.info.status != "RUNNING":
                 return
+            if outcome != "failed" and runs.TAG_ERROR in run.data.tags:
+                # stopping a trial (ASHA) can raise inside its ``trainer.fit``, which records the
+                # error before Tune's outcome arrives: a stopped trial has no error
+                client.delete_tag(run.info.run_id, runs.TAG_ERROR)
             best = best_record(records if records is not None else self._journal().get(trial_id, []))
             metrics = {}
             if best is not None and best.get("metric") is not None and math.isfinite(best["metric"]):

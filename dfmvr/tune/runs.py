@@ -111,6 +111,15 @@ def short_error(error: BaseException | str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def record_error(c, run_id: str, error: str) -> None:
+    """The error on a run: one line as a tag, all of it as the artifact ``error.txt``."""
+    c.set_tag(run_id, TAG_ERROR, short_error(error))
+    with tempfile.TemporaryDirectory(prefix="dfmvr-error-") as d:
+        path = Path(d) / "error.txt"
+        path.write_text(error)
+        c.log_artifact(run_id, str(path))
+
+
 def close_child(c, run_id: str, outcome: str, *, error: str = "", metrics: Mapping[str, float] | None = None,
                 checkpoint_dir: str | Path | None = None) -> None:
     """End a child run: outcome tag and MLflow status (``finished``/``stopped``/``failed``/
@@ -122,10 +131,6 @@ def close_child(c, run_id: str, outcome: str, *, error: str = "", metrics: Mappi
     if checkpoint_dir is not None:
         c.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
     if error:
-        c.set_tag(run_id, TAG_ERROR, short_error(error))
-        with tempfile.TemporaryDirectory(prefix="dfmvr-error-") as d:
-            path = Path(d) / "error.txt"
-            path.write_text(error)
-            c.log_artifact(run_id, str(path))
+        record_error(c, run_id, error)
     c.set_tag(run_id, TAG_STATUS, outcome)
     c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])

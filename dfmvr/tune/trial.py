@@ -145,6 +145,8 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
         # unfinished.
         tune.report(final)
     except Exception as e:
-        # the sweep driver marks the trial failed too; here the whole traceback is at hand
-        runs.close_child(client, run_id, "failed", error=f"{runs.short_error(e)}\n\n{traceback.format_exc()}")
+        # Here the whole traceback is at hand: record it, and leave the run's status to the sweep
+        # driver, which knows whether the trial failed or Tune stopped it (stopping a trial can
+        # raise here too, and a "failed" written now would race with the driver's "stopped").
+        runs.record_error(client, run_id, f"{runs.short_error(e)}\n\n{traceback.format_exc()}")
         raise
