@@ -245,7 +245,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             return None
         tmp = tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-")
         save_checkpoint(
-            tmp.name, model_state=(average.model if average else core).state_dict(),
+            tmp.name, model_state=average.state_dict() if average else core.state_dict(),
             live_model_state=core.state_dict() if average else None, optimizer_state=opt.state_dict(),
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
             face_signature=face_model.signature(), metrics=metrics_now,

@@ -41,6 +41,10 @@ def test_unknown_key_names_the_key_and_valid_fields():
         ("loss.photo", "-1", "loss.photo"),
         ("data.resampled", "maybe", "expected true or false"),
         ("facemodel.source", "bfm", "facemodel.bfm_path"),
+        ("model.regressor_blocks", "[3,0,6,3]", "model.regressor_blocks"),
+        ("model.involution_norm", "layer", "['group', 'batch']"),
+        ("optim.ema_decay", "1.0", "optim.ema_decay"),
+        ("optim.warmup_steps", "-5", "optim.warmup_steps"),
         # the tune section (dfmvr/tune/settings.py) checks its fields the same way
         ("tune.name", "a/b", "tune.name"),
         ("tune.seeds", 0, "tune.seeds: expected >= 1, got 0"),
