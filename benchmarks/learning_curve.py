@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ def main() -> None:
     if not (Path(args.data) / "manifest.json").exists() and not args.data.startswith("s3://"):
         raise SystemExit(f"--data {args.data}: no manifest.json (run `make train` or `python -m sharding.synth` first)")
     torch.set_num_threads(args.threads)
-    names = [c for c in args.curves.split(",") if c]
+    # commas inside brackets belong to a value (model.regressor_blocks=[1,1,1,1])
+    names = [c for c in re.split(r",(?![^\[]*\])", args.curves) if c]
     for name in names:
         curve_overrides(name)  # unknown names fail before the data is loaded
 
