@@ -3,7 +3,7 @@ decode-only ceiling, and synthetic generation throughput.
 
     .venv/bin/python benchmarks/loader.py [--json] [--size 224] [--samples 512] [--data auto]
 
-1. Makes the data: ``--data synth`` renders faces with ``sharding.synth`` (``auto`` uses it when it
+1. Makes the data: ``--data synth`` renders faces with ``dfmvr.data.synth`` (``auto`` uses it when it
    imports and runs, else falls back to ``ellipses``: procedural ellipse "faces" drawn with
    OpenCV: gradient background, shaded skin, a blob per feature class). ``--unique`` distinct
    samples are made and repeated under distinct keys up to ``--samples`` (decode work per
@@ -17,7 +17,7 @@ decode-only ceiling, and synthetic generation throughput.
    ``TripletDecoder`` (decode, checks, weight maps) and ``Batcher`` (collate) stages; no storage,
    no tar, no shuffle buffer. Same process count and the same batch transfer to the main process,
    so the difference is exactly what storage streaming and tar parsing cost.
-5. Synthetic generation (``sharding.synth.generate`` into a local directory, ``--synth-workers``
+5. Synthetic generation (``dfmvr.data.synth.generate`` into a local directory, ``--synth-workers``
    processes), when it runs; else reported as null.
 
 Every epoch (ours and the ceiling's) includes starting its DataLoader workers, as training does
@@ -101,8 +101,8 @@ def ellipse_sample(index: int, size: int) -> sh.Sample:
 
 
 def synth_samples(unique: int, size: int, workers: int) -> tuple[list[sh.Sample], float]:
-    """``unique`` samples rendered by ``sharding.synth`` and its throughput (triplets/s)."""
-    from sharding.synth import generate, iter_shard_samples
+    """``unique`` samples rendered by ``dfmvr.data.synth`` and its throughput (triplets/s)."""
+    from dfmvr.data.synth import generate, iter_shard_samples
 
     with tempfile.TemporaryDirectory(prefix="dfmvr-bench-synth-") as out:
         summary = generate(
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exn:  # the generator is optional here; say why it was not used
             if args.data == "synth":
                 raise
-            synth_note = f"sharding.synth unavailable ({type(exn).__name__}: {exn})"
+            synth_note = f"dfmvr.data.synth unavailable ({type(exn).__name__}: {exn})"
             _logger.warning("%s; using ellipse samples", synth_note)
     if not unique:
         data_source = "ellipses"

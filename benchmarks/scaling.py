@@ -42,7 +42,7 @@ group, model build, DataLoader start and the first step. The head is stopped aft
 signalling only the processes tied to its temp dir (command line, environment or open files
 name it; ``ray stop`` would stop every Ray process on the machine).
 
-Shards are made once, with ``sharding.synth.generate(size=64, n_vertices=2500)``, under
+Shards are made once, with ``dfmvr.data.synth.generate(size=64, n_vertices=2500)``, under
 ``<work>/shards`` (default ``/tmp/dfmvr-scaling-work``) and reused by later invocations with the
 same ``--work``. The tiny preset's own loader settings apply (``data.num_workers`` DataLoader
 workers per rank).
@@ -87,7 +87,7 @@ def _load() -> float:
 
 def make_shards(work: Path) -> str:
     """``<work>/shards`` with the tiny preset's image size and face model (made once)."""
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     root = work / "shards"
     if (root / "manifest.json").exists():

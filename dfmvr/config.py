@@ -269,6 +269,11 @@ class TrainConfig:
     """Ray Train storage (local dir or ``s3://``); empty means ``<work_dir>/ray_results``."""
     run_name: str = "dfmvr-train"
     """Ray Train run name: re-running with the same name and storage resumes."""
+    parse_net_first: bool = True
+    """When ``model.parse_net`` is empty and the model takes masks or the mask loss is on, the
+    training job first trains a parse net on the same shards (``parsenet.*``, its own MLflow run)
+    and uses it frozen: the paper's pipeline (Tab. II v6), and a model bundle that makes its own
+    masks. False: train without one (no mask loss; inference then needs mask files)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "val_every", "ckpt_every", "log_every", "val_samples"):

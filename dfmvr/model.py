@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from dfmvr.facemodel import geometry
+from dfmvr.facemodel.decode import decode_faces
 from dfmvr.facemodel.layout import Coeffs
 from dfmvr.facemodel.model import N_PARSE_CLASSES, FaceModel
 from dfmvr.nets import create_backbone, create_regressor
@@ -123,28 +123,16 @@ class DFMVR(nn.Module):
         """Coefficients ``[B, 269]`` -> meshes, per-view poses, shading, renders and landmarks."""
         fm = self.face.model
         parts = self.layout.split(coeffs)
-        b, v = coeffs.shape[0], self.n_views
-        shape = geometry.compute_shape(fm, parts.id, parts.exp)
-        albedo = geometry.compute_albedo(fm, parts.tex)
-        shape_v = geometry.expand_views(shape, v)  # [B*V, N, 3]
-        posed = geometry.rigid_transform(shape_v, parts.angles.reshape(-1, 3), parts.trans.reshape(-1, 3))
-        normals = geometry.vertex_normals(posed, fm.tri)
-        colors = geometry.sh_shading(geometry.expand_views(albedo, v), normals, geometry.expand_views(parts.gamma, v))
-        cam = self.renderer.camera
-        lm2d = cam.project(posed[:, fm.keypoints])
-        image = mask = region = None
-        if render:
-            out = self.renderer(posed, fm.tri, colors, labels=fm.region)
-            s = self.image_size
-            image = out.image.view(b, v, 3, s, s)
-            mask = out.mask.view(b, v, 1, s, s)
-            region = out.region.view(b, v, s, s)
-        n = shape.shape[1]
+        b, v, s = coeffs.shape[0], self.n_views, self.image_size
+        d = decode_faces(fm, parts, self.renderer, render=render)
+        n = d.shape.shape[1]
         return ReconOutput(
-            coeffs=coeffs, parts=parts, shape=shape, albedo=albedo,
-            posed=posed.view(b, v, n, 3), colors=colors.view(b, v, n, 3),
-            image=image, render_mask=mask, region=region,
-            lm2d=lm2d.view(b, v, 68, 2), lm3d=shape[:, fm.lm3d_index],
+            coeffs=coeffs, parts=parts, shape=d.shape, albedo=d.albedo,
+            posed=d.posed.view(b, v, n, 3), colors=d.colors.view(b, v, n, 3),
+            image=d.image.view(b, v, 3, s, s) if render else None,
+            render_mask=d.mask.view(b, v, 1, s, s) if render else None,
+            region=d.region.view(b, v, s, s) if render else None,
+            lm2d=d.lm2d.view(b, v, 68, 2), lm3d=d.shape[:, fm.lm3d_index],
         )
 
     amp_dtype: torch.dtype | None = None

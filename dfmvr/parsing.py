@@ -441,7 +441,7 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
     import mlflow
 
     from dfmvr import tracking
-    from dfmvr.train.launch import ensure_data
+    from dfmvr.data.embedded import ensure_data
 
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)

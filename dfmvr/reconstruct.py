@@ -42,9 +42,10 @@ import cv2
 import numpy as np
 import torch
 
-from dfmvr.data.shards import N_CLASSES, VIEWS
+from dfmvr.data.shards import VIEWS
 from dfmvr.evaluate.samples import Skipped
 from dfmvr.facemodel.model import MM_PER_UNIT
+from dfmvr.inputs import CaptureError, prepare_view, to_model_tensor, to_uint8
 
 if TYPE_CHECKING:
     from dfmvr.serving import Reconstructor
@@ -56,10 +57,6 @@ PRED_COLOR = (230, 40, 40)
 TRUE_COLOR = (40, 220, 40)
 RENDER_ALPHA = 0.7
 """Opacity of the render over the input in overlays: the input must stay visible to judge the fit."""
-
-
-class CaptureError(ValueError):
-    """A capture cannot be used; the message names its folder or file and the problem."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -79,51 +76,6 @@ class Capture:
 
 
 # --------------------------------------------------------------------------- input
-
-
-def prepare_view(image: np.ndarray, size: int, source: str, *, mask: bool = False) -> np.ndarray:
-    """Check one view (or mask) and bring it to ``size`` x ``size``.
-
-    Args:
-        image: uint8 ``[H, W, 3]`` RGB (``[H, W]`` grey and ``[H, W, 4]`` RGBA are accepted and
-            converted) or, with ``mask``, uint8 ``[H, W]`` classes 0..9.
-        size: the model's side ``S``.
-        source: file name for messages.
-
-    Returns:
-        uint8 ``[S, S, 3]`` (or ``[S, S]`` for a mask).
-
-    Raises:
-        CaptureError: not uint8, not square, wrong channels, or mask classes outside 0..9.
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise CaptureError(f"{source}: expected 8-bit pixels, got {image.dtype}")
-    if mask:
-        if image.ndim == 3 and image.shape[2] in (3, 4) and (image[..., :3] == image[..., :1]).all():
-            image = image[..., 0]
-        if image.ndim != 2:
-            raise CaptureError(f"{source}: a mask must be a single-channel class map, got shape {list(image.shape)}")
-        if image.size and int(image.max()) >= N_CLASSES:
-            raise CaptureError(f"{source}: mask holds class {int(image.max())}, expected 0..{N_CLASSES - 1}")
-    else:
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        elif image.ndim == 3 and image.shape[2] == 4:
-            image = image[..., :3]
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise CaptureError(f"{source}: expected an RGB image, got shape {list(image.shape)}")
-    h, w = image.shape[:2]
-    if h != w:
-        raise CaptureError(f"{source}: image is {w} x {h} px; expected a square face-aligned crop (as in the "
-                           f"shards), which is resized to the model's {size} x {size}")
-    if h == size:
-        return np.ascontiguousarray(image)
-    if mask:
-        interpolation = cv2.INTER_NEAREST
-    else:
-        interpolation = cv2.INTER_AREA if h > size else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
 def _read_image(path: Path, *, mask: bool) -> np.ndarray:
@@ -208,7 +160,7 @@ def iter_shards(url: str, split: str, size: int, *, endpoint: str | None = None,
             if isinstance(item, Skipped):
                 yield item
                 continue
-            images = ((item.images.transpose(0, 2, 3, 1) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            images = to_uint8(item.images)
             yield Capture(name=item.key, source=chunk.url, images=images, masks=item.masks, lmk2d=item.lmk2d)
 
 
@@ -499,7 +451,7 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
                 seen.add(cap.name)
         if not ready:
             continue
-        images = torch.from_numpy(np.stack([c.images for c in ready])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        images = to_model_tensor(np.stack([c.images for c in ready]))
         masks = None
         if needs_masks:
             missing = [i for i, c in enumerate(ready) if c.masks is None]

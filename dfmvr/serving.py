@@ -18,6 +18,7 @@ import torch
 
 from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
+from dfmvr.inputs import prepare_view, to_model_tensor
 from dfmvr.model import DFMVR
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, resolve_checkpoint
 
@@ -80,15 +81,7 @@ class Reconstructor:
             raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
                              f"({detail:.400})") from e
         model.to(device)
-        parse_net = None
-        if cfg.model.parse_net:
-            from dfmvr.nets import load_parsenet
-
-            try:
-                parse_net = load_parsenet(cfg.model.parse_net, device)
-            except FileNotFoundError:
-                _logger.warning("parse net %s not found: inputs must come with masks", cfg.model.parse_net)
-        return cls(model, cfg, parse_net, payload, source)
+        return cls(model, cfg, _bundled_parse_net(payload, cfg, source, device, overrides), payload, source)
 
     @property
     def device(self) -> torch.device:
@@ -102,8 +95,8 @@ class Reconstructor:
             ValueError: no parse net is loaded (``model.parse_net`` empty or not found).
         """
         if self.parse_net is None:
-            raise ValueError("this model takes masks (model.mask_input) and no parse net is loaded "
-                             "(model.parse_net): pass masks")
+            raise ValueError(f"model {self.source}: takes masks (model.mask_input) and has no parse net (none "
+                             "bundled, model.parse_net not found): pass masks")
         b, v = images.shape[:2]
         images = images.to(self.device)
         return self.parse_net(images.flatten(0, 1)).argmax(1).view(b, v, *images.shape[-2:])
@@ -135,14 +128,12 @@ class Reconstructor:
             (their projection in each view, pixels at the model's size).
 
         Raises:
-            dfmvr.reconstruct.CaptureError: a view or mask that is not a square 8-bit image.
+            dfmvr.inputs.CaptureError: a view or mask that is not a square 8-bit image.
         """
-        from dfmvr.reconstruct import prepare_view
-
         s = self.model.image_size
         views = np.stack([prepare_view(img, s, f"{name} view") for name, img in
                           (("left", left), ("front", front), ("right", right))])
-        images = torch.from_numpy(views).permute(0, 3, 1, 2).float()[None] / 127.5 - 1
+        images = to_model_tensor(views[None])
         mask_t = None
         if masks is not None:
             if len(masks) != 3:
@@ -162,6 +153,27 @@ class Reconstructor:
         }
 
 
+def _bundled_parse_net(payload: dict, cfg: Config, source: str, device, overrides) -> torch.nn.Module | None:
+    """The parse net a model makes its masks with: the one its bundle embeds (every checkpoint a
+    training job with a parse net writes), unless the caller names another with the
+    ``model.parse_net`` override; else the file its config names, when it is still there."""
+    from dfmvr.nets import load_parsenet, parsenet_from_dict
+
+    given = (overrides or {}).get("model.parse_net")
+    if payload.get("parse_net") is not None and not given:
+        return parsenet_from_dict(payload["parse_net"], f"bundled in {source}", device)
+    if not cfg.model.parse_net:
+        return None
+    try:
+        return load_parsenet(cfg.model.parse_net, device)
+    except FileNotFoundError:
+        if given:
+            raise
+        _logger.warning("model %s: its parse net %s is not bundled and not found: inputs must come with masks",
+                        source, cfg.model.parse_net)
+        return None
+
+
 def load(uri: str | Path, device: str | torch.device = "cpu",
          overrides: Mapping[str, Any] | None = None) -> Reconstructor:
     """Load a trained model from a checkpoint path or URI (see the module docstring and
@@ -170,13 +182,33 @@ def load(uri: str | Path, device: str | torch.device = "cpu",
 
 
 class DFMVRPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: input ``{"images": uint8 [B, 3, S, S, 3]}`` (+ ``"masks"``) -> coefficients ``[B, 269]``."""
+    """MLflow pyfunc over a model bundle.
+
+    ``predict({"images": uint8 [B, 3, H, H, 3]})`` (left, front, right; square aligned crops of
+    any side, resized to the model's) -> ``{"vertices": float32 [B, N, 3]`` (model frame,
+    decimetres), ``"faces": int [F, 3]``, ``"coeffs": float32 [B, 269]}``. Masks (``"masks":
+    uint8 [B, 3, H, H]``) are optional: the bundled parse net makes them.
+    """
 
     def load_context(self, context) -> None:
         self.reconstructor = Reconstructor.from_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input, params=None):
-        images = torch.as_tensor(np.asarray(model_input["images"])).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-        masks = model_input.get("masks") if isinstance(model_input, dict) else None
-        masks = torch.as_tensor(np.asarray(masks), dtype=torch.long) if masks is not None else None
-        return self.reconstructor.predict(images, masks).coeffs.cpu().numpy()
+        if not isinstance(model_input, dict) or "images" not in model_input:
+            raise ValueError(f"model input: expected a dict with 'images' (uint8 [B, 3, H, H, 3]), "
+                             f"got {type(model_input).__name__}")
+        raw = np.asarray(model_input["images"])
+        if raw.ndim != 5 or raw.shape[1] != 3:
+            raise ValueError(f"model input 'images': expected uint8 [B, 3, H, H, 3], got shape {list(raw.shape)}")
+        s = self.reconstructor.model.image_size
+        views = np.stack([[prepare_view(raw[b, v], s, f"images[{b}, {v}]") for v in range(3)]
+                          for b in range(raw.shape[0])])
+        images = to_model_tensor(views)
+        masks = model_input.get("masks")
+        if masks is not None:
+            masks = np.asarray(masks)
+            masks = torch.from_numpy(np.stack([[prepare_view(masks[b, v], s, f"masks[{b}, {v}]", mask=True)
+                                                for v in range(3)] for b in range(masks.shape[0])]).astype(np.int64))
+        out = self.reconstructor.predict(images, masks)
+        return {"vertices": out.shape.cpu().numpy(), "faces": self.reconstructor.model.face.model.tri.cpu().numpy(),
+                "coeffs": out.coeffs.cpu().numpy()}

@@ -94,11 +94,49 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params({k: items[k] for k in keys[i:i + 90]})
 
 
+CHAMPION_ALIAS = "champion"
+"""Registry alias of the best version so far (lowest ``SCORE_METRIC``); ``models:/NAME@champion``."""
+SCORE_METRIC = "val/rmse_mm"
+"""The validation metric that ranks versions (lower is better)."""
+
+
+def dfmvr_requirement() -> str:
+    """The pip requirement that installs exactly the dfmvr running now: ``dfmvr @ file:///...`` for
+    a local checkout or wheel (PEP 610 ``direct_url.json``), else ``dfmvr==VERSION``; never a bare
+    ``dfmvr`` that a package index could satisfy with someone else's package."""
+    import json
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("dfmvr")
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("dfmvr is not installed (pip install -e .): the logged model could not name it") from None
+    direct = dist.read_text("direct_url.json")
+    if direct:
+        url = json.loads(direct).get("url")
+        if url:
+            return f"dfmvr @ {url}"
+    return f"dfmvr=={dist.version}"
+
+
+def _version_score(client, name: str, version: str) -> float | None:
+    tags = client.get_model_version(name, version).tags or {}
+    try:
+        return float(tags[SCORE_METRIC])
+    except (KeyError, ValueError):
+        return None
+
+
 def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """Log ``checkpoint_dir`` as an MLflow pyfunc model in ``run_id`` and register it as ``name``.
+    """Log ``checkpoint_dir`` (a whole model bundle: weights, parse net, face-model signature,
+    config) as an MLflow pyfunc model in ``run_id``, register it as a new version of ``name`` and
+    move alias ``champion`` to it when its ``val/rmse_mm`` beats the current champion's (or there
+    is none).
 
     Returns:
-        ``{"model_uri": "runs:/...", "registered_uri": "models:/NAME/VERSION" or None, "version": ...}``.
+        ``model_uri`` (``runs:/...``), ``registered_uri`` (``models:/NAME/VERSION`` or None),
+        ``version``, ``champion`` (True when the alias moved here), ``champion_uri``
+        (``models:/NAME@champion``), ``previous_champion`` (version or None) and its score.
     """
     import mlflow
 
@@ -109,18 +147,33 @@ def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: d
             name=MODEL_ARTIFACT,
             python_model=DFMVRPyfunc(),
             artifacts={"checkpoint": str(checkpoint_dir)},
-            pip_requirements=["dfmvr"],
+            pip_requirements=[dfmvr_requirement()],
             metadata={"val_metrics": metrics},
         )
     out: dict[str, Any] = {"model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}", "logged_model_uri": info.model_uri,
-                           "registered_uri": None, "version": None}
-    if name:
-        mv = mlflow.register_model(info.model_uri, name, tags={k: f"{v:.6g}" for k, v in metrics.items()})
-        client = mlflow.MlflowClient()
-        desc = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        client.update_model_version(name, mv.version, description=f"run {run_id}: {desc}")
-        out["registered_uri"] = f"models:/{name}/{mv.version}"
-        out["version"] = mv.version
+                           "registered_uri": None, "version": None, "champion": False, "champion_uri": None,
+                           "previous_champion": None, "previous_champion_score": None}
+    if not name:
+        return out
+    from mlflow.exceptions import MlflowException
+
+    mv = mlflow.register_model(info.model_uri, name, tags={k: f"{v:.6g}" for k, v in metrics.items()})
+    client = mlflow.MlflowClient()
+    desc = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    client.update_model_version(name, mv.version, description=f"run {run_id}: {desc}")
+    out["registered_uri"] = f"models:/{name}/{mv.version}"
+    out["version"] = str(mv.version)
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+    except MlflowException:
+        current = None
+    score = metrics.get(SCORE_METRIC)
+    best = _version_score(client, name, current) if current is not None else None
+    out["previous_champion"], out["previous_champion_score"] = current, best
+    if score is not None and (current is None or best is None or float(score) < best):
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
+        out["champion"] = True
+    out["champion_uri"] = f"models:/{name}@{CHAMPION_ALIAS}"
     return out
 
 

@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary("training", summary)
+    if summary.get("registered_model_uri"):
+        if summary.get("champion"):
+            print(f"\n{summary['champion_uri']} now names {summary['registered_model_uri']}"
+                  + (f" (it beats version {summary['previous_champion']})" if summary.get("previous_champion") else ""))
+        else:
+            print(f"\n{summary['champion_uri']} stays at version {summary['previous_champion']}: its val RMSE is lower "
+                  f"than this run's; use {summary['registered_model_uri']} to reconstruct with this one")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     return 0 if summary.get("status") == "FINISHED" else 1

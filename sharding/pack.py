@@ -47,7 +47,7 @@ from sharding.layouts import (
     read_mask,
     yaw_sign_check,
 )
-from sharding.splits import SPLIT_NAMES, assign_splits, parse_fractions
+from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 
 _logger = logging.getLogger(__name__)
 

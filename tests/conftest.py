@@ -163,7 +163,7 @@ def face_sample():
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic dataset (8 subjects x 2 captures, 64 px, the tiny face model), one per
     test module that asks for it."""
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     root = tmp_path_factory.mktemp("synth")
     generate(str(root), n_subjects=8, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500)

@@ -42,6 +42,7 @@ import torch
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.shards import VIEWS, read_manifest
 from dfmvr.evaluate.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
+from dfmvr.inputs import to_uint8
 
 if TYPE_CHECKING:
     from dfmvr.serving import Reconstructor
@@ -283,7 +284,7 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
             rec = by_row[row]
             title = (f"{batch.keys[i]}: NoW mean {value:.2f} mm (mean face {rec['mean_face'][RANK_KEY]:.2f}, "
                      f"single view {rec['single_view'][RANK_KEY]:.2f}); green given, red predicted landmarks")
-            imgs = ((batch.images[i].permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            imgs = to_uint8(batch.images[i])
             image = overlay_row(imgs, rendered.image[j].permute(0, 2, 3, 1).cpu().numpy(),
                                 rendered.render_mask[j, :, 0].cpu().numpy(), rendered.lm2d[j].cpu().numpy(),
                                 batch.lmk2d[i].numpy(), tile=max(160, model.image_size), title=title)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from dfmvr.facemodel import geometry
+from dfmvr.facemodel.decode import decode_faces, views_from_yaws
+from dfmvr.facemodel.layout import Coeffs
 from dfmvr.facemodel.model import FaceModel
 
 _logger = logging.getLogger(__name__)
@@ -52,16 +54,9 @@ def render_face(model: FaceModel, renderer, id_coeff: torch.Tensor, exp_coeff: t
         id_coeff, exp_coeff, tex_coeff: ``[1, K]`` coefficients.
         yaws_deg: y-angle of each view (degrees); the face sits at the origin.
     """
-    shape = geometry.compute_shape(model, id_coeff, exp_coeff)
-    albedo = geometry.compute_albedo(model, tex_coeff).clamp(0.0, 1.0)
-    n = len(yaws_deg)
-    angles = torch.zeros(n, 3)
-    angles[:, 1] = torch.tensor([math.radians(y) for y in yaws_deg])
-    world = geometry.rigid_transform(shape.expand(n, -1, -1), angles, torch.zeros(n, 3))
-    normals = geometry.vertex_normals(world, model.tri)
+    angles, trans = views_from_yaws(yaws_deg)
     g = preview_gamma() if gamma is None else gamma
-    colours = geometry.sh_shading(albedo.expand(n, -1, -1), normals, g.expand(n, -1))
-    out = renderer(world, model.tri, colours)
+    out = decode_faces(model, Coeffs(id_coeff, exp_coeff, tex_coeff, g, angles, trans), renderer, clamp_albedo=True)
     return out.image.permute(0, 2, 3, 1).clamp(0.0, 1.0)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dfmvr.nets import backbones, regressors  # noqa: F401  (registers the variants)
 from dfmvr.nets.backbones import FusionBackbone, LateFusionCNNBackbone, LateFusionUNetBackbone
 from dfmvr.nets.involution import Involution2d
-from dfmvr.nets.parsenet import BiSeNet, load_parsenet, save_parsenet
+from dfmvr.nets.parsenet import BiSeNet, load_parsenet, parsenet_from_dict, read_parsenet_file, save_parsenet
 from dfmvr.nets.registry import (
     create_backbone,
     create_regressor,
@@ -31,6 +31,6 @@ from dfmvr.nets.regressors import CoefficientRegressor, initial_coefficients
 __all__ = [
     "BiSeNet", "CoefficientRegressor", "FusionBackbone", "Involution2d", "LateFusionCNNBackbone",
     "LateFusionUNetBackbone", "create_backbone", "create_regressor", "initial_coefficients",
-    "list_backbones", "list_regressors", "load_parsenet", "register_backbone", "register_regressor",
-    "save_parsenet",
+    "list_backbones", "list_regressors", "load_parsenet", "parsenet_from_dict", "read_parsenet_file",
+    "register_backbone", "register_regressor", "save_parsenet",
 ]

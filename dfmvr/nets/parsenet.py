@@ -281,6 +281,23 @@ def save_parsenet(path: str | os.PathLike, model: BiSeNet, meta: Mapping[str, An
     return path
 
 
+def read_parsenet_file(path: str | os.PathLike) -> dict:
+    """The raw dict of :func:`save_parsenet`'s file (``format``, ``meta``, ``state_dict``), loaded
+    as data only; what a model bundle embeds (:func:`dfmvr.train.checkpoint.save_checkpoint`).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a readable torch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parse net checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"parse net checkpoint {path}: not a readable torch checkpoint ({e})") from e
+
+
 def load_parsenet(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, n_classes: int | None = N_PARSE_CLASSES
 ) -> BiSeNet:
@@ -299,25 +316,30 @@ def load_parsenet(
         ValueError: not a parse-net checkpoint, wrong class count, missing/unexpected
             weights or wrong shapes; the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"parse net checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"parse net checkpoint {path}: not a readable torch checkpoint ({e})") from e
+    return parsenet_from_dict(read_parsenet_file(path), str(path), device, n_classes=n_classes)
+
+
+def parsenet_from_dict(ckpt: object, source: str, device: str | torch.device = "cpu", *,
+                       n_classes: int | None = N_PARSE_CLASSES) -> BiSeNet:
+    """The frozen :class:`BiSeNet` in :func:`read_parsenet_file`'s dict; ``source`` names where it
+    came from in every error (a file, or the model bundle that embeds it).
+
+    Raises:
+        ValueError: not a parse-net checkpoint, wrong class count, missing/unexpected weights or
+            wrong shapes.
+    """
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"parse net checkpoint {path}: expected format {CHECKPOINT_FORMAT!r}, got {got!r}")
+        raise ValueError(f"parse net checkpoint {source}: expected format {CHECKPOINT_FORMAT!r}, got {got!r}")
     meta, state = ckpt.get("meta"), ckpt.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(state, dict):
-        raise ValueError(f"parse net checkpoint {path}: expected dicts 'meta' and 'state_dict'")
+        raise ValueError(f"parse net checkpoint {source}: expected dicts 'meta' and 'state_dict'")
     missing_meta = [k for k in ("n_classes", "width", "in_channels", "image_size") if k not in meta]
     if missing_meta:
-        raise ValueError(f"parse net checkpoint {path}: meta lacks {missing_meta}")
+        raise ValueError(f"parse net checkpoint {source}: meta lacks {missing_meta}")
     if n_classes is not None and meta["n_classes"] != n_classes:
         raise ValueError(
-            f"parse net checkpoint {path}: has {meta['n_classes']} classes, expected {n_classes} "
+            f"parse net checkpoint {source}: has {meta['n_classes']} classes, expected {n_classes} "
             "(DESIGN.md parsing classes)"
         )
     model = BiSeNet(n_classes=meta["n_classes"], width=meta["width"], in_channels=meta["in_channels"])
@@ -326,13 +348,13 @@ def load_parsenet(
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"parse net checkpoint {path}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"parse net checkpoint {source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unexpected weights {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
     for key, value in expected.items():
         if state[key].shape != value.shape:
             raise ValueError(
-                f"parse net checkpoint {path}: weight {key!r} has shape {tuple(state[key].shape)}, "
+                f"parse net checkpoint {source}: weight {key!r} has shape {tuple(state[key].shape)}, "
                 f"expected {tuple(value.shape)} for n_classes={meta['n_classes']}, width={meta['width']}"
             )
     model.load_state_dict(state)

@@ -29,12 +29,14 @@ FORMAT_VERSION = 1
 def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, config: dict,
                     face_signature: dict, metrics: dict | None = None, optimizer_state: dict | None = None,
                     scheduler_state: dict | None = None, extra: dict | None = None,
-                    live_model_state: dict | None = None) -> Path:
+                    live_model_state: dict | None = None, parse_net: dict | None = None) -> Path:
     """Write a checkpoint into ``directory`` (created). Returns the directory.
 
     ``model_state`` is the model to serve and score (the weight average when training keeps one,
     ``optim.ema_decay``); ``live_model_state`` the optimiser's own weights, which a resumed run
-    continues from (``model_live``; absent when they are the same as ``model``).
+    continues from (``model_live``; absent when they are the same as ``model``). ``parse_net`` is
+    the frozen parse net's checkpoint dict (:func:`dfmvr.nets.read_parsenet_file`): a checkpoint
+    that carries it is a whole model bundle, making its own masks for views that come without.
 
     The file is written under a temporary name and renamed, so a crash mid-write never leaves
     a truncated ``checkpoint.pt`` where the last good one was.
@@ -52,11 +54,14 @@ def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, conf
         "face_signature": face_signature,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "extra": extra or {},
+        **({"parse_net": parse_net} if parse_net is not None else {}),
     }
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(directory / CHECKPOINT_FILE)
     meta = {k: payload[k] for k in ("format_version", "step", "config", "face_signature", "metrics", "extra")}
+    if parse_net is not None:
+        meta["parse_net"] = parse_net.get("meta") if isinstance(parse_net, dict) else None
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
     return directory
 

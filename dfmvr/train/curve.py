@@ -173,7 +173,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     """Train ``cfg``'s model on ``train`` for ``triplets`` triplets, validating every ``every``.
 
     Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
-    the learning-rate schedule is ``cfg.optim``'s stretched from ``cfg.train.steps`` to this
+    the learning-rate schedule (and the mask loss's start) are ``cfg``'s stretched from ``cfg.train.steps`` to this
     run's ``triplets / batch`` steps (warm-up and decay start at the same fractions of the run);
     clipping and weight averaging as in training. Validation
     uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does;
@@ -188,6 +188,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     stretch = total_steps / max(1, cfg.train.steps)
     optim_cfg = replace(cfg.optim, cosine_after=round(cfg.optim.cosine_after * stretch),
                         warmup_steps=round(cfg.optim.warmup_steps * stretch))
+    loss_cfg = replace(cfg.loss, mask_loss_start_step=round(cfg.loss.mask_loss_start_step * stretch))
     opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
     points: list[CurvePoint] = []
@@ -197,7 +198,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
         t0 = time.perf_counter()
         out = model(batch.images, batch.masks if cfg.model.mask_input else None)
-        total, terms = reconstruction_losses(model, out, batch, cfg.loss, step)
+        total, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -213,7 +214,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
                                loss={k: float(v.detach()) for k, v in terms.items()},
-                               grad_split=gradient_split(model, batch, cfg.loss, step) if with_grad_split else None)
+                               grad_split=gradient_split(model, batch, loss_cfg, step) if with_grad_split else None)
             points.append(point)
             _logger.info("%d triplets: %.3f mm vs mean face %.3f (%.1f%% below), %.1f triplets/s", seen, rmse, mean,
                          point.gain_pct, seen / train_s)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
+from dfmvr.data.embedded import ensure_data
 from dfmvr.train.loop import VAL_METRIC
 
 _logger = logging.getLogger(__name__)
@@ -23,47 +23,6 @@ _logger = logging.getLogger(__name__)
 
 class PreflightError(RuntimeError):
     """A check before Ray starts failed (unreachable S3 or MLflow, missing or bad shards)."""
-
-
-DATA_URL_ENV = "DFMVR_DATA_URL"
-"""Shard root used when ``data.url`` is empty (cluster.yaml sets it on every node)."""
-
-
-EMBEDDED_SUBJECTS = 2000
-EMBEDDED_CAPTURES = 2
-"""Size of the synthetic dataset the embedded default makes. Identity generalises only with
-many subjects: with 240 training subjects a model regressing the 3D landmarks directly
-overfits and stalls at 24% below the mean face's error after 32k triplets; with 1600 it
-reaches 38% and is still improving (docs/training.md, benchmarks/identity_ceiling.py). 4000 triplets at 64 px take
-about 40 s on two cores."""
-
-
-def default_data_url(cfg: Config) -> str:
-    return str(Path(cfg.work_dir).resolve() / "shards")
-
-
-def ensure_data(cfg: Config) -> str:
-    """The shard root to train on: ``data.url``, else ``$DFMVR_DATA_URL``, else ``<work_dir>/shards``, generated with
-    synthetic triplets (at the config's image size and face model) when it has no manifest."""
-    from dfmvr.data import storage
-    from dfmvr.data.shards import read_manifest
-
-    url = cfg.data.url or os.environ.get(DATA_URL_ENV) or default_data_url(cfg)
-    manifest = storage.join(url, "manifest.json")
-    if storage.exists(manifest, endpoint=cfg.data.s3_endpoint or None):
-        read_manifest(url)  # schema version checked here, before Ray starts
-        return url
-    if cfg.data.url or os.environ.get(DATA_URL_ENV):
-        raise FileNotFoundError(f"data.url {url}: no manifest.json there (pack shards with python -m sharding.synth "
-                                "or python -m sharding.pack first)")
-    from sharding.synth import generate
-
-    _logger.info("no shards under %s: generating a synthetic dataset", url)
-    # two rendering processes: 4000 triplets at 64 px took 40 s wall here (63 s of CPU), against
-    # about 65 s with one
-    generate(url, n_subjects=EMBEDDED_SUBJECTS, n_captures=EMBEDDED_CAPTURES, size=cfg.data.image_size,
-             seed=cfg.seed, facemodel=cfg.facemodel, workers=2)
-    return url
 
 
 def _scaling(cfg: Config):
@@ -107,11 +66,13 @@ def preflight(cfg: Config) -> tuple[Config, str]:
 
 
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage_path: str, scaling,
-                  callbacks: Sequence[Any] = ()):
+                  callbacks: Sequence[Any] = (), parse_net: dict | None = None):
     """The ``TorchTrainer`` that trains ``cfg``: :func:`train_func_per_worker` on every worker, rank 0
     logging into MLflow run ``run_id``, checkpoints under ``storage_path/train.run_name`` (the best
     ``train.keep_checkpoints`` by validation RMSE). ``jobs/train.py`` and every Ray Tune trial
-    (``dfmvr.tune``, which passes Tune's report callback) fit this same trainer."""
+    (``dfmvr.tune``, which passes Tune's report callback) fit this same trainer. ``parse_net`` is the
+    frozen parse net's checkpoint dict, shipped to the workers (which may be on nodes without the
+    file) and embedded in every checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,7 +80,8 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage
 
     return TorchTrainer(
         train_func_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "parse_net": parse_net},
         scaling_config=scaling,
         run_config=RunConfig(
             name=cfg.train.run_name,
@@ -141,6 +103,25 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     from dfmvr import tracking
 
     cfg, tracking_uri = preflight(cfg)
+    parse_summary = None
+    if needs_parse_net(cfg):
+        from dfmvr.parsing import run_job
+
+        _logger.info("no parse net given (model.parse_net): training one first (parsenet.steps=%d)",
+                     cfg.parsenet.steps)
+        parse_summary = run_job(cfg)
+        if parse_summary["status"] != "FINISHED":
+            raise RuntimeError(f"the parse net's training failed (MLflow run {parse_summary['mlflow_run_id']})")
+        cfg = apply_overrides(cfg, {"model.parse_net": parse_summary["checkpoint"]})
+    elif cfg.loss.mask_loss and not cfg.model.parse_net:
+        _logger.warning("loss.mask_loss is on but there is no parse net (model.parse_net empty, "
+                        "train.parse_net_first=false): training without the mask loss")
+    parse_net = None
+    if cfg.model.parse_net:
+        from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+
+        parse_net = read_parsenet_file(cfg.model.parse_net)
+        parsenet_from_dict(parse_net, cfg.model.parse_net)  # a bad file fails here, before Ray starts
     work = Path(cfg.work_dir)
     data_url = cfg.data.url
     storage_path = cfg.train.storage_path or str(work / "ray_results")
@@ -159,7 +140,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
-                            scaling=scaling)
+                            scaling=scaling, parse_net=parse_net)
     t0 = time.perf_counter()
     status = "FAILED"
     try:
@@ -182,7 +163,13 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         "use_gpu": use_gpu,
         # the largest share of validation triplets with a non-finite prediction in any validation
         "val_nonfinite_max": float((result.metrics or {}).get("val/nonfinite_max", 0.0)),
+        "parse_net": cfg.model.parse_net or None,
+        "mask_loss": bool(parse_net is not None and cfg.loss.mask_loss),
     }
+    if parse_summary is not None:
+        summary["parse_net_miou"] = parse_summary["miou"]
+        summary["parse_net_mlflow_run_id"] = parse_summary["mlflow_run_id"]
+        summary["parse_net_seconds"] = parse_summary["train_seconds"]
     if best is not None:
         ckpt, metrics = best
         summary["checkpoint"] = checkpoint_uri(ckpt.path, storage_path)
@@ -196,8 +183,16 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
             local = ckpt.to_directory(tmp)
             val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
             reg = tracking.register_best(run_id, local, cfg.tracking.registered_model, val)
-        summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"]})
+        summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"],
+                        "champion": reg["champion"], "champion_uri": reg["champion_uri"],
+                        "previous_champion": reg["previous_champion"]})
     return summary
+
+
+def needs_parse_net(cfg: Config) -> bool:
+    """Whether the training job trains a parse net first (``train.parse_net_first``)."""
+    return (cfg.train.parse_net_first and not cfg.model.parse_net
+            and (cfg.model.mask_input or (cfg.loss.mask_loss and cfg.loss.mask > 0)))
 
 
 def best_checkpoint(result):

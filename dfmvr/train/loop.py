@@ -180,8 +180,8 @@ def _val_batches(cfg: Config) -> Callable[[], Iterator]:
     return it
 
 
-def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_model=None,
-             on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bundle: dict | None = None,
+             prepare_model=None, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train ``cfg`` in ``session``; returns the last metrics.
 
     Args:
@@ -189,6 +189,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
         session: :class:`LocalSession` or the Ray session adapter (``dfmvr.train.ray_worker``).
         tracker: rank 0's :class:`dfmvr.train.ray_worker.RunLogger` (MLflow), or None.
         parse_net: the frozen parse net (mask loss), or None.
+        parse_net_bundle: the parse net's checkpoint dict (:func:`dfmvr.nets.read_parsenet_file`),
+            embedded in every checkpoint so the model makes its own masks at inference; or None.
         prepare_model: wraps the model for DDP (Ray's ``prepare_model``); identity when None.
         on_step: called after every completed step with its number (the step journal).
 
@@ -248,7 +250,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, prepare_mode
             tmp.name, model_state=average.state_dict() if average else core.state_dict(),
             live_model_state=core.state_dict() if average else None, optimizer_state=opt.state_dict(),
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
-            face_signature=face_model.signature(), metrics=metrics_now,
+            face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net_bundle,
             extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
                    # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
                    "mlflow_run_id": getattr(tracker, "run_id", None)},

@@ -99,7 +99,8 @@ def _record_worker(cfg: Config, rank: int) -> None:
 def train_func_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker.
 
-    ``config``: ``{"cfg": to_dict(Config), "tracking_uri": str, "run_id": str | None}``.
+    ``config``: ``{"cfg": to_dict(Config), "tracking_uri": str, "run_id": str | None, "parse_net": dict | None}``
+    (``parse_net``: the frozen parse net's checkpoint dict, read by the driver).
     """
     import ray.train.torch
 
@@ -110,11 +111,18 @@ def train_func_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     session = RaySession(resume_from=cfg.train.resume_from)
     _record_worker(cfg, session.rank)
-    parse_net = None
-    if cfg.model.parse_net and cfg.loss.mask_loss:
-        from dfmvr.nets import load_parsenet
+    # the driver reads the parse net and ships it (a worker on another node has no such file);
+    # a worker started some other way reads model.parse_net itself
+    bundle = config.get("parse_net")
+    if bundle is None and cfg.model.parse_net:
+        from dfmvr.nets import read_parsenet_file
 
-        parse_net = load_parsenet(cfg.model.parse_net, session.device)
+        bundle = read_parsenet_file(cfg.model.parse_net)
+    parse_net = None
+    if bundle is not None and cfg.loss.mask_loss:
+        from dfmvr.nets import parsenet_from_dict
+
+        parse_net = parsenet_from_dict(bundle, cfg.model.parse_net or "the job's parse net", session.device)
 
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
         if cfg.train.sync_bn and session.world_size > 1:
@@ -127,4 +135,5 @@ def train_func_per_worker(config: dict) -> None:
     journal = None
     if session.rank == 0:
         journal = write_step_journal(Path(cfg.work_dir) / "runs" / cfg.train.run_name / "steps.jsonl")
-    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal)
+    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, parse_net_bundle=bundle, prepare_model=prepare,
+             on_step=journal)

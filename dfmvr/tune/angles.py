@@ -48,7 +48,7 @@ def make_angle_sets(cfg: Config, root: str) -> dict[str, str]:
         ``{label: shard root}`` in the order of ``cfg.tune.angles``.
     """
     from dfmvr.data import storage
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     fixed = [float(a) for a in cfg.tune.angles if a != "random"]
     out: dict[str, str] = {}

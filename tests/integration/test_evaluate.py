@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     from dfmvr.presets import tiny
     from dfmvr.train.loop import LocalSession, run_loop
     from dfmvr.train.ray_worker import RunLogger
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     root = tmp_path_factory.mktemp("eval")
     shards = root / "shards"

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fixed_batch(tmp_path_factory):
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     root = tmp_path_factory.mktemp("learn")
     generate(str(root), n_subjects=6, n_captures=2, size=64, seed=11, workers=1, n_vertices=2500,
@@ -74,7 +74,7 @@ brings back what was lost fails here (docs/training.md, "Learning test")."""
 
 @pytest.fixture(scope="module")
 def identity_data(tmp_path_factory):
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     from dfmvr.train.curve import load_split
 

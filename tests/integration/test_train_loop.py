@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     root = tmp_path_factory.mktemp("loop-shards")
     generate(str(root), n_subjects=6, n_captures=2, size=64, seed=5, workers=1, n_vertices=2500)

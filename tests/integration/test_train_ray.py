@@ -39,6 +39,7 @@ def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
         "train.max_failures": 0,
         "tracking.registered_model": "dfmvr-test",
         "loss.mask_loss": False,
+        "train.parse_net_first": False,  # the parse-net-first pipeline: tests/integration/test_model_bundle.py
     }
     base.update(extra)
     return base

@@ -217,7 +217,7 @@ def test_angle_sets_differ_only_in_side_view_yaw_and_evaluate_a_checkpoint(synth
     from dfmvr.presets import tiny
     from dfmvr.train.loop import LocalSession, run_loop
     from dfmvr.tune.angles import evaluate_angles, make_angle_sets, metric_name
-    from sharding.synth import iter_shard_samples
+    from dfmvr.data.synth import iter_shard_samples
 
     cfg = apply_overrides(tiny(), {
         "data.url": str(synth_root), "data.num_workers": 0, "data.batch_size": 2, "data.epoch_samples": 16,

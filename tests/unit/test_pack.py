@@ -18,7 +18,7 @@ from dfmvr.render.camera import Camera
 from sharding.align import AlignmentTemplate, five_points, transform_points
 from sharding.layouts import VIEWS, read_bnt, read_landmarks
 from sharding.pack import PackConfig, delaunay_mesh, main, pack
-from sharding.synth import SynthConfig, iter_shard_samples, render_views, sample_params
+from dfmvr.data.synth import SynthConfig, iter_shard_samples, render_views, sample_params
 
 CANVAS = 160
 SIZE = 64

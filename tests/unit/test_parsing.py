@@ -39,7 +39,7 @@ from dfmvr.parsing import (
 )
 from dfmvr.presets import get_preset
 from sharding.fill_masks import main as fill_main
-from sharding.synth import iter_shard_samples
+from dfmvr.data.synth import iter_shard_samples
 from tests.conftest import make_face_sample
 
 SIZE = 32
@@ -343,7 +343,7 @@ def test_job_logs_one_mlflow_run_and_exports_the_checkpoint(dataset, tmp_path):
 
 
 def test_fill_masks_on_synthetic_shards_to_s3(tmp_path, moto_s3):
-    from sharding.synth import generate
+    from dfmvr.data.synth import generate
 
     synthetic = generate(str(tmp_path / "synth"), n_subjects=3, n_captures=2, size=SIZE, seed=3, workers=1,
                          n_vertices=2500, splits=(0.5, 0.5, 0.0))

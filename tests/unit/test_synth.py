@@ -15,7 +15,7 @@ import torch
 from dfmvr.data.shards import read_manifest
 from dfmvr.facemodel.geometry import compute_shape, rigid_transform
 from dfmvr.render.camera import Camera
-from sharding.synth import PROGRESS_NAME, generate, iter_shard_samples, write_preview
+from dfmvr.data.synth import PROGRESS_NAME, generate, iter_shard_samples, write_preview
 
 SIZE = 64
 N_VERTICES = 1500

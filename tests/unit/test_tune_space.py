@@ -291,7 +291,7 @@ def test_random_side_yaws_come_from_the_listed_angles_and_nothing_else_changes()
 
     from dfmvr.config import FaceModelConfig
     from dfmvr.facemodel import build_face_model
-    from sharding.synth import SynthConfig, sample_params
+    from dfmvr.data.synth import SynthConfig, sample_params
 
     model = build_face_model(FaceModelConfig(n_vertices=400))
     fixed = SynthConfig(out="unused", size=32, seed=5)

@@ -1,0 +1,793 @@
+"""Synthetic (left, front, right) triplets of procedural faces, written as dfmvr shards.
+
+    python -m sharding.synth --out ROOT [--subjects 40] [--captures 3] [--size 224]
+        [--yaw -45,0,45] [--seed 0] [--splits 0.8,0.1,0.1] [--workers 2] [--n-vertices N]
+        [--max-count 200] [--preview preview.png]
+
+Per subject: identity and albedo coefficients. Per capture (an expression of that subject;
+capture 0 is neutral): expression coefficients, SH lighting (DC-dominant with modest
+directional terms), a pose per view (the nominal yaw plus a few degrees of jitter on every
+angle and a few millimetres of translation) and a background per view (flat colour, gradient
+or noise texture). The three views are rendered by :class:`dfmvr.render.Renderer` and
+composited over their backgrounds with the coverage mask.
+
+Each sample carries: the images; the parsing masks (the renderer's per-pixel region labels);
+the 68 projected landmarks per view (``Camera.project`` of the posed keypoint vertices); the
+3D landmarks (vertices ``lm3d_index`` of the shape in the face-model frame, before any pose:
+DESIGN.md's "front view frame" for lm3d is this frame, the frame the reconstruction's shape
+lives in before its per-view rigid pose); the ground-truth mesh ``gt.npz`` (model-frame
+vertices, the model's faces, units dm); the true coefficients (``CoeffLayout.join`` of id,
+exp, tex, gamma, per-view angles and translations) and meta.
+
+Deterministic: a sample's random numbers come from generators seeded with
+``(seed, subject)`` (identity, albedo) and ``(seed, subject, capture)`` (everything else),
+samples are assigned to shards by a fixed plan, every sample is rendered with one torch thread
+(by whichever worker process), the main process writes the shards in plan order, and tar
+headers carry a fixed mtime; the same settings give byte-identical shards for any
+``--workers``. Resumable: finished shards are recorded in
+``synth-progress.json`` beside the shards; a rerun with the same settings keeps every recorded
+shard whose stored sha256 still matches and makes only the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import sys
+import tarfile
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dfmvr.config import FaceModelConfig
+from dfmvr.data import storage
+from dfmvr.data.shards import VIEWS, Sample, ShardInfo, ShardWriter, decode_sample, write_manifest
+from dfmvr.data.backgrounds import random_background
+from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
+
+_logger = logging.getLogger(__name__)
+
+SYNTH_VERSION = 1
+"""Bump when the generator's output changes for the same settings (invalidates resumption)."""
+PROGRESS_NAME = "synth-progress.json"
+
+
+def default_n_vertices(size: int) -> int:
+    """Procedural model size that renders cleanly and fast at ``size`` px.
+
+    Triangles much smaller than a pixel only cost time; much larger ones show facets. At
+    224 px the full 35k-vertex model is used; small images get a proportionally coarser mesh.
+    """
+    if size >= 160:
+        return 35709
+    if size >= 96:
+        return 12000
+    return 4000
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    """Distributions the generator draws from (all coefficient scales multiply N(0, 1))."""
+
+    id_scale: float = 1.0
+    """Identity coefficients."""
+    exp_scale: float = 1.0
+    """Expression coefficients (captures after the first)."""
+    tex_scale: float = 0.8
+    """Albedo coefficients. At 1.0 the procedural model's first (skin tone) component puts 1% of
+    faces at albedo luminance below 0.07 (near black) and some at negative green; 0.8 keeps
+    the 1st..99th percentile within about 0.15..0.85."""
+    neutral_first: bool = True
+    """Capture 0 of every subject has a neutral expression (zero expression coefficients)."""
+    light_dc: tuple[float, float] = (-0.15, 0.35)
+    """Uniform range added to every channel's SH DC term (on top of the renderer's +0.8)."""
+    light_tint: float = 0.06
+    """Std-dev of the per-channel deviation of the DC term (coloured light)."""
+    light_dir: float = 0.18
+    """Std-dev of the first-order (directional) SH terms, shared by the channels."""
+    light_second: float = 0.06
+    """Std-dev of the second-order SH terms, shared by the channels."""
+    angle_jitter_deg: tuple[float, float, float] = (4.0, 4.0, 2.0)
+    """Std-dev of pitch, yaw and roll jitter per view, degrees (clipped at 2.5 sigma)."""
+    trans_jitter: tuple[float, float, float] = (0.04, 0.04, 0.15)
+    """Std-dev of x, y, z translation per view, decimetres (clipped at 2.5 sigma)."""
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(kw_only=True, slots=True)
+class SynthConfig:
+    """A synthetic dataset."""
+
+    out: str
+    """Shard root: a local directory or ``s3://bucket/prefix``."""
+    n_subjects: int = 40
+    """Identities."""
+    n_captures: int = 3
+    """Captures (expressions) per subject."""
+    size: int = 224
+    """Image side in pixels."""
+    yaw_deg: tuple[float, float, float] = (-45.0, 0.0, 45.0)
+    """Nominal yaw of the left, front and right views."""
+    side_yaw_choices: tuple[float, ...] = ()
+    """When set, each capture's left and right views get a yaw drawn (independently) from these
+    magnitudes, left at minus and right at plus, instead of ``yaw_deg``'s (paper Tab. III
+    "random"). Drawn after every other random number, so a sample differs from the fixed-yaw one
+    of the same seed only in its side views' yaw."""
+    seed: int = 0
+    """Seed of everything random in the data (not of the face model)."""
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Train/val/test fractions of the subjects."""
+    workers: int = 2
+    """Processes rendering shards (1: in this process)."""
+    n_vertices: int | None = None
+    """Procedural model size; None picks :func:`default_n_vertices` for ``size``."""
+    model_seed: int = 0
+    """Seed of the procedural face model (keep it equal to the training job's facemodel.seed)."""
+    facemodel: FaceModelConfig | None = None
+    """Explicit face model (e.g. BFM); overrides ``n_vertices`` and ``model_seed``."""
+    max_count: int = 200
+    """Samples per shard."""
+    image_format: str = "png"
+    """``png`` (lossless) or ``jpg``."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Distributions."""
+    endpoint: str | None = None
+    """S3 endpoint (else ``AWS_ENDPOINT_URL``)."""
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 1 or self.n_captures < 1:
+            raise ValueError(f"n_subjects/n_captures: expected >= 1, got {self.n_subjects}, {self.n_captures}")
+        if self.size < 16:
+            raise ValueError(f"size: expected >= 16 px, got {self.size}")
+        if len(self.yaw_deg) != 3 or not all(math.isfinite(float(y)) for y in self.yaw_deg):
+            raise ValueError(f"yaw_deg: expected 3 finite angles (left, front, right), got {self.yaw_deg!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers: expected >= 1, got {self.workers}")
+        if self.max_count < 1:
+            raise ValueError(f"max_count: expected >= 1, got {self.max_count}")
+        if self.image_format not in ("png", "jpg"):
+            raise ValueError(f"image_format: expected 'png' or 'jpg', got {self.image_format!r}")
+        self.yaw_deg = tuple(float(y) for y in self.yaw_deg)
+        if not all(math.isfinite(float(y)) and 0 <= float(y) <= 90 for y in self.side_yaw_choices):
+            raise ValueError(f"side_yaw_choices: expected yaw magnitudes in 0..90 degrees, got {self.side_yaw_choices!r}")
+        self.side_yaw_choices = tuple(float(y) for y in self.side_yaw_choices)
+        self.splits = parse_fractions(self.splits)
+
+    def face_model_config(self) -> FaceModelConfig:
+        """The face model the samples are made with."""
+        if self.facemodel is not None:
+            return self.facemodel
+        n = self.n_vertices if self.n_vertices is not None else default_n_vertices(self.size)
+        return FaceModelConfig(source="procedural", n_vertices=n, seed=self.model_seed)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes the shards' bytes (not ``out``, ``workers``, ``endpoint``)."""
+        fm = self.face_model_config()
+        doc = {
+            "version": SYNTH_VERSION, "n_subjects": self.n_subjects, "n_captures": self.n_captures,
+            "size": self.size, "yaw_deg": list(self.yaw_deg), "seed": self.seed, "splits": list(self.splits),
+            "max_count": self.max_count, "image_format": self.image_format, "sampling": self.sampling.to_dict(),
+            "facemodel": {"source": fm.source, "bfm_path": fm.bfm_path, "n_vertices": fm.n_vertices, "seed": fm.seed},
+        }
+        if self.side_yaw_choices:  # only when set: fingerprints of fixed-yaw datasets stay as they were
+            doc["side_yaw_choices"] = list(self.side_yaw_choices)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardTask:
+    """One shard of the plan: which samples it holds."""
+
+    split: str
+    index: int
+    items: list[tuple[int, int]]
+    """``(subject index, capture index)`` in write order."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass(kw_only=True, slots=True)
+class SynthSummary:
+    """What a generation run did."""
+
+    manifest: str
+    n_samples: int
+    per_split: dict[str, int]
+    subjects_per_split: dict[str, int]
+    generated: list[str]
+    """Shard names made by this run."""
+    kept: list[str]
+    """Shard names kept from an earlier run (verified by sha256)."""
+    seconds: float
+    triplets_per_s: float
+    """Samples made by this run per second of wall time (0 when all were kept)."""
+    n_vertices: int
+    """Vertices of the face model used (the procedural model rounds the requested count to its grid)."""
+
+
+def subject_name(index: int) -> str:
+    return f"synth{index:05d}"
+
+
+def capture_name(index: int) -> str:
+    return f"e{index:02d}"
+
+
+def plan_shards(cfg: SynthConfig) -> list[ShardTask]:
+    """Assign every (subject, capture) to a split and a shard, deterministically."""
+    names = [subject_name(i) for i in range(cfg.n_subjects)]
+    split_of = assign_splits(names, cfg.splits, cfg.seed)
+    tasks = []
+    for split in SPLIT_NAMES:
+        items = [(i, c) for i in range(cfg.n_subjects) if split_of[names[i]] == split for c in range(cfg.n_captures)]
+        for index, start in enumerate(range(0, len(items), cfg.max_count)):
+            tasks.append(ShardTask(split=split, index=index, items=items[start:start + cfg.max_count]))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# one sample
+
+
+def sample_lighting(rng: np.random.Generator, s: SamplingConfig) -> np.ndarray:
+    """``[27]`` SH coefficients (9 per channel, R first): DC-dominant, white-ish, modest direction."""
+    gamma = np.zeros((3, 9))
+    dc = rng.uniform(*s.light_dc)
+    gamma[:, 0] = dc + rng.normal(0.0, s.light_tint, size=3)
+    gamma[:, 1:4] = rng.normal(0.0, s.light_dir, size=3)[None, :]
+    gamma[:, 4:9] = rng.normal(0.0, s.light_second, size=5)[None, :]
+    return gamma.reshape(27)
+
+
+def _clipped_normal(rng: np.random.Generator, std: tuple[float, ...], n: int) -> np.ndarray:
+    std = np.asarray(std, dtype=np.float64)
+    return np.clip(rng.standard_normal((n, len(std))), -2.5, 2.5) * std
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleParams:
+    """Everything random about one sample (numpy float64)."""
+
+    id: np.ndarray
+    exp: np.ndarray
+    tex: np.ndarray
+    gamma: np.ndarray
+    angles: np.ndarray
+    """``[3, 3]`` radians per view."""
+    trans: np.ndarray
+    """``[3, 3]`` decimetres per view."""
+    backgrounds: list[np.ndarray]
+    """Per view ``[S, S, 3]`` float32 in [0, 1]."""
+    yaw_deg: tuple[float, ...] = ()
+    """Nominal yaw of each view (before jitter), degrees."""
+
+
+def sample_params(model, cfg: SynthConfig, subject: int, capture: int) -> SampleParams:
+    """Draw one sample's parameters from generators seeded by (seed, subject[, capture])."""
+    s = cfg.sampling
+    rng_subject = np.random.default_rng([cfg.seed, subject])
+    rng = np.random.default_rng([cfg.seed, subject, capture + 1])
+    n_id, n_exp, n_tex = model.id_base.shape[1], model.exp_base.shape[1], model.tex_base.shape[1]
+    id_c = rng_subject.standard_normal(n_id) * s.id_scale
+    tex_c = rng_subject.standard_normal(n_tex) * s.tex_scale
+    if capture == 0 and s.neutral_first:
+        exp_c = np.zeros(n_exp)
+    else:
+        exp_c = rng.standard_normal(n_exp) * s.exp_scale
+    gamma = sample_lighting(rng, s)
+    jitter = np.deg2rad(_clipped_normal(rng, s.angle_jitter_deg, 3))
+    trans = _clipped_normal(rng, s.trans_jitter, 3)
+    backgrounds = [random_background(rng, cfg.size) for _ in VIEWS]
+    yaw = cfg.yaw_deg
+    if cfg.side_yaw_choices:
+        left, right = rng.choice(np.asarray(cfg.side_yaw_choices), size=2)
+        yaw = (-float(left), cfg.yaw_deg[1], float(right))
+    angles = jitter + np.array([[0.0, math.radians(y), 0.0] for y in yaw])
+    return SampleParams(id=id_c, exp=exp_c, tex=tex_c, gamma=gamma, angles=angles, trans=trans,
+                        backgrounds=backgrounds, yaw_deg=tuple(yaw))
+
+
+@dataclass(kw_only=True, slots=True)
+class RenderedViews:
+    """A rendered triplet (numpy): what a sample is assembled from."""
+
+    images: np.ndarray
+    """``[3, S, S, 3]`` uint8 composited over the backgrounds."""
+    masks: np.ndarray
+    """``[3, S, S]`` uint8 parse classes."""
+    coverage: np.ndarray
+    """``[3, S, S]`` bool."""
+    lmk2d: np.ndarray
+    """``[3, 68, 2]`` float32 pixels."""
+    shape: np.ndarray
+    """``[N, 3]`` float32 model-frame vertices (before pose), decimetres."""
+
+
+@torch.no_grad()
+def render_views(model, renderer, p: SampleParams) -> RenderedViews:
+    """Render the three views of one parameter set with ``renderer`` (its camera sets the size)."""
+    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    from dfmvr.facemodel.decode import decode_faces
+    from dfmvr.facemodel.layout import Coeffs
+
+    parts = Coeffs(f32(p.id)[None], f32(p.exp)[None], f32(p.tex)[None], f32(p.gamma)[None],
+                   f32(p.angles)[None], f32(p.trans)[None])
+    out = decode_faces(model, parts, renderer, clamp_albedo=True)
+    cover = out.mask[:, 0]  # [V, H, W]
+    bg = f32(np.stack(p.backgrounds)).permute(0, 3, 1, 2)  # [V, 3, H, W]
+    img = out.image.clamp(0.0, 1.0) * cover[:, None] + bg * (1.0 - cover[:, None])
+    images = (img.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return RenderedViews(
+        images=images,
+        masks=out.region.to(torch.uint8).numpy(),
+        coverage=(cover > 0.5).numpy(),
+        lmk2d=out.lm2d.numpy().astype(np.float32),
+        shape=out.shape[0].numpy().astype(np.float32),
+    )
+
+
+def make_sample(model, renderer, cfg: SynthConfig, subject: int, capture: int) -> Sample:
+    """One synthetic sample: parameters, render, and everything the schema carries."""
+    from dfmvr.facemodel.layout import Coeffs
+
+    p = sample_params(model, cfg, subject, capture)
+    r = render_views(model, renderer, p)
+    layout = model.layout(len(VIEWS))
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)[None]  # noqa: E731
+    coeffs = layout.join(Coeffs(t(p.id), t(p.exp), t(p.tex), t(p.gamma), t(p.angles), t(p.trans)))[0]
+    return Sample(
+        subject=subject_name(subject),
+        capture=capture_name(capture),
+        images={v: r.images[i] for i, v in enumerate(VIEWS)},
+        masks={v: r.masks[i] for i, v in enumerate(VIEWS)},
+        lmk2d=r.lmk2d,
+        lmk3d=r.shape[model.lm3d_index.numpy()],
+        gt={"vertices": r.shape, "faces": model.tri.numpy().astype(np.int32), "units": "dm"},
+        coeffs=coeffs.numpy().astype(np.float32),
+        meta={
+            "yaw_deg": list(p.yaw_deg),
+            "source": "synthetic",
+            "seed": cfg.seed,
+            "subject_index": subject,
+            "capture_index": capture,
+            "expression": "neutral" if not np.any(p.exp) else "random",
+            "face_model": model.name,
+            "lm3d_frame": "face model (before pose)",
+        },
+        image_format=cfg.image_format,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# workers
+
+_state: dict = {}
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread: the same arithmetic (and so the same bytes) in every process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_digest(model) -> str:
+    """Content hash of a face model (16 hex digits): shards record which model made them."""
+    h = hashlib.sha256()
+    for name in ("mean_shape", "id_base", "exp_base", "mean_tex", "tex_base", "tri", "keypoints", "region",
+                 "lm3d_index"):
+        h.update(np.ascontiguousarray(getattr(model, name).numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _init_worker(cfg: SynthConfig, model, pool_process: bool = True) -> None:
+    """Per process: keep the face model (built once by the parent and sent over: rebuilding a
+    35k-vertex procedural model takes about 30 s per process) and make a renderer."""
+    from dfmvr.render import Renderer
+    from dfmvr.render.camera import Camera
+
+    if pool_process:
+        torch.set_num_threads(1)
+    _state["cfg"] = cfg
+    _state["model"] = model
+    _state["digest"] = model_digest(model)
+    _state["renderer"] = Renderer(Camera.at_size(cfg.size), backend="torch")
+
+
+def _make_item(item: tuple[int, int]) -> tuple[Sample, str]:
+    """Render one (subject, capture) in a worker: the sample and the digest of the model that made it."""
+    with _one_thread():
+        return make_sample(_state["model"], _state["renderer"], _state["cfg"], *item), _state["digest"]
+
+
+# ---------------------------------------------------------------------------------------------
+# resumption
+
+
+@dataclass(kw_only=True, slots=True)
+class _Done:
+    info: ShardInfo
+    model: str
+    """:func:`model_digest` of the face model that made the shard."""
+
+
+def _sha256(url: str, endpoint: str | None) -> str:
+    digest = hashlib.sha256()
+    stream = storage.open_read(url, endpoint=endpoint)
+    try:
+        for block in storage.iter_chunks(stream):
+            digest.update(block)
+    finally:
+        stream.close()
+    return digest.hexdigest()
+
+
+def _load_progress(cfg: SynthConfig, tasks: list[ShardTask]) -> dict[str, _Done]:
+    """Recorded shards of an earlier run with the same settings that are still intact."""
+    url = storage.join(cfg.out, PROGRESS_NAME)
+    try:
+        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _logger.warning("%s: unreadable (%s); regenerating every shard", url, e)
+        return {}
+    if doc.get("fingerprint") != cfg.fingerprint():
+        _logger.warning("%s: made with other settings; regenerating every shard", url)
+        return {}
+    planned = {t.name: t for t in tasks}
+    kept = {}
+    for name, rec in doc.get("shards", {}).items():
+        task = planned.get(name)
+        if task is None:
+            continue
+        try:
+            info = ShardInfo(**rec["info"])
+            model = str(rec["model"])
+        except (KeyError, TypeError):
+            continue
+        if info.keys != [f"{subject_name(s)}-{capture_name(c)}" for s, c in task.items]:
+            continue
+        try:
+            ok = (storage.size(info.url, endpoint=cfg.endpoint) == info.size
+                  and _sha256(info.url, cfg.endpoint) == info.sha256)
+        except FileNotFoundError:
+            ok = False
+        if ok:
+            kept[name] = _Done(info=info, model=model)
+        else:
+            _logger.warning("%s: missing or changed since it was recorded; regenerating it", info.url)
+    return kept
+
+
+def _save_progress(cfg: SynthConfig, done: dict[str, _Done]) -> None:
+    doc = {
+        "fingerprint": cfg.fingerprint(),
+        "shards": {k: {"info": asdict(v.info), "model": v.model} for k, v in sorted(done.items())},
+    }
+    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
+                        endpoint=cfg.endpoint)
+
+
+def _make_shards(cfg: SynthConfig, model, todo: list[ShardTask], done: dict[str, _Done], bar) -> list[str]:
+    """Make the shards ``todo``, recording each finished one in ``done`` and the progress file.
+
+    Samples are rendered in parallel (one task per sample, so the work spreads over the
+    workers however few shards there are) and come back in plan order; this process writes
+    them, shard after shard, so a shard's bytes do not depend on which worker rendered what.
+    """
+    items = [item for task in todo for item in task.items]
+    made: list[str] = []
+
+    def write_all(results: Iterator[tuple[Sample, str]]) -> None:
+        for task in todo:
+            digests = set()
+            with ShardWriter(cfg.out, task.split, max_count=cfg.max_count, max_size=1 << 62,
+                             start_index=task.index, endpoint=cfg.endpoint) as writer:
+                for _ in task.items:
+                    sample, digest = next(results)
+                    digests.add(digest)
+                    writer.write(sample)
+                    if bar is not None:
+                        bar.update(1)
+            (info,) = writer.close()
+            assert info.url.endswith(task.name) and info.count == len(task.items), info
+            if len(digests) > 1:
+                raise RuntimeError(f"worker processes built different face models ({sorted(digests)}) from "
+                                   f"{cfg.face_model_config()}: the face model is not deterministic, so the "
+                                   "shards would not be either")
+            done[task.name] = _Done(info=info, model=digests.pop())
+            made.append(task.name)
+            _save_progress(cfg, done)
+
+    if cfg.workers == 1:
+        _init_worker(cfg, model, pool_process=False)
+        try:
+            write_all(_make_item(item) for item in items)
+        finally:
+            _state.clear()  # do not keep the model alive in the caller's process
+        return made
+    ctx = mp.get_context("spawn")  # torch and fork do not mix well; spawn starts clean
+    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(items)), mp_context=ctx,
+                             initializer=_init_worker, initargs=(cfg, model)) as pool:
+        write_all(_ordered(pool, items, window=4 * cfg.workers))
+    return made
+
+
+def _ordered(pool: ProcessPoolExecutor, items: list, window: int) -> Iterator:
+    """``pool.map`` in order with at most ``window`` results in flight (bounded memory)."""
+    pending = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(_make_item, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(_make_item, nxt))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def generate(out: str, *, n_subjects: int = 40, n_captures: int = 3, size: int = 224,
+             yaw_deg: tuple[float, float, float] = (-45.0, 0.0, 45.0), seed: int = 0,
+             splits: tuple[float, float, float] = (0.8, 0.1, 0.1), workers: int = 2,
+             n_vertices: int | None = None, max_count: int = 200, progress: bool = False,
+             **kwargs) -> SynthSummary:
+    """Generate a synthetic dataset under ``out`` (see :class:`SynthConfig` for every option).
+
+    Returns:
+        :class:`SynthSummary` (manifest URL, counts, shards made and kept, throughput).
+    """
+    cfg = SynthConfig(out=out, n_subjects=n_subjects, n_captures=n_captures, size=size, yaw_deg=yaw_deg,
+                      seed=seed, splits=splits, workers=workers, n_vertices=n_vertices, max_count=max_count,
+                      **kwargs)
+    return run(cfg, progress=progress)
+
+
+def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
+    """Generate (or finish generating) the dataset ``cfg`` describes and write its manifest.
+
+    Shards recorded by an earlier run are kept when their bytes still match and the face
+    model built here (once; workers receive it) is the one that made them; shards made by a
+    different model (its code changed since) are made again, so every shard of the dataset
+    comes from one model.
+    """
+    if not storage.is_s3(cfg.out):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    tasks = plan_shards(cfg)
+    by_name = {t.name: t for t in tasks}
+    done = _load_progress(cfg, tasks)
+    kept_before = set(done)
+    todo = [t for t in tasks if t.name not in done]
+    n_total = sum(len(t.items) for t in tasks)
+    fm = cfg.face_model_config()
+    _logger.info("synth: %d samples in %d shards (%d recorded, %d to make), %d px, %s with %d vertices",
+                 n_total, len(tasks), len(done), len(todo), cfg.size, fm.source, fm.n_vertices)
+    start = time.perf_counter()
+    from dfmvr.facemodel import build_face_model
+
+    model = build_face_model(fm)
+    current = model_digest(model)
+    stale = sorted(n for n, d in done.items() if d.model != current)
+    if stale:
+        _logger.warning("%d recorded shards were made by a different face model; making them again: %s",
+                        len(stale), ", ".join(stale))
+        for name in stale:
+            del done[name]
+        todo = [t for t in tasks if t.name not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_total, initial=n_total - sum(len(t.items) for t in todo), unit="triplet",
+                   file=sys.stderr, desc="synth")
+    generated: list[str] = []
+    try:
+        if todo:
+            generated = _make_shards(cfg, model, todo, done, bar)
+            digests = {done[n].model for n in generated}
+            if digests != {current}:
+                raise RuntimeError(f"worker processes hold face models {sorted(digests)}, the parent built "
+                                   f"{current} from {fm}: the shards would not be reproducible")
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    n_made = sum(len(by_name[n].items) for n in generated)
+    models = sorted({d.model for d in done.values()})
+    extra = {
+        "source": "synthetic",
+        "synth": {
+            "fingerprint": cfg.fingerprint(), "version": SYNTH_VERSION, "n_subjects": cfg.n_subjects,
+            "n_captures": cfg.n_captures, "yaw_deg": list(cfg.yaw_deg), "seed": cfg.seed,
+            "splits": list(cfg.splits),
+            "facemodel": {"source": fm.source, "n_vertices_requested": fm.n_vertices, "seed": fm.seed,
+                          "name": model.name, "n_vertices": model.n_vertices, "digest": models[0]},
+            "sampling": cfg.sampling.to_dict(),
+            "lm3d_frame": "face-model frame, before the per-view pose (decimetres)",
+        },
+    }
+    manifest = write_manifest(cfg.out, [done[t.name].info for t in tasks], image_size=cfg.size, extra=extra,
+                              endpoint=cfg.endpoint)
+    per_split: dict[str, int] = {}
+    subjects: dict[str, set] = {}
+    for t in tasks:
+        per_split[t.split] = per_split.get(t.split, 0) + len(t.items)
+        subjects.setdefault(t.split, set()).update(s for s, _ in t.items)
+    return SynthSummary(
+        manifest=manifest, n_samples=n_total, per_split=per_split,
+        subjects_per_split={k: len(v) for k, v in subjects.items()},
+        generated=sorted(set(generated)), kept=sorted(kept_before - set(generated)), seconds=seconds,
+        triplets_per_s=(n_made / seconds) if n_made and seconds > 0 else 0.0, n_vertices=model.n_vertices,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading back and previews
+
+
+def iter_shard_samples(url: str, *, endpoint: str | None = None) -> Iterator[Sample]:
+    """Decode the samples of one shard in order (streams the tar; local or ``s3://``)."""
+    stream = storage.open_read(url, endpoint=endpoint)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            current: dict = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, entry = member.name.partition(".")
+                if current and current["__key__"] != key:
+                    yield decode_sample(current)
+                    current = {}
+                current.setdefault("__key__", key)
+                current["__url__"] = url
+                current[entry] = tar.extractfile(member).read()
+            if current:
+                yield decode_sample(current)
+    finally:
+        stream.close()
+
+
+PALETTE = np.array([
+    [0, 0, 0], [230, 190, 160], [40, 120, 255], [255, 120, 40], [0, 220, 255],
+    [255, 220, 0], [60, 200, 60], [200, 0, 200], [255, 60, 90], [150, 40, 40],
+], dtype=np.uint8)
+"""RGB colour per parse class for previews."""
+
+
+def preview_image(samples: list[Sample], *, scale: int = 1) -> np.ndarray:
+    """A grid: one row per sample, the three views, then their masks over the images; landmarks drawn.
+
+    Returns:
+        ``[rows * S * scale, 6 * S * scale, 3]`` uint8 RGB.
+    """
+    import cv2
+
+    rows = []
+    for s in samples:
+        tiles = []
+        for with_mask in (False, True):
+            for i, v in enumerate(VIEWS):
+                img = s.images[v].copy()
+                if with_mask and s.masks is not None:
+                    colour = PALETTE[s.masks[v]]
+                    face = s.masks[v][..., None] > 0
+                    img = np.where(face, (0.35 * img + 0.65 * colour).astype(np.uint8), (img * 0.5).astype(np.uint8))
+                img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+                radius = max(1, round(scale * s.image_size / 224))
+                for k, (x, y) in enumerate(s.lmk2d[i]):
+                    colour = (255, 0, 0) if k in (30, 36, 45, 48, 54) else (0, 255, 0)
+                    cv2.circle(img, (int(round(x * scale - 0.5)), int(round(y * scale - 0.5))), radius, colour, -1,
+                               lineType=cv2.LINE_AA)
+                tiles.append(img)
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def write_preview(root: str, path: str, *, count: int = 4, scale: int | None = None,
+                  endpoint: str | None = None) -> str:
+    """Read the first ``count`` samples (train split first) back from the shards and save a preview PNG."""
+    import cv2
+
+    from dfmvr.data.shards import read_manifest
+
+    manifest = read_manifest(root, endpoint=endpoint)
+    samples: list[Sample] = []
+    for split in [s for s in SPLIT_NAMES if s in manifest.splits] + sorted(set(manifest.splits) - set(SPLIT_NAMES)):
+        for url in manifest.shard_urls(split):
+            for sample in iter_shard_samples(url, endpoint=endpoint):
+                samples.append(sample)
+                if len(samples) >= count:
+                    break
+            if len(samples) >= count:
+                break
+        if len(samples) >= count:
+            break
+    if scale is None:
+        scale = max(1, round(160 / manifest.image_size))
+    grid = preview_image(samples, scale=scale)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), grid[..., ::-1]):
+        raise OSError(f"{path}: could not write the preview PNG")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharding.synth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
+    p.add_argument("--subjects", type=int, default=40)
+    p.add_argument("--captures", type=int, default=3, help="captures (expressions) per subject; the first is neutral")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--yaw", default="-45,0,45", help="nominal yaw of left,front,right in degrees")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--n-vertices", type=int, default=None,
+                   help="procedural model size (default: 35709 at >= 160 px, 12000 at >= 96 px, else 4000)")
+    p.add_argument("--model-seed", type=int, default=0, help="procedural face model seed")
+    p.add_argument("--facemodel", default="procedural", choices=("procedural", "bfm"))
+    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
+    p.add_argument("--max-count", type=int, default=200, help="samples per shard")
+    p.add_argument("--image-format", default="png", choices=("png", "jpg"))
+    p.add_argument("--preview", default=None, help="write a PNG of the first samples (masks, landmarks) here")
+    p.add_argument("--preview-count", type=int, default=4)
+    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    facemodel = None
+    if args.facemodel == "bfm":
+        facemodel = FaceModelConfig(source="bfm", bfm_path=args.bfm_path)
+    cfg = SynthConfig(
+        out=args.out, n_subjects=args.subjects, n_captures=args.captures, size=args.size,
+        yaw_deg=tuple(float(v) for v in args.yaw.split(",")), seed=args.seed,
+        splits=parse_fractions(args.splits), workers=args.workers, n_vertices=args.n_vertices,
+        model_seed=args.model_seed, facemodel=facemodel, max_count=args.max_count, image_format=args.image_format,
+    )
+    summary = run(cfg, progress=not args.no_progress)
+    print(f"{summary.n_samples} triplets ({', '.join(f'{k} {v}' for k, v in summary.per_split.items())}) "
+          f"of {sum(summary.subjects_per_split.values())} subjects at {cfg.size} px, {summary.n_vertices} vertices")
+    print(f"made {len(summary.generated)} shards, kept {len(summary.kept)}; "
+          f"{summary.seconds:.1f} s, {summary.triplets_per_s:.2f} triplets/s")
+    print(f"manifest: {summary.manifest}")
+    if args.preview:
+        print(f"preview: {write_preview(cfg.out, args.preview, count=args.preview_count, endpoint=cfg.endpoint)}")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The model a user gets from the main job: the paper's pipeline (parse net first, then the
+reconstruction network with masks and the mask loss), one bundle that carries the parse net, the
+``champion`` alias, ``mlflow.pyfunc`` and ``jobs/reconstruct.py`` on plain PNGs without masks.
+
+One training job on loopback (real Ray, SQLite MLflow) serves every test in the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+NAME = "dfmvr-bundle-test"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory):
+    """``(summary, tracking_uri, work)`` of ``train()`` with the tiny preset's defaults for the
+    parse net and the mask loss (no ``model.parse_net`` given), shortened."""
+    import mlflow
+    import ray
+
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+    from dfmvr.train.launch import train
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    scratch = Path("/tmp") / f"dfmvr-ray-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    old_tmp = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(scratch)
+    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=str(scratch), configure_logging=False)
+    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    try:
+        cfg = apply_overrides(tiny(), {
+            "work_dir": str(tmp / "work"), "data.url": str(synth_root), "data.batch_size": 4,
+            "data.epoch_samples": 64, "data.shuffle_buffer": 16, "train.steps": 6, "train.val_every": 6,
+            "train.ckpt_every": 6, "train.log_every": 3, "train.val_samples": 8, "train.num_workers": 1,
+            "train.use_gpu": "false", "train.max_failures": 0, "tracking.tracking_uri": tracking,
+            "tracking.registered_model": NAME, "parsenet.steps": 4, "parsenet.val_every": 4,
+            "parsenet.val_samples": 4, "parsenet.batch_size": 4,
+        })
+        summary = train(cfg)
+    finally:
+        ray.shutdown()
+        if old_tmp is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmp
+    mlflow.set_tracking_uri(tracking)
+    return summary, tracking, tmp
+
+
+def test_main_job_trains_the_parse_net_first_and_bundles_it(trained):
+    import mlflow
+
+    from dfmvr.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    summary, tracking, _ = trained
+    assert summary["status"] == "FINISHED"
+    assert summary["mask_loss"] is True and summary["parse_net"]
+    client = mlflow.MlflowClient(tracking)
+    parse_run = client.get_run(summary["parse_net_mlflow_run_id"])
+    assert parse_run.info.status == "FINISHED" and parse_run.data.tags["dfmvr.job"] == "parsenet"
+    run = client.get_run(summary["mlflow_run_id"])
+    assert "train/loss_mask" in run.data.metrics  # the mask loss ran from the start
+    payload = load_checkpoint(resolve_checkpoint(summary["registered_model_uri"]))
+    assert payload["parse_net"]["meta"]["n_classes"] == 10
+    # the first version of a model becomes the champion
+    assert summary["champion"] is True
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == summary["registered_model_uri"].rsplit("/", 1)[1]
+
+
+def test_logged_model_requires_this_dfmvr_exactly(trained):
+    import mlflow
+
+    summary, _, tmp = trained
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp / "req")))
+    lines = [ln.strip() for ln in (local / "requirements.txt").read_text().splitlines() if ln.strip()]
+    dfmvr_lines = [ln for ln in lines if ln.split("@")[0].split("=")[0].strip() == "dfmvr"]
+    assert dfmvr_lines and all(("@" in ln or "==" in ln) for ln in dfmvr_lines), lines
+
+
+def _test_views(synth_root: Path, n: int) -> np.ndarray:
+    """The first ``n`` test-split triplets as uint8 ``[n, 3, S, S, 3]`` (what a user's PNGs hold)."""
+    from dfmvr.config import DataConfig
+    from dfmvr.data.loader import make_loader
+
+    cfg = DataConfig(url=str(synth_root), image_size=64)
+    batch = next(iter(make_loader(cfg, "test", rank=0, world_size=1, resampled=False, shuffle=False,
+                                  batch_size=n, num_workers=0)))
+    return ((batch.images.permute(0, 1, 3, 4, 2).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def test_pyfunc_from_the_champion_alias_returns_meshes_without_masks(trained, synth_root):
+    import mlflow.pyfunc
+
+    summary, _, _ = trained
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    views = _test_views(synth_root, 2)
+    out = model.predict({"images": views})
+    n = out["vertices"].shape[1]
+    assert out["vertices"].shape == (2, n, 3) and n > 2000 and np.isfinite(out["vertices"]).all()
+    assert out["faces"].ndim == 2 and out["faces"].shape[1] == 3 and out["faces"].max() == n - 1
+    # the bundled parse net made the masks: the same prediction as the library with them
+    from dfmvr.serving import load
+
+    rec = load(f"models:/{NAME}@champion")
+    assert rec.parse_net is not None
+    direct = rec.reconstruct(*views[0])
+    np.testing.assert_allclose(out["vertices"][0], direct["vertices"], atol=1e-5)
+
+
+def test_reconstruct_job_on_plain_pngs_without_masks(trained, synth_root, tmp_path):
+    import cv2
+
+    summary, tracking, _ = trained
+    views = _test_views(synth_root, 3)
+    assert len(views) >= 2
+    inp = tmp_path / "photos"
+    for i, triplet in enumerate(views):
+        for name, img in zip(("left", "front", "right"), triplet):
+            (inp / f"cap{i}").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(inp / f"cap{i}" / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "reconstruct.py"), "--checkpoint",
+                          f"models:/{NAME}@champion", "--input", str(inp), "--out", str(out),
+                          "--summary-json", str(tmp_path / "summary.json"), f"tracking.tracking_uri={tracking}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "summary.json").read_text())
+    assert result["n_done"] == len(views) and result["n_skipped"] == 0, result
+    for i in range(len(views)):
+        assert (out / f"cap{i}" / "mesh.obj").stat().st_size > 0
+        assert (out / f"cap{i}" / "overlay.png").is_file()
+
+
+def test_champion_moves_only_to_a_better_version(trained):
+    import mlflow
+
+    from dfmvr import tracking as tr
+    from dfmvr.train.checkpoint import resolve_checkpoint
+
+    summary, tracking, _ = trained
+    client = mlflow.MlflowClient(tracking)
+    first = str(client.get_model_version_by_alias(NAME, "champion").version)
+    ckpt = resolve_checkpoint(summary["registered_model_uri"])
+    score = summary["val_rmse_mm"]
+    worse = tr.register_best(summary["mlflow_run_id"], ckpt, NAME, {"val/rmse_mm": score + 1.0})
+    assert worse["champion"] is False and worse["previous_champion"] == first
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == first
+    better = tr.register_best(summary["mlflow_run_id"], ckpt, NAME, {"val/rmse_mm": score - 0.5})
+    assert better["champion"] is True
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == better["version"]
+
+
+def test_bad_bundles_and_uris_name_the_uri(trained, tmp_path):
+    import torch
+
+    from dfmvr.serving import load
+    from dfmvr.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    summary, _, _ = trained
+    with pytest.raises(FileNotFoundError, match=f"models:/{NAME}@nosuchalias"):
+        load(f"models:/{NAME}@nosuchalias")
+    payload = load_checkpoint(resolve_checkpoint(summary["registered_model_uri"]))
+    # a parse net with another class count
+    bad = tmp_path / "bad-classes"
+    bad.mkdir()
+    wrong = dict(payload, parse_net=dict(payload["parse_net"], meta=dict(payload["parse_net"]["meta"], n_classes=7)))
+    torch.save(wrong, bad / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"bundled in .*bad-classes.*7 classes, expected 10"):
+        load(str(bad))
+    # a bundle without its parse net, whose config names a file that is gone: loads, but a
+    # capture without masks is refused with a message that names the model
+    gone = tmp_path / "no-parse-net"
+    gone.mkdir()
+    stripped = {k: v for k, v in payload.items() if k != "parse_net"}
+    stripped["config"] = dict(payload["config"], model=dict(payload["config"]["model"], parse_net="/nonexistent/p.pt"))
+    torch.save(stripped, gone / "checkpoint.pt")
+    rec = load(str(gone))
+    with pytest.raises(ValueError, match=r"no-parse-net.*no parse net"):
+        rec.reconstruct(*_fake_views())
+
+
+def _fake_views() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
