@@ -459,9 +459,10 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
     status = "FAILED"
     try:
         tracking.log_params(flatten(cfg))
-        mlflow.set_tags({"dfmvr.job": "parsenet", "dfmvr.data_url": data_url, "dfmvr.overrides": overrides_note,
+        mlflow.set_tags({"dfmvr.job": "parsenet", "dfmvr.data_url": tracking.redact(data_url),
+                         "dfmvr.overrides": " ".join(tracking.redact(w) for w in overrides_note.split()),
                          "dfmvr.device": str(device)})
-        mlflow.log_dict(to_dict(cfg), "config.json")
+        mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
         _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
         result = train_parsenet(cfg, device=device,
                                 log_metrics=lambda m, step: mlflow.log_metrics(_finite(m), step=step))
@@ -473,9 +474,9 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
             "steps": result.steps,
             "miou": result.val.get("val/miou", math.nan),
             "iou": {k: _or_none(v) for k, v in iou.items()},
-            "data_url": data_url,
+            "data_url": tracking.redact(data_url),
             "mlflow_run_id": run_id,
-            "config": to_dict(cfg),
+            "config": tracking.redact_all(to_dict(cfg)),
         }
         save_parsenet(out, result.model.cpu(), meta)
         mlflow.log_artifact(str(out), artifact_path="parsenet")
@@ -493,7 +494,7 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
         "skipped_samples": result.skipped_samples,
         "checkpoint": str(out.resolve()),
         "use_with": f"model.parse_net={out.resolve()}",
-        "shards": data_url,
+        "shards": tracking.redact(data_url),
         "device": str(device),
         "mlflow_tracking_uri": tracking.redact(tracking_uri),
         "mlflow_run_id": run_id,

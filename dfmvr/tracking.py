@@ -9,8 +9,10 @@ their user-info part.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,15 +25,35 @@ MODEL_ARTIFACT = "model"
 """Name of the logged MLflow model inside a run."""
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
 def redact(url: str) -> str:
-    """``http://user:secret@host/x`` -> ``http://host/x`` (never print credentials)."""
+    """A URL without its credentials, for anything printed, logged, tagged or saved.
+
+    Any scheme (``http(s)``, ``postgresql``, ``mysql+pymysql``, ``s3``, ...): the ``user:password@``
+    part is removed, and every query value (a presigned URL's signature, a session token) becomes
+    ``***``. ``postgresql://u:pw@db:5432/mlflow`` -> ``postgresql://db:5432/mlflow``. Strings that
+    are not URLs come back unchanged.
+    """
+    if not isinstance(url, str) or not _URL.match(url):
+        return url
     parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
+    if "@" not in parts.netloc and not parts.query:
+        return url
+    out = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    if parts.query:
+        out += "?" + "&".join(f"{kv.partition('=')[0]}=***" if "=" in kv else kv for kv in parts.query.split("&"))
+    return out + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def redact_all(value: Any) -> Any:
+    """``value`` (a config dict, a summary, a list) with :func:`redact` applied to every string in it."""
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_all(v) for v in value)
+    return redact(value) if isinstance(value, str) else value
 
 
 def resolve_tracking_uri(tracking_cfg, work_dir: str | Path) -> str:
@@ -53,9 +75,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
-    health = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(uri)
+    # credentials in the URI go into a header: urllib would take "user:pw@host" for the host
+    health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
+    request = urllib.request.Request(health)
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(health, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
             if resp.status != 200:
                 raise ConnectionError(f"MLflow tracking server {redact(uri)}: /health answered {resp.status}")
     except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -88,7 +118,7 @@ def log_params(params: dict[str, Any]) -> None:
     """Log flattened config params (MLflow caps value length at 6000 characters)."""
     import mlflow
 
-    items = {k: (str(v)[:6000] if v is not None else "") for k, v in params.items()}
+    items = {k: (str(redact(v))[:6000] if v is not None else "") for k, v in params.items()}
     keys = list(items)
     for i in range(0, len(keys), 90):  # MLflow takes at most 100 params per batch
         mlflow.log_params({k: items[k] for k in keys[i:i + 90]})
@@ -180,4 +210,4 @@ def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: d
 def ui_command(uri: str) -> str:
     """How a person opens the tracking store's UI: ``mlflow ui`` on a local store, the server's
     address (credentials redacted) otherwise."""
-    return f"open {redact(uri)}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    return f"open {redact(uri)}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {redact(uri)}"

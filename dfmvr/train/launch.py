@@ -134,9 +134,10 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name)
     run_id = run.info.run_id
     tracking.log_params(flatten(cfg))
-    mlflow.set_tags({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
-                     "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url, "dfmvr.overrides": overrides_note})
-    mlflow.log_dict(to_dict(cfg), "config.json")
+    mlflow.set_tags(tracking.redact_all({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
+                                         "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url,
+                                         "dfmvr.overrides": " ".join(tracking.redact(w) for w in overrides_note.split())}))
+    mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
@@ -186,7 +187,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"],
                         "champion": reg["champion"], "champion_uri": reg["champion_uri"],
                         "previous_champion": reg["previous_champion"]})
-    return summary
+    return tracking.redact_all(summary)
 
 
 def needs_parse_net(cfg: Config) -> bool:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.model import DFMVR
+from dfmvr.tracking import redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
@@ -233,7 +234,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
     loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step)
     val_iter = _val_batches(cfg)
     it = iter(loader)
-    config_dict = to_dict(cfg)
+    config_dict = redact_all(to_dict(cfg))  # checkpoints are copied around: no credentials in them
     best_val = math.inf
     last_val: dict[str, float] = {}
     nan_streak = 0

@@ -20,6 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 NAME = "dfmvr-bundle-test"
+SECRET = "hunter2-not-for-logs"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -49,6 +50,8 @@ def trained(synth_root, tmp_path_factory):
             "train.use_gpu": "false", "train.max_failures": 0, "tracking.tracking_uri": tracking,
             "tracking.registered_model": NAME, "parsenet.steps": 4, "parsenet.val_every": 4,
             "parsenet.val_samples": 4, "parsenet.batch_size": 4,
+            # a credential in a URI the job carries but never needs here (the data is local)
+            "data.s3_endpoint": f"http://minio:{SECRET}@127.0.0.1:9",
         })
         summary = train(cfg)
     finally:
@@ -196,3 +199,24 @@ def test_bad_bundles_and_uris_name_the_uri(trained, tmp_path):
 def _fake_views() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+
+
+def test_no_credential_in_params_tags_artifacts_checkpoints_or_summary(trained):
+    import mlflow
+
+    from dfmvr.train.checkpoint import resolve_checkpoint
+
+    summary, tracking, tmp = trained
+    assert SECRET not in json.dumps(summary, default=str)
+    client = mlflow.MlflowClient(tracking)
+    for run_id in (summary["mlflow_run_id"], summary["parse_net_mlflow_run_id"]):
+        run = client.get_run(run_id)
+        assert SECRET not in json.dumps([run.data.params, run.data.tags])
+        assert run.data.params["data.s3_endpoint"] == "http://127.0.0.1:9"
+        config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json",
+                                                          dst_path=str(tmp / run_id)))
+        assert SECRET not in config.read_text()
+    ckpt = resolve_checkpoint(summary["registered_model_uri"])
+    for f in ckpt.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f

@@ -149,16 +149,31 @@ def test_every_node_has_an_ami_id_and_an_instance_profile():
         assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), f"{name}: {arn!r}"
 
 
-def test_head_binds_the_dashboard_for_ray_dashboard_and_job_submit():
+def test_head_binds_the_dashboard_to_loopback_only():
     head_start = " ".join(_load()["head_start_ray_commands"])
     assert "ray start --head" in head_start
-    assert "--dashboard-host=0.0.0.0" in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    # nothing in the file binds a control plane to every interface or turns Ray's token auth off
+    text = CLUSTER_YAML.read_text()
+    assert "0.0.0.0" not in text.replace("0.0.0.0/0", "")
+    assert "RAY_AUTH_MODE=disabled" not in text
+
+
+def test_security_group_opens_only_ssh_to_the_configured_cidr():
+    group = _load()["provider"]["security_group"]
+    assert group["GroupName"]
+    perms = group["IpPermissions"]
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"]) for p in perms] == [("tcp", 22, 22)]
+    cidrs = [r["CidrIp"] for p in perms for r in p["IpRanges"]]
+    assert cidrs and "0.0.0.0/0" not in cidrs
 
 
 def test_file_mounts_carry_what_pip_install_needs():
     config = _load()
-    mounts = config["file_mounts"]
+    mounts = dict(config["file_mounts"])
+    # Ray's auth token goes from the user's home to every node's (never from the repository)
+    assert mounts.pop("~/.ray/auth_token") == "~/.ray/auth_token"
     for remote, local in mounts.items():
         assert (REPO / local).exists(), f"file_mounts[{remote!r}]: {local!r} does not exist in the repository"
         assert remote.startswith("~/dfmvr/"), remote
@@ -251,13 +266,15 @@ def _start_calls(node_home: Path, commands: list[str], extra_env: dict[str, str]
 
 
 def _expected_env(config: dict[str, Any]) -> dict[str, str]:
-    return {"AWS_DEFAULT_REGION": config["provider"]["region"], "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_AUTH_MODE: Ray 2.60 turns token authentication on by default only for local clusters
+    return {"AWS_DEFAULT_REGION": config["provider"]["region"], "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token"}
 
 
 def test_head_ray_start_gets_the_job_environment(node_home: Path):
     config = _load()
     (call,) = _start_calls(node_home, config["head_start_ray_commands"], {})
-    assert "--head" in call["argv"] and "--dashboard-host=0.0.0.0" in call["argv"]
+    assert "--head" in call["argv"] and "--dashboard-host=127.0.0.1" in call["argv"]
     assert "--disable-usage-stats" in call["argv"]
     env = call["env"]
     for key, value in _expected_env(config).items():
@@ -352,6 +369,13 @@ def test_aws_bootstrap_and_launch_on_moto(moto_aws, resolved):
         assert types[name]["resources"]["GPU"] >= 1, types[name]["resources"]
     for spec in types.values():
         assert spec["node_config"]["KeyName"] and spec["node_config"]["SecurityGroupIds"]
+    # the group Ray made from provider.security_group: from outside, only SSH from our CIDR
+    cidr = _load()["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"]
+    group_ids = {g for spec in types.values() for g in spec["node_config"]["SecurityGroupIds"]}
+    for group in moto_aws.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]:
+        outside = [(p.get("FromPort"), p.get("ToPort"), r["CidrIp"]) for p in group["IpPermissions"]
+                   for r in p.get("IpRanges", [])]
+        assert outside == [(22, 22, cidr)], group["IpPermissions"]
 
     provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
     for name, spec in types.items():
