@@ -39,9 +39,10 @@ def _load() -> dict[str, Any]:
     return yaml.safe_load(CLUSTER_YAML.read_text())
 
 
-def _load_for_moto() -> dict[str, Any]:
-    """The config with its instance profiles moved into moto's account, so the test keeps
-    working once a user has put their own account id into cluster.yaml."""
+def _load_for_moto(group_id: str) -> dict[str, Any]:
+    """The config with its instance profiles moved into moto's account and its security group
+    replaced by ``group_id`` (made in moto as docs/cluster.md makes it), so the test keeps
+    working once a user has put their own ids into cluster.yaml."""
     from moto.core import DEFAULT_ACCOUNT_ID
 
     config = _load()
@@ -49,7 +50,21 @@ def _load_for_moto() -> dict[str, Any]:
         profile = spec["node_config"]["IamInstanceProfile"]
         head, _, name = profile["Arn"].partition(":instance-profile/")
         profile["Arn"] = f"{head.rsplit(':', 1)[0]}:{DEFAULT_ACCOUNT_ID}:instance-profile/{name}"
+        spec["node_config"]["SecurityGroupIds"] = [group_id]
     return config
+
+
+SSH_CIDR = "203.0.113.0/24"
+
+
+def _make_cluster_group(ec2, cidr: str) -> str:
+    """docs/cluster.md's step 0 with boto3: SSH from ``cidr``, all traffic between members."""
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    group = ec2.create_security_group(GroupName="dfmvr-cluster", Description="dfmvr Ray cluster", VpcId=vpc)["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=group, IpProtocol="tcp", FromPort=22, ToPort=22, CidrIp=cidr)
+    ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[
+        {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}])
+    return group
 
 
 def _prepare_and_validate(config: dict[str, Any]) -> dict[str, Any]:
@@ -160,13 +175,13 @@ def test_head_binds_the_dashboard_to_loopback_only():
     assert "RAY_AUTH_MODE=disabled" not in text
 
 
-def test_security_group_opens_only_ssh_to_the_configured_cidr():
-    group = _load()["provider"]["security_group"]
-    assert group["GroupName"]
-    perms = group["IpPermissions"]
-    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"]) for p in perms] == [("tcp", 22, 22)]
-    cidrs = [r["CidrIp"] for p in perms for r in p["IpRanges"]]
-    assert cidrs and "0.0.0.0/0" not in cidrs
+def test_every_node_type_names_the_cluster_group():
+    """A group Ray makes itself opens SSH to 0.0.0.0/0 (ray.autoscaler._private.aws.config); with
+    SecurityGroupIds on every node type Ray makes none and changes none."""
+    groups = [spec["node_config"].get("SecurityGroupIds") for spec in _load()["available_node_types"].values()]
+    assert all(g and len(g) == 1 for g in groups) and len({g[0] for g in groups}) == 1, groups
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert "authorize-security-group-ingress" in docs and "--port 22 --cidr $MY_CIDR" in docs
 
 
 def test_file_mounts_carry_what_pip_install_needs():
@@ -334,7 +349,7 @@ def moto_aws(tmp_path_factory: pytest.TempPathFactory):
         import boto3
 
         iam = boto3.client("iam", region_name="us-east-1")
-        for spec in _load_for_moto()["available_node_types"].values():
+        for spec in _load()["available_node_types"].values():
             name = spec["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
             iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": []}))
             iam.create_instance_profile(InstanceProfileName=name)
@@ -348,16 +363,21 @@ def moto_aws(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def resolved(moto_aws) -> dict[str, Any]:
+def cluster_group(moto_aws) -> str:
+    return _make_cluster_group(moto_aws, SSH_CIDR)
+
+
+@pytest.fixture(scope="module")
+def resolved(moto_aws, cluster_group) -> dict[str, Any]:
     """``cluster.yaml`` as ``ray up`` resolves it against (moto's) AWS. Slow (10 to 20 s here): moto
     pages through its whole instance-type catalogue for Ray's resource detection."""
     from ray.autoscaler._private.commands import _bootstrap_config
 
-    return _bootstrap_config(_load_for_moto(), no_config_cache=True)
+    return _bootstrap_config(_load_for_moto(cluster_group), no_config_cache=True)
 
 
 @pytest.mark.integration
-def test_aws_bootstrap_and_launch_on_moto(moto_aws, resolved):
+def test_aws_bootstrap_and_launch_on_moto(moto_aws, resolved, cluster_group):
     from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
     from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
 
@@ -368,14 +388,14 @@ def test_aws_bootstrap_and_launch_on_moto(moto_aws, resolved):
     for name in _gpu_worker_types(resolved):
         assert types[name]["resources"]["GPU"] >= 1, types[name]["resources"]
     for spec in types.values():
-        assert spec["node_config"]["KeyName"] and spec["node_config"]["SecurityGroupIds"]
-    # the group Ray made from provider.security_group: from outside, only SSH from our CIDR
-    cidr = _load()["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"]
-    group_ids = {g for spec in types.values() for g in spec["node_config"]["SecurityGroupIds"]}
-    for group in moto_aws.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]:
-        outside = [(p.get("FromPort"), p.get("ToPort"), r["CidrIp"]) for p in group["IpPermissions"]
-                   for r in p.get("IpRanges", [])]
-        assert outside == [(22, 22, cidr)], group["IpPermissions"]
+        assert spec["node_config"]["KeyName"] and spec["node_config"]["SecurityGroupIds"] == [cluster_group]
+    # Ray made no group of its own and left ours as it was: from outside, only SSH from our CIDR
+    groups = moto_aws.describe_security_groups()["SecurityGroups"]
+    assert not [g["GroupName"] for g in groups if g["GroupName"].startswith("ray-autoscaler")]
+    (ours,) = [g for g in groups if g["GroupId"] == cluster_group]
+    outside = [(p.get("FromPort"), p.get("ToPort"), r["CidrIp"]) for p in ours["IpPermissions"]
+               for r in p.get("IpRanges", [])]
+    assert outside == [(22, 22, SSH_CIDR)], ours["IpPermissions"]
 
     provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
     for name, spec in types.items():
@@ -390,6 +410,7 @@ def test_aws_bootstrap_and_launch_on_moto(moto_aws, resolved):
     assert set(launched) == set(types)
     for name, inst in launched.items():
         node = types[name]["node_config"]
+        assert [g["GroupId"] for g in inst["SecurityGroups"]] == [cluster_group]
         assert inst["InstanceType"] == node["InstanceType"]
         assert inst["IamInstanceProfile"]["Arn"] == node["IamInstanceProfile"]["Arn"]
 
