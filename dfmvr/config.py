@@ -267,8 +267,10 @@ class TrainConfig:
     """Non-finite losses in a row that stop the run (each is skipped and counted)."""
     storage_path: str = ""
     """Ray Train storage (local dir or ``s3://``); empty means ``<work_dir>/ray_results``."""
-    run_name: str = "dfmvr-train"
-    """Ray Train run name: re-running with the same name and storage resumes."""
+    run_name: str = ""
+    """Ray Train run name. Empty: a new unique name (``dfmvr-train-DATE-TIME-XXXX``), so a rerun
+    starts a new run. Naming an existing run resumes it (its config may differ only in the step
+    budget and where things are stored and logged: :mod:`dfmvr.train.resume`)."""
     parse_net_first: bool = True
     """When ``model.parse_net`` is empty and the model takes masks or the mask loss is on, the
     training job first trains a parse net on the same shards (``parsenet.*``, its own MLflow run)

@@ -48,11 +48,11 @@ def tiny() -> Config:
         "loss.photo": 3.0,
         "loss.lm2d": 2.5e-3,
         "optim.lr": 1e-3,
-        # sized for `make train`'s 13 minutes: 2 CPU workers x batch 8 for 1900 steps (30.4k
-        # triplets) at about 50 triplets/s, after the data (40 s) and the parse net (30 s);
-        # cosine decay over the last 40%
-        "optim.cosine_after": 1140,
-        "train.steps": 1900,
+        # sized for `make train`'s 13 minutes: 2 CPU workers x batch 8 for 1600 steps (25.6k
+        # triplets) at 40-55 triplets/s, after the data (40 s) and the parse net (30-55 s); 1900
+        # steps took 14.5 minutes on a slower day (docs/training.md); cosine decay over the last 40%
+        "optim.cosine_after": 960,
+        "train.steps": 1600,
         "train.val_every": 400,
         "train.ckpt_every": 400,
         "train.log_every": 25,

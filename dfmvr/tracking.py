@@ -114,6 +114,17 @@ def setup_experiment(uri: str, experiment: str, work_dir: str | Path) -> str:
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
+def run_exists(run_id: str, experiment_id: str) -> bool:
+    """Whether MLflow run ``run_id`` is in experiment ``experiment_id`` of the current store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.experiment_id == experiment_id
+    except MlflowException:
+        return False
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Log flattened config params (MLflow caps value length at 6000 characters)."""
     import mlflow

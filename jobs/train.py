@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg, note = parse_job_args(__doc__, argv)
 
     from dfmvr.train.launch import PreflightError, train
+    from dfmvr.train.resume import ResumeMismatchError
 
     try:
         summary = train(cfg, overrides_note=note)
-    except PreflightError as e:
+    except (PreflightError, ResumeMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary("training", summary)

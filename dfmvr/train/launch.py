@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
 from dfmvr.data.embedded import ensure_data
+from dfmvr.train.resume import check_resumable, previous_checkpoint, unique_run_name
 from dfmvr.train.loop import VAL_METRIC
 
 _logger = logging.getLogger(__name__)
@@ -103,8 +104,17 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     from dfmvr import tracking
 
     cfg, tracking_uri = preflight(cfg)
+    work = Path(cfg.work_dir)
+    storage_path = cfg.train.storage_path or str(work / "ray_results")
+    # a job that names no run is a new run: it never restores whatever ran under a fixed name before
+    cfg = apply_overrides(cfg, {"train.run_name": cfg.train.run_name or unique_run_name()})
+    resumed = resume_source(cfg, storage_path)
     parse_summary = None
-    if needs_parse_net(cfg):
+    parse_net = None
+    if resumed is not None and not cfg.model.parse_net:
+        # a resume keeps training with the parse net its checkpoint bundles, not a new one
+        parse_net = resumed[1].get("parse_net")
+    if parse_net is None and needs_parse_net(cfg):
         from dfmvr.parsing import run_job
 
         _logger.info("no parse net given (model.parse_net): training one first (parsenet.steps=%d)",
@@ -116,28 +126,37 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     elif cfg.loss.mask_loss and not cfg.model.parse_net:
         _logger.warning("loss.mask_loss is on but there is no parse net (model.parse_net empty, "
                         "train.parse_net_first=false): training without the mask loss")
-    parse_net = None
     if cfg.model.parse_net:
-        from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+        from dfmvr.nets import read_parsenet_file
 
         parse_net = read_parsenet_file(cfg.model.parse_net)
-        parsenet_from_dict(parse_net, cfg.model.parse_net)  # a bad file fails here, before Ray starts
-    work = Path(cfg.work_dir)
+    if parse_net is not None:
+        from dfmvr.nets import parsenet_from_dict
+
+        parsenet_from_dict(parse_net, cfg.model.parse_net or "the resumed checkpoint")  # fails here, before Ray
     data_url = cfg.data.url
-    storage_path = cfg.train.storage_path or str(work / "ray_results")
 
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
     scaling, n_workers, use_gpu = _scaling(cfg)
 
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name)
+    earlier_run = ((resumed[1].get("extra") or {}).get("mlflow_run_id") if resumed else None)
+    continuing = bool(earlier_run and tracking.run_exists(earlier_run, experiment_id))
+    if continuing:
+        run = mlflow.start_run(run_id=earlier_run)  # a resumed run goes on logging where it left off
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name)
     run_id = run.info.run_id
-    tracking.log_params(flatten(cfg))
+    if continuing:  # params cannot change in MLflow; the step budget may have
+        mlflow.set_tag("dfmvr.resumed_to_steps", cfg.train.steps)
+    else:
+        tracking.log_params(flatten(cfg))
     mlflow.set_tags(tracking.redact_all({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
                                          "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url,
                                          "dfmvr.overrides": " ".join(tracking.redact(w) for w in overrides_note.split())}))
-    mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
+    if not continuing:
+        mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
@@ -164,6 +183,8 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         "use_gpu": use_gpu,
         # the largest share of validation triplets with a non-finite prediction in any validation
         "val_nonfinite_max": float((result.metrics or {}).get("val/nonfinite_max", 0.0)),
+        "run_name": cfg.train.run_name,
+        "resumed_from": resumed[0] if resumed else None,
         "parse_net": cfg.model.parse_net or None,
         "mask_loss": bool(parse_net is not None and cfg.loss.mask_loss),
     }
@@ -188,6 +209,27 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
                         "champion": reg["champion"], "champion_uri": reg["champion_uri"],
                         "previous_champion": reg["previous_champion"]})
     return tracking.redact_all(summary)
+
+
+def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
+    """``(checkpoint, its payload)`` this job continues, after checking it trains the same thing:
+    ``train.resume_from``, else the newest checkpoint stored under ``train.run_name`` (Ray Train
+    restores it); None for a new run.
+
+    Raises:
+        dfmvr.train.resume.ResumeMismatchError: the config differs in what it trains.
+    """
+    from dfmvr.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    source = cfg.train.resume_from or None
+    if source is None:
+        previous = previous_checkpoint(storage_path, cfg.train.run_name)
+        if previous is None:
+            return None
+        source = previous[0]
+    payload = load_checkpoint(resolve_checkpoint(source))
+    check_resumable(payload["config"], cfg, f"run {cfg.train.run_name} from {source}")
+    return source, payload
 
 
 def needs_parse_net(cfg: Config) -> bool:

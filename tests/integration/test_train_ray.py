@@ -62,6 +62,34 @@ def local_ray(tmp_path, monkeypatch):
         ray.shutdown()
 
 
+def test_reruns_are_new_runs_and_a_named_resume_must_train_the_same(synth_root, tmp_path, local_ray):
+    """A rerun never silently resumes: without train.run_name each job is a new run; naming a run
+    resumes it, and only the step budget (and where things go) may change."""
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+    from dfmvr.train.launch import train
+    from dfmvr.train.resume import ResumeMismatchError
+
+    def cfg(**extra):
+        return apply_overrides(tiny(), _tiny_overrides(tmp_path / "work", str(synth_root), **{
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.registered_model": "",
+            "train.num_workers": 1, "train.steps": 4, "train.val_every": 4, "train.ckpt_every": 4,
+            "train.log_every": 2, "train.val_samples": 4, **extra}))
+
+    first = train(cfg())
+    second = train(cfg(**{"optim.lr": 1e-4}))
+    assert first["run_name"] != second["run_name"]
+    assert first["steps"] == second["steps"] == 4
+    assert first["resumed_from"] is None and second["resumed_from"] is None
+
+    resumed = train(cfg(**{"train.run_name": first["run_name"], "train.steps": 6}))
+    assert resumed["run_name"] == first["run_name"] and resumed["steps"] == 6
+    assert resumed["resumed_from"] and resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    with pytest.raises(ResumeMismatchError, match=r"optim\.lr: checkpoint 0\.001, now 0\.0001") as err:
+        train(cfg(**{"train.run_name": first["run_name"], "train.steps": 8, "optim.lr": 1e-4}))
+    assert first["run_name"] in str(err.value)
+
+
 def _upload_tree(root: Path, s3_url: str) -> None:
     from dfmvr.data import storage
 
