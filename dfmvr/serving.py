@@ -20,7 +20,7 @@ from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.inputs import prepare_view, to_model_tensor
 from dfmvr.model import DFMVR
-from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, resolve_checkpoint
+from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class Reconstructor:
             ValueError: not a dfmvr checkpoint, or made for another face model or coefficient
                 layout (the message names the checkpoint and both signatures).
         """
-        local = resolve_checkpoint(str(uri))
-        payload = load_checkpoint(local, map_location=device)
+        payload = load_checkpoint_uri(str(uri), map_location=device)
         return cls.from_payload(payload, str(uri), device, overrides)
 
     @classmethod

@@ -111,8 +111,18 @@ def check_face_signature(payload: dict, face_signature: dict, source: str) -> No
         )
 
 
+def load_checkpoint_uri(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """:func:`load_checkpoint` for any URI :func:`resolve_checkpoint` takes; whatever it downloads
+    goes to a temporary folder that is removed before this returns."""
+    with tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-") as tmp:
+        return load_checkpoint(resolve_checkpoint(uri, cache_dir=tmp), map_location=map_location)
+
+
 def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Local path for a checkpoint given as a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
+    """Local path for a checkpoint given as a path, ``s3://``, ``runs:/`` or ``models:/`` URI.
+
+    A download goes to ``cache_dir``, else to a new temporary folder the caller owns (and should
+    remove); :func:`load_checkpoint_uri` does both for callers that only need the payload."""
     if uri.startswith(("runs:/", "models:/")):
         import mlflow
 

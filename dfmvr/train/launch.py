@@ -219,7 +219,7 @@ def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
     Raises:
         dfmvr.train.resume.ResumeMismatchError: the config differs in what it trains.
     """
-    from dfmvr.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from dfmvr.train.checkpoint import load_checkpoint_uri
 
     source = cfg.train.resume_from or None
     if source is None:
@@ -227,7 +227,7 @@ def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
         if previous is None:
             return None
         source = previous[0]
-    payload = load_checkpoint(resolve_checkpoint(source))
+    payload = load_checkpoint_uri(source)
     check_resumable(payload["config"], cfg, f"run {cfg.train.run_name} from {source}")
     return source, payload
 

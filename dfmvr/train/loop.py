@@ -63,6 +63,9 @@ class LocalSession:
     def checkpoint_to_restore(self) -> str | None:
         return self.restore_from
 
+    def restored(self) -> None:
+        """The checkpoint is loaded (a session that downloaded it removes its copy here)."""
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
@@ -218,7 +221,10 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
     counters = {"skipped_samples": 0.0, "nan_steps": 0.0}
     restore = session.checkpoint_to_restore()
     if restore:
-        payload = load_checkpoint(restore, map_location=device)
+        try:
+            payload = load_checkpoint(restore, map_location=device)
+        finally:
+            session.restored()
         check_face_signature(payload, face_model.signature(), str(restore))
         core.load_state_dict(payload.get("model_live", payload["model"]))
         if average:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -38,18 +39,25 @@ class RaySession:
         self._restored_dir: str | None = None
 
     def checkpoint_to_restore(self) -> str | None:
+        """A local copy of the checkpoint to continue from (removed by :meth:`restored`)."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
+        if ckpt is None and not self._resume_from:
+            return None
+        self._restored_dir = tempfile.mkdtemp(prefix="dfmvr-restore-")
         if ckpt is not None:
             # a worker-group restart (FailureConfig) or a re-run with the same name and storage
-            self._restored_dir = ckpt.to_directory()
-            return self._restored_dir
-        if self._resume_from:
-            from dfmvr.train.checkpoint import resolve_checkpoint
+            return ckpt.to_directory(self._restored_dir)
+        from dfmvr.train.checkpoint import resolve_checkpoint
 
-            return str(resolve_checkpoint(self._resume_from))
-        return None
+        return str(resolve_checkpoint(self._resume_from, cache_dir=self._restored_dir))
+
+    def restored(self) -> None:
+        """The checkpoint is loaded: remove the local copy."""
+        if self._restored_dir:
+            shutil.rmtree(self._restored_dir, ignore_errors=True)
+            self._restored_dir = None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.train

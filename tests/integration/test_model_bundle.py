@@ -220,3 +220,19 @@ def test_no_credential_in_params_tags_artifacts_checkpoints_or_summary(trained):
     for f in ckpt.rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_loading_by_uri_leaves_no_temporary_folder(trained):
+    import tempfile
+
+    from dfmvr.serving import load
+
+    summary, _, _ = trained
+
+    def ours():
+        return {p.name for p in Path(tempfile.gettempdir()).glob("dfmvr-ckpt-*")}
+
+    before = ours()
+    for uri in (f"models:/{NAME}@champion", summary["registered_model_uri"], summary["model_uri"]):
+        assert load(uri).parse_net is not None
+    assert ours() == before

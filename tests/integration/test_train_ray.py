@@ -187,10 +187,18 @@ def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_step
                     return
             time.sleep(0.2)
 
+    import tempfile
+
+    def restores():
+        return set(Path(tempfile.gettempdir()).glob("dfmvr-restore-*"))
+
+    before = restores()
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     summary = train(cfg)
     thread.join(timeout=5)
+    # the restarted workers' local copies of the checkpoint they resumed from are gone
+    assert restores() == before
 
     assert killed, "the worker was never killed"
     assert summary["status"] == "FINISHED" and summary["steps"] == 30
