@@ -110,8 +110,14 @@ class DataConfig:
     """Photometric weight map: the paper's 254/128/32 levels or the reference code's variant."""
     s3_endpoint: str = ""
     """S3 endpoint URL; empty means ``AWS_ENDPOINT_URL`` or the AWS default."""
+    max_bad_shards_in_a_row: int = 16
+    """A reader that opens this many shards in a row without one good sample stops with an
+    error naming them and the last error (an outage, a role without rights, a corrupt root)
+    instead of looping; single bad shards are skipped and counted."""
 
     def __post_init__(self) -> None:
+        if self.max_bad_shards_in_a_row < 1:
+            raise ValueError(f"data.max_bad_shards_in_a_row: expected >= 1, got {self.max_bad_shards_in_a_row}")
         if self.image_size < 16:
             raise ValueError(f"data.image_size: expected >= 16 px, got {self.image_size}")
         if self.batch_size < 1:

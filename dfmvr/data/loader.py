@@ -147,16 +147,23 @@ class _ShardErrors:
         return True
 
 
+class ShardReadError(RuntimeError):
+    """Too many shards in a row gave no sample: the data cannot be read (``data.max_bad_shards_in_a_row``)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class _TarSamples:
-    """Open each shard (streaming), expand its tar, group entries into samples, count losses."""
+    """Open each shard (streaming), expand its tar, group entries into samples, count losses;
+    stop with :class:`ShardReadError` after ``max_bad_in_a_row`` shards in a row without a sample."""
 
     expected: dict[str, int]
     endpoint: str | None
     tally: Tally
     with_gt: bool = True
+    max_bad_in_a_row: int = 16
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        bad: list[tuple[str, str]] = []  # (url, first error) of the shards in a row that gave nothing
         for shard in src:
             url = shard["url"]
             expected = self.expected.get(url)
@@ -179,6 +186,17 @@ class _TarSamples:
                         yield sample
                 finally:
                     stream.close()
+            if yielded:
+                bad.clear()
+            else:
+                bad.append((url, repr(handler.errors[0])[:300] if handler.errors else "no sample in it"))
+                if len(bad) >= self.max_bad_in_a_row:
+                    urls = sorted({u for u, _ in bad})
+                    raise ShardReadError(
+                        f"{len(bad)} shards in a row gave no sample ({len(urls)} distinct: {', '.join(urls[:5])}"
+                        f"{' ...' if len(urls) > 5 else ''}); last error: {bad[-1][1]}. The data cannot be read: "
+                        "check the bucket, the credentials and the shards; the limit is "
+                        "data.max_bad_shards_in_a_row")
             if expected is None:
                 continue
             lost = expected - yielded
@@ -467,7 +485,8 @@ def make_loader(
                 "(ranks may see different numbers of batches: use resampled mode for training)",
                 manifest.url, split, len(urls), seed_world, max(1, num_workers),
             )
-    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt))
+    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
+                              max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row))
     if shuffle:
         stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(

@@ -377,3 +377,60 @@ def test_ground_truth_meshes_only_with_gt(root):
     batches = list(plain)
     assert all(batch.gt_vertices is None for batch in batches)
     assert sum(len(b) for b in batches) == 5 and plain.skipped == 0
+
+
+def _corrupt_every_shard(root: str) -> list[str]:
+    """Overwrite every train shard with bytes that are not a tar (as an outage or a wrong object would read)."""
+    urls = sh.read_manifest(root).shard_urls("train")
+    for url in urls:
+        if url.startswith("s3://"):
+            bucket, key = storage.split_s3(url)
+            storage.s3_client().put_object(Bucket=bucket, Key=key, Body=b"not a tar archive" * 10)
+        else:
+            Path(url).write_bytes(b"not a tar archive" * 10)
+    return urls
+
+
+def test_a_root_where_every_shard_is_corrupt_fails_within_the_bound(root):
+    from dfmvr.data.loader import ShardReadError
+
+    _write_dataset(root, _samples())
+    urls = _corrupt_every_shard(root)
+    loader = make_loader(_cfg(root, num_workers=0, max_bad_shards_in_a_row=5), "train", resampled=True, seed=1)
+    with pytest.raises(ShardReadError, match=r"5 shards in a row gave no sample") as err:
+        next(iter(loader))
+    assert any(u in str(err.value) for u in urls) and "last error" in str(err.value)
+
+
+def test_shards_unreadable_mid_run_stop_the_reader_naming_them(moto_s3: S3Env):
+    from dfmvr.data.loader import ShardReadError
+
+    root = moto_s3.url("datasets/outage")
+    _write_dataset(root, _samples())
+    loader = make_loader(_cfg(root, num_workers=1, max_bad_shards_in_a_row=4, epoch_samples=400), "train",
+                         resampled=True, seed=1)
+    batches = iter(loader)
+    assert len(next(batches).keys) == 3  # reading works
+    # the objects go away mid-run (a deleted prefix, a role that lost its rights)
+    client = moto_s3.client()
+    for obj in client.list_objects_v2(Bucket=moto_s3.bucket, Prefix="datasets/outage/train-")["Contents"]:
+        client.delete_object(Bucket=moto_s3.bucket, Key=obj["Key"])
+    with pytest.raises(ShardReadError, match=r"4 shards in a row gave no sample.*s3://") as err:
+        for _ in range(1000):  # bounded: the prefetched batches, then the error
+            next(batches)
+    assert moto_s3.bucket in str(err.value)
+
+
+def test_some_bad_shards_keep_the_run_going(root):
+    """One unreadable shard among good ones is skipped and counted, never fatal."""
+    _write_dataset(root, _samples())
+    bad = sh.read_manifest(root).shard_urls("train")[0]
+    if bad.startswith("s3://"):
+        bucket, key = storage.split_s3(bad)
+        storage.s3_client().put_object(Bucket=bucket, Key=key, Body=b"garbage")
+    else:
+        Path(bad).write_bytes(b"garbage")
+    loader = make_loader(_cfg(root, num_workers=0, max_bad_shards_in_a_row=3, epoch_samples=200), "train",
+                         resampled=True, seed=2)
+    n = sum(len(b.keys) for b in loader)
+    assert n >= 200 and loader.skipped > 0  # a whole epoch arrived (batches of 3)
