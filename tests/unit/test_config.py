@@ -45,6 +45,7 @@ def test_unknown_key_names_the_key_and_valid_fields():
         ("model.involution_norm", "layer", "['group', 'batch']"),
         ("optim.ema_decay", "1.0", "optim.ema_decay"),
         ("optim.warmup_steps", "-5", "optim.warmup_steps"),
+        ("data.max_bad_shards_in_a_row", "0", "data.max_bad_shards_in_a_row"),
         # the tune section (dfmvr/tune/settings.py) checks its fields the same way
         ("tune.name", "a/b", "tune.name"),
         ("tune.seeds", 0, "tune.seeds: expected >= 1, got 0"),
