@@ -254,7 +254,7 @@ def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: 
             entries = {k: v for k, v in raw.items() if not k.startswith("__")}
             entries["__key__"] = key
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, image_size=manifest.image_size)
                 if sample.image_size != manifest.image_size:
                     raise ValueError(f"views are {sample.image_size} px, the manifest says {manifest.image_size} px")
             except ValueError as exn:

@@ -264,10 +264,20 @@ class TripletDecoder:
             yield item
 
     def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
-        """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong."""
+        """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong
+        (whatever the malformed input made the decoding or the transforms raise)."""
+        try:
+            return self._decode(raw, rng)
+        except ValueError:
+            raise
+        except (TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as exn:
+            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: malformed "
+                             f"({type(exn).__name__}: {exn!s:.200})") from None
+
+    def _decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         if not self.with_gt and "gt.npz" in raw:
             raw = {name: value for name, value in raw.items() if name != "gt.npz"}  # not decoded for nothing
-        sample = decode_sample(raw)
+        sample = decode_sample(raw, image_size=self.shard_size)
         if sample.image_size != self.shard_size:
             raise ValueError(
                 f"sample {sample.key} in {raw.get('__url__')}: views are {sample.image_size} px, "

@@ -260,8 +260,37 @@ def _where(wds_dict: dict) -> str:
     return f"sample {key}" + (f" in {url}" if url else "")
 
 
-def _decode_image(wds_dict: dict, entry: str, *, color: bool) -> np.ndarray:
+MAX_IMAGE_SIDE = 4096
+"""Largest side an image entry may declare when the caller gives no expected size: a small
+file that declares 16k x 16k pixels is refused from its header, never decoded."""
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` an encoded PNG or JPEG declares in its header, or None when the header
+    cannot be read (cv2 then refuses the bytes)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            i += 2 + length
+    return None
+
+
+def _decode_image(wds_dict: dict, entry: str, *, color: bool, size: int | None = None) -> np.ndarray:
     data = wds_dict[entry]
+    declared = image_header_size(data)
+    if declared is not None:
+        w, h = declared
+        if size is not None and (w, h) != (size, size):
+            raise ValueError(f"{_where(wds_dict)}: entry {entry!r} declares {w} x {h} px; the manifest says "
+                             f"{size} x {size} (refused before decoding)")
+        if max(w, h) > MAX_IMAGE_SIDE:
+            raise ValueError(f"{_where(wds_dict)}: entry {entry!r} declares {w} x {h} px, more than "
+                             f"{MAX_IMAGE_SIDE} (refused before decoding)")
     flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_UNCHANGED
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if len(data) else None
     if image is None:
@@ -280,14 +309,27 @@ def _decode_npy(wds_dict: dict, entry: str) -> np.ndarray:
         raise ValueError(f"{_where(wds_dict)}: entry {entry!r} is not a readable .npy array: {exn}") from None
 
 
-def decode_sample(wds_dict: dict) -> Sample:
+def decode_sample(wds_dict: dict, *, image_size: int | None = None) -> Sample:
     """Inverse of :func:`encode_sample` (the dict as webdataset's tar reader groups it).
+
+    ``image_size``: the manifest's side; an image entry whose header declares another size is
+    refused before it is decoded (without it, any side above :data:`MAX_IMAGE_SIDE` is).
 
     Raises:
         ValueError: naming the key (and shard URL when known), the entry and what was expected:
             a missing view, an undecodable image, an unreadable array, a malformed ``meta.json``
-            or a sample that does not validate.
+            (bad JSON, nesting too deep, values of the wrong type) or a sample that does not
+            validate. Every malformed input ends here as a ValueError, whatever the decoder raised.
     """
+    try:
+        return _decode_sample(wds_dict, image_size)
+    except ValueError:
+        raise
+    except (TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, OSError) as exn:
+        raise ValueError(f"{_where(wds_dict)}: malformed sample ({type(exn).__name__}: {exn!s:.200})") from None
+
+
+def _decode_sample(wds_dict: dict, image_size: int | None) -> Sample:
     where = _where(wds_dict)
     if "meta.json" not in wds_dict:
         raise ValueError(f"{where}: missing entry 'meta.json' (has {sorted(k for k in wds_dict if not k.startswith('__'))})")
@@ -306,7 +348,7 @@ def decode_sample(wds_dict: dict) -> Sample:
                 f"{where}: missing entry '{view}.png' (or '{view}.jpg'); a sample needs all views {list(VIEWS)}"
             )
         image_format = found[0]
-        images[view] = _decode_image(wds_dict, f"{view}.{image_format}", color=True)
+        images[view] = _decode_image(wds_dict, f"{view}.{image_format}", color=True, size=image_size)
     masks = None
     mask_entries = [f"{view}.mask.png" for view in VIEWS]
     present = [entry for entry in mask_entries if entry in wds_dict]
@@ -314,7 +356,7 @@ def decode_sample(wds_dict: dict) -> Sample:
         if len(present) != len(VIEWS):
             missing = sorted(set(mask_entries) - set(present))
             raise ValueError(f"{where}: missing mask entries {missing} (masks are all-or-none)")
-        masks = {view: _decode_image(wds_dict, f"{view}.mask.png", color=False) for view in VIEWS}
+        masks = {view: _decode_image(wds_dict, f"{view}.mask.png", color=False, size=image_size) for view in VIEWS}
     if "lmk2d.npy" not in wds_dict:
         raise ValueError(f"{where}: missing entry 'lmk2d.npy' (float32 [3, 68, 2])")
     lmk2d = _decode_npy(wds_dict, "lmk2d.npy")

@@ -295,7 +295,7 @@ def test_bad_samples_are_skipped_counted_and_the_rest_arrive(root, num_workers, 
     if num_workers == 0:  # worker processes log in their own process
         text = caplog.text
         assert "missing entry 'right.png'" in text and "lmk2d holds 1 non-finite" in text
-        assert "views are 16 px, the manifest says 32 px" in text
+        assert "declares 16 x 16 px; the manifest says 32 x 32 (refused before decoding)" in text
         assert "train-000003.tar: manifest lists 4 samples, read 3" in text  # truncated
         assert "train-000004.tar: manifest lists 4 samples, read 2; 2 lost" in text  # corrupt header
         assert "train-000005.tar: manifest lists 4 samples, read 0; 4 lost" in text  # not a tar
