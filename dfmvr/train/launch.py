@@ -167,7 +167,10 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         result = trainer.fit()
         status = "FINISHED"
     finally:
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except Exception as exn:  # a tracking outage must not hide the run's result
+            _logger.error("MLflow: could not close run %s (%s)", run_id, str(exn)[:300])
     elapsed = time.perf_counter() - t0
 
     best = best_checkpoint(result)
@@ -201,13 +204,21 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         if summary["val_rmse_mm"] is not None and summary["mean_face_rmse_mm"]:
             # how far below the mean face's error the model is, in percent (the headline number)
             summary["val_gain_pct"] = 100 * (1 - float(summary["val_rmse_mm"]) / float(summary["mean_face_rmse_mm"]))
-        with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
-            local = ckpt.to_directory(tmp)
-            val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
-            reg = tracking.register_best(run_id, local, cfg.tracking.registered_model, val)
-        summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"],
-                        "champion": reg["champion"], "champion_uri": reg["champion_uri"],
-                        "previous_champion": reg["previous_champion"]})
+        val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
+        try:
+            with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
+                reg = tracking.register_best(run_id, ckpt.to_directory(tmp), cfg.tracking.registered_model, val)
+        except Exception as exn:  # the run's checkpoint is safe in storage: say how to register it later
+            _logger.error("registering the model failed (MLflow %s): %s", tracking.redact(tracking_uri), exn)
+            summary["registration_error"] = str(exn)[:500]
+            summary["register_later"] = (
+                "python -c \"from dfmvr.tracking import register_best; from dfmvr.train.checkpoint import "
+                f"resolve_checkpoint; register_best('{run_id}', resolve_checkpoint('{summary['checkpoint']}'), "
+                f"'{cfg.tracking.registered_model}', {val!r})\"")
+        else:
+            summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"],
+                            "champion": reg["champion"], "champion_uri": reg["champion_uri"],
+                            "previous_champion": reg["previous_champion"]})
     return tracking.redact_all(summary)
 
 

@@ -67,13 +67,38 @@ class RaySession:
 
 
 class RunLogger:
-    """Rank 0's MLflow logging into the run the driver created (by id, no global state)."""
+    """Rank 0's MLflow logging into the run the driver created (by id, no global state).
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    Tracking must never stop training: a failed call is retried ``retries`` times, then dropped
+    with a warning that counts the drops so far (``dropped``). MLflow's own
+    HTTP retries are cut to one short one in this process, or one call could stall a step for
+    minutes while a tracking server is down.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, retries: int = 2, backoff_s: float = 1.0):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.dropped = 0
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                fn(*args, **kwargs)
+                return
+            except Exception as exn:  # any tracking failure: the network, the server, the store
+                if attempt == self.retries:
+                    self.dropped += 1
+                    _logger.warning("MLflow %s failed %d times, dropped (%d dropped so far): %s",
+                                    what, attempt + 1, self.dropped, str(exn)[:300])
+                    return
+                time.sleep(self.backoff_s * (attempt + 1))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -81,7 +106,7 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_validation_images(self, view: dict, step: int) -> None:
         from dfmvr.visualize import validation_grid
@@ -92,7 +117,8 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / f"val_step{step:07d}.png"
             cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-            self.client.log_artifact(self.run_id, str(path), artifact_path="val_images")
+            self._call(f"image at step {step}", self.client.log_artifact, self.run_id, str(path),
+                       artifact_path="val_images")
 
 
 def _record_worker(cfg: Config, rank: int) -> None:

@@ -90,6 +90,69 @@ def test_reruns_are_new_runs_and_a_named_resume_must_train_the_same(synth_root, 
     assert first["run_name"] in str(err.value)
 
 
+def test_mlflow_outage_mid_run_keeps_the_run_and_says_how_to_register(synth_root, tmp_path, local_ray, monkeypatch):
+    """A tracking server that dies after the first checkpoint: training finishes, metrics are
+    retried then dropped, the checkpoint and the summary are written, and the summary says the
+    model was not registered and how to register it later."""
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+    from dfmvr.train.launch import train
+
+    # the driver's own MLflow calls give up quickly (the workers cut their retries themselves)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the loopback MLflow server did not start")
+        work = tmp_path / "work"
+        cfg = apply_overrides(tiny(), _tiny_overrides(work, str(synth_root), **{
+            "tracking.tracking_uri": f"http://127.0.0.1:{port}", "train.num_workers": 1,
+            "train.steps": 12, "train.ckpt_every": 3, "train.val_every": 6, "train.log_every": 6,
+            "train.run_name": "outage-test"}))
+        journal = work / "runs" / "outage-test" / "steps.jsonl"
+
+        def killer():
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                if journal.exists() and len(journal.read_text().splitlines()) >= 4:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.1)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        summary = train(cfg)
+        thread.join(timeout=5)
+        assert server.poll() is not None, "the server was never stopped"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+    assert summary["status"] == "FINISHED" and summary["steps"] == 12
+    assert Path(summary["checkpoint"], "checkpoint.pt").is_file()
+    assert "registration_error" in summary and "registered_model_uri" not in summary
+    assert summary["mlflow_run_id"] in summary["register_later"] and summary["checkpoint"] in summary["register_later"]
+
+
 def _upload_tree(root: Path, s3_url: str) -> None:
     from dfmvr.data import storage
 
