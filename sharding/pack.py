@@ -394,8 +394,10 @@ def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
     finally:
         if bar is not None:
             bar.close()
+        # on an error or Ctrl-C the unfinished shards are discarded, never published half full;
+        # without a manifest the root lists nothing of this run
         for writer in writers.values():
-            writer.close()
+            writer.abort()
     manifest = None
     packed = sum(per_split.values())
     if packed:

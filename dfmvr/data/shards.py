@@ -526,6 +526,14 @@ class ShardWriter:
                 self._publish()
         return list(self.shards)
 
+    def abort(self) -> list[ShardInfo]:
+        """Discard the unfinished shard (nothing partial is published); returns the shards
+        published before."""
+        if not self._closed:
+            self._closed = True
+            self._discard()
+        return list(self.shards)
+
     def _open(self) -> None:
         fd, path = tempfile.mkstemp(prefix=f"dfmvr-{self.split}-{self._index:06d}-", suffix=".tar", dir=self.tmp_dir)
         self._file = os.fdopen(fd, "wb")

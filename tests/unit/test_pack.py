@@ -4,6 +4,7 @@ rest is packed; Pixel-Face and Bosphorus specifics."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -305,3 +306,50 @@ def test_multipie_and_bosphorus_discovery(tmp_path):
     (cap,) = discover("bosphorus", tmp_path / "bs")
     assert cap.capture == "N_N_0" and cap.scan.name == "bs001_N_N_0.bnt"
     assert cap.views["left"].image.name == "bs001_YR_R45_0.png" and cap.views["right"].image.name == "bs001_YR_L45_0.png"
+
+
+def test_interrupted_packing_publishes_nothing_partial(tmp_path, capture, monkeypatch):
+    """Ctrl-C after some captures: no shard holds part of the run and no manifest lists it."""
+    import sharding.pack as pack_module
+
+    root = tmp_path / "in"
+    for name in ("ann", "ben", "cid"):
+        _write_capture(root / name / "c1", capture, masks=False)
+    real = pack_module._iter_loaded
+
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(pack_module, "_iter_loaded", interrupted)
+    out = tmp_path / "out"
+    cfg = PackConfig(input=str(root), out=str(out), size=SIZE, facemodel=FACEMODEL, max_count=10)
+    with pytest.raises(KeyboardInterrupt):
+        pack(cfg)
+    assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+
+
+def test_verify_finds_a_changed_and_a_missing_shard(packed, tmp_path):
+    import shutil
+
+    from sharding.verify import main as verify_main
+
+    _, _, _, cfg = packed
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.out, copy)
+    # the manifest names shards by path relative to its root: the copy verifies clean
+    assert verify_main([str(copy), "--json", str(tmp_path / "ok.json")]) == 0
+    shards = sorted(copy.glob("*.tar"))
+    data = bytearray(shards[0].read_bytes())
+    data[600] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    if len(shards) > 1:
+        shards[1].unlink()
+    assert verify_main([str(copy), "--json", str(tmp_path / "bad.json")]) == 1
+    problems = {Path(p["url"]).name: p["problem"] for p in json.loads((tmp_path / "bad.json").read_text())["problems"]}
+    assert "sha256" in problems[shards[0].name]
+    if len(shards) > 1:
+        assert "cannot be read" in problems[shards[1].name]
+    assert verify_main([str(tmp_path / "nowhere")]) == 2
