@@ -19,8 +19,11 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -29,6 +32,7 @@ import numpy as np
 
 from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
+from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from sharding.align import AlignmentTemplate, align_view
 from sharding.layouts import (
     DEFAULT_YAW_DEG,
@@ -47,7 +51,6 @@ from sharding.layouts import (
     read_mask,
     yaw_sign_check,
 )
-from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 
 _logger = logging.getLogger(__name__)
 
@@ -343,12 +346,60 @@ def build_template(cfg: PackConfig) -> AlignmentTemplate:
     return AlignmentTemplate.from_face_model(model, cfg.yaw_deg, cfg.size)
 
 
+LOCK_NAME = ".dfmvr-packing.lock"
+"""Held in the output root while a packer writes there: a second packer on the same root fails fast."""
+
+
+class RootBusyError(RuntimeError):
+    """Another packer is writing the same root."""
+
+
+@contextmanager
+def _root_lock(out: str, endpoint: str | None):
+    """Hold ``out/LOCK_NAME`` for the block: created only if absent (a local exclusive create, or an
+    S3 conditional put), removed at the end; a stale lock after a crash is named in the error."""
+    from dfmvr.data import storage
+
+    url = storage.join(out, LOCK_NAME)
+    note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode()
+    try:
+        if storage.is_s3(url):
+            bucket, key = storage.split_s3(url)
+            storage.s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=note, IfNoneMatch="*")
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            fd = os.open(url, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "wb") as f:
+                f.write(note)
+    except FileExistsError:
+        raise RootBusyError(_busy_message(url, Path(url).read_text(errors="replace"))) from None
+    except Exception as exn:
+        if "PreconditionFailed" in str(exn) or "412" in str(exn):
+            raise RootBusyError(_busy_message(url, "")) from None
+        raise
+    try:
+        yield
+    finally:
+        storage.delete(url, endpoint=endpoint)
+
+
+def _busy_message(url: str, holder: str) -> str:
+    return (f"{url}: another packer is writing this root ({holder.strip() or 'holder unknown'}); wait for it, "
+            "or delete the lock if no packer is running (a crashed one leaves it)")
+
+
 def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
     """Pack every capture under ``cfg.input`` into shards under ``cfg.out`` and write the manifest.
 
     Refused captures are logged with the reason (naming the file) and listed in the summary;
-    the rest are packed. No manifest is written when nothing could be packed.
+    the rest are packed. No manifest is written when nothing could be packed. Two packers on one
+    root: the second fails fast with :class:`RootBusyError`.
     """
+    with _root_lock(cfg.out, cfg.endpoint):
+        return _pack(cfg, progress=progress)
+
+
+def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
     options = dict(cfg.layout_options)
     options.setdefault("yaw_deg", tuple(cfg.yaw_deg))
     sources = discover(cfg.layout, Path(cfg.input), **options)
@@ -476,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         image_format=args.image_format, scan_units=args.scan_units, lm3d_units=args.lm3d_units,
         workers=args.workers, facemodel=facemodel, layout_options=options,
     )
-    summary = pack(cfg, progress=not args.no_progress)
+    try:
+        summary = pack(cfg, progress=not args.no_progress)
+    except RootBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in summary.lines():
         print(line)
     if args.summary_json:
