@@ -66,6 +66,24 @@ def prepare_view(image: np.ndarray, size: int, source: str, *, mask: bool = Fals
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
+def prepare_capture(views, masks, size: int, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Three views (left, front, right; uint8, any square side) and optionally their three masks
+    -> uint8 ``[3, S, S, 3]`` and int64 ``[3, S, S]`` (or None), each checked by :func:`prepare_view`.
+
+    Raises:
+        CaptureError: a view or mask that is not a square 8-bit image, or not three of them.
+    """
+    names = ("left", "front", "right")
+    if len(views) != 3 or (masks is not None and len(masks) != 3):
+        raise CaptureError(f"{source}: expected 3 views (and 0 or 3 masks: left, front, right), got "
+                           f"{len(views)} and {0 if masks is None else len(masks)}")
+    images = np.stack([prepare_view(v, size, f"{source} {n} view") for n, v in zip(names, views)])
+    if masks is None:
+        return images, None
+    return images, np.stack([prepare_view(m, size, f"{source} {n} mask", mask=True)
+                             for n, m in zip(names, masks)]).astype(np.int64)
+
+
 def to_model_tensor(views: np.ndarray) -> torch.Tensor:
     """uint8 ``[B, V, S, S, 3]`` (as :func:`prepare_view` makes them) -> float32 ``[B, V, 3, S, S]`` in [-1, 1]."""
     views = np.asarray(views)
@@ -78,4 +96,4 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return ((np.moveaxis(x, -3, -1) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
-__all__ = ["CaptureError", "prepare_view", "to_model_tensor", "to_uint8"]
+__all__ = ["CaptureError", "prepare_capture", "prepare_view", "to_model_tensor", "to_uint8"]

@@ -460,7 +460,7 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
     try:
         tracking.log_params(flatten(cfg))
         mlflow.set_tags({"dfmvr.job": "parsenet", "dfmvr.data_url": tracking.redact(data_url),
-                         "dfmvr.overrides": " ".join(tracking.redact(w) for w in overrides_note.split()),
+                         "dfmvr.overrides": tracking.redact_all(overrides_note),
                          "dfmvr.device": str(device)})
         mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
         _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))

@@ -18,7 +18,7 @@ import torch
 
 from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
-from dfmvr.inputs import prepare_view, to_model_tensor
+from dfmvr.inputs import prepare_capture, to_model_tensor
 from dfmvr.model import DFMVR
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
 
@@ -129,17 +129,9 @@ class Reconstructor:
         Raises:
             dfmvr.inputs.CaptureError: a view or mask that is not a square 8-bit image.
         """
-        s = self.model.image_size
-        views = np.stack([prepare_view(img, s, f"{name} view") for name, img in
-                          (("left", left), ("front", front), ("right", right))])
-        images = to_model_tensor(views[None])
-        mask_t = None
-        if masks is not None:
-            if len(masks) != 3:
-                raise ValueError(f"masks: expected 3 (left, front, right), got {len(masks)}")
-            mask_t = torch.from_numpy(np.stack([prepare_view(m, s, f"{name} mask", mask=True) for name, m in
-                                                zip(("left", "front", "right"), masks)]).astype(np.int64))[None]
-        out = self.predict(images, mask_t)
+        views, mask_arr = prepare_capture((left, front, right), masks, self.model.image_size, "capture")
+        mask_t = torch.from_numpy(mask_arr)[None] if mask_arr is not None else None
+        out = self.predict(to_model_tensor(views[None]), mask_t)
         fm = self.model.face.model
         return {
             "vertices": out.shape[0].cpu().numpy(),
@@ -199,15 +191,11 @@ class DFMVRPyfunc(mlflow.pyfunc.PythonModel):
         raw = np.asarray(model_input["images"])
         if raw.ndim != 5 or raw.shape[1] != 3:
             raise ValueError(f"model input 'images': expected uint8 [B, 3, H, H, 3], got shape {list(raw.shape)}")
-        s = self.reconstructor.model.image_size
-        views = np.stack([[prepare_view(raw[b, v], s, f"images[{b}, {v}]") for v in range(3)]
-                          for b in range(raw.shape[0])])
-        images = to_model_tensor(views)
         masks = model_input.get("masks")
-        if masks is not None:
-            masks = np.asarray(masks)
-            masks = torch.from_numpy(np.stack([[prepare_view(masks[b, v], s, f"masks[{b}, {v}]", mask=True)
-                                                for v in range(3)] for b in range(masks.shape[0])]).astype(np.int64))
-        out = self.reconstructor.predict(images, masks)
+        prepared = [prepare_capture(raw[b], None if masks is None else masks[b], self.reconstructor.model.image_size,
+                                    f"capture {b}") for b in range(len(raw))]
+        images = to_model_tensor(np.stack([v for v, _ in prepared]))
+        mask_t = torch.from_numpy(np.stack([m for _, m in prepared])) if masks is not None else None
+        out = self.reconstructor.predict(images, mask_t)
         return {"vertices": out.shape.cpu().numpy(), "faces": self.reconstructor.model.face.model.tri.cpu().numpy(),
                 "coeffs": out.coeffs.cpu().numpy()}

@@ -25,7 +25,7 @@ MODEL_ARTIFACT = "model"
 """Name of the logged MLflow model inside a run."""
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+")
 
 
 def redact(url: str) -> str:
@@ -36,7 +36,7 @@ def redact(url: str) -> str:
     ``***``. ``postgresql://u:pw@db:5432/mlflow`` -> ``postgresql://db:5432/mlflow``. Strings that
     are not URLs come back unchanged.
     """
-    if not isinstance(url, str) or not _URL.match(url):
+    if not isinstance(url, str) or not _URL.fullmatch(url):
         return url
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc and not parts.query:
@@ -48,12 +48,13 @@ def redact(url: str) -> str:
 
 
 def redact_all(value: Any) -> Any:
-    """``value`` (a config dict, a summary, a list) with :func:`redact` applied to every string in it."""
+    """``value`` (a config dict, a summary, a list, a command line) with :func:`redact` applied to
+    every URL in every string, also inside text (``tracking.tracking_uri=postgresql://u:pw@h``)."""
     if isinstance(value, dict):
         return {k: redact_all(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact_all(v) for v in value)
-    return redact(value) if isinstance(value, str) else value
+    return _URL.sub(lambda m: redact(m.group(0)), value) if isinstance(value, str) else value
 
 
 def resolve_tracking_uri(tracking_cfg, work_dir: str | Path) -> str:
@@ -136,9 +137,9 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 CHAMPION_ALIAS = "champion"
-"""Registry alias of the best version so far (lowest ``SCORE_METRIC``); ``models:/NAME@champion``."""
-SCORE_METRIC = "val/rmse_mm"
-"""The validation metric that ranks versions (lower is better)."""
+"""Registry alias of the best version so far (lowest ``VAL_METRIC``); ``models:/NAME@champion``."""
+VAL_METRIC = "val/rmse_mm"
+"""The validation metric that ranks checkpoints and registered versions (lower is better)."""
 
 
 def dfmvr_requirement() -> str:
@@ -163,7 +164,7 @@ def dfmvr_requirement() -> str:
 def _version_score(client, name: str, version: str) -> float | None:
     tags = client.get_model_version(name, version).tags or {}
     try:
-        return float(tags[SCORE_METRIC])
+        return float(tags[VAL_METRIC])
     except (KeyError, ValueError):
         return None
 
@@ -208,7 +209,7 @@ def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: d
         current = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
     except MlflowException:
         current = None
-    score = metrics.get(SCORE_METRIC)
+    score = metrics.get(VAL_METRIC)
     best = _version_score(client, name, current) if current is not None else None
     out["previous_champion"], out["previous_champion_score"] = current, best
     if score is not None and (current is None or best is None or float(score) < best):

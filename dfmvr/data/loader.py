@@ -49,7 +49,7 @@ from webdataset import tariterators
 from dfmvr.config import DataConfig
 from dfmvr.data import storage  # noqa: F401  (registers the s3 gopen scheme in every worker)
 from dfmvr.data.batch import Batch, TripletItem, collate
-from dfmvr.data.shards import VIEWS, Manifest, decode_sample, read_manifest
+from dfmvr.data.shards import VIEWS, Manifest, decode_sample, malformed_as_value_error, read_manifest
 from dfmvr.data.transforms import color_jitter, resize_views, to_model_range, weight_map
 
 _logger = logging.getLogger(__name__)
@@ -266,13 +266,8 @@ class TripletDecoder:
     def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong
         (whatever the malformed input made the decoding or the transforms raise)."""
-        try:
+        with malformed_as_value_error(f"sample {raw.get('__key__')} in {raw.get('__url__')}"):
             return self._decode(raw, rng)
-        except ValueError:
-            raise
-        except (TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as exn:
-            raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: malformed "
-                             f"({type(exn).__name__}: {exn!s:.200})") from None
 
     def _decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         if not self.with_gt and "gt.npz" in raw:

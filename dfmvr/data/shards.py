@@ -34,9 +34,10 @@ import math
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -321,12 +322,20 @@ def decode_sample(wds_dict: dict, *, image_size: int | None = None) -> Sample:
             (bad JSON, nesting too deep, values of the wrong type) or a sample that does not
             validate. Every malformed input ends here as a ValueError, whatever the decoder raised.
     """
-    try:
+    with malformed_as_value_error(_where(wds_dict)):
         return _decode_sample(wds_dict, image_size)
+
+
+@contextmanager
+def malformed_as_value_error(where: str) -> Iterator[None]:
+    """Turn what a malformed sample makes decoders raise (wrong types, nesting too deep, missing
+    keys, ...) into a ValueError naming ``where``, so that every reader skips, names and counts it."""
+    try:
+        yield
     except ValueError:
         raise
     except (TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError, OSError) as exn:
-        raise ValueError(f"{_where(wds_dict)}: malformed sample ({type(exn).__name__}: {exn!s:.200})") from None
+        raise ValueError(f"{where}: malformed sample ({type(exn).__name__}: {exn!s:.200})") from None
 
 
 def _decode_sample(wds_dict: dict, image_size: int | None) -> Sample:

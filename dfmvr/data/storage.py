@@ -281,19 +281,20 @@ def size(url: str, *, endpoint: str | None = None) -> int:
         raise StorageError(f"{url}: head_object failed: {_describe(exn)}") from exn
 
 
-def list_urls(prefix: str, *, endpoint: str | None = None) -> list[str]:
-    """Every file or object directly under a directory / prefix, sorted, as full URLs."""
+def list_urls(prefix: str, *, endpoint: str | None = None, recursive: bool = False) -> list[str]:
+    """Every file or object directly under a directory / prefix (at any depth with ``recursive``),
+    sorted, as full URLs."""
     if not is_s3(prefix):
         root = Path(prefix)
         if not root.is_dir():
             return []
-        return sorted(str(p) for p in root.iterdir() if p.is_file())
+        return sorted(str(p) for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file())
     bucket, key = split_s3(prefix)
     key = key.rstrip("/") + "/" if key else ""
     urls: list[str] = []
     try:
         paginator = s3_client(endpoint).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, **({} if recursive else {"Delimiter": "/"})):
             urls.extend(f"{S3_SCHEME}{bucket}/{item['Key']}" for item in page.get("Contents", []))
     except Exception as exn:
         raise StorageError(f"{prefix}: listing failed: {_describe(exn)}") from exn

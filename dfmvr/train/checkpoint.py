@@ -61,7 +61,7 @@ def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, conf
     tmp.replace(directory / CHECKPOINT_FILE)
     meta = {k: payload[k] for k in ("format_version", "step", "config", "face_signature", "metrics", "extra")}
     if parse_net is not None:
-        meta["parse_net"] = parse_net.get("meta") if isinstance(parse_net, dict) else None
+        meta["parse_net"] = parse_net["meta"]
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
     return directory
 

@@ -109,31 +109,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     # a job that names no run is a new run: it never restores whatever ran under a fixed name before
     cfg = apply_overrides(cfg, {"train.run_name": cfg.train.run_name or unique_run_name()})
     resumed = resume_source(cfg, storage_path)
-    parse_summary = None
-    parse_net = None
-    if resumed is not None and not cfg.model.parse_net:
-        # a resume keeps training with the parse net its checkpoint bundles, not a new one
-        parse_net = resumed[1].get("parse_net")
-    if parse_net is None and needs_parse_net(cfg):
-        from dfmvr.parsing import run_job
-
-        _logger.info("no parse net given (model.parse_net): training one first (parsenet.steps=%d)",
-                     cfg.parsenet.steps)
-        parse_summary = run_job(cfg)
-        if parse_summary["status"] != "FINISHED":
-            raise RuntimeError(f"the parse net's training failed (MLflow run {parse_summary['mlflow_run_id']})")
-        cfg = apply_overrides(cfg, {"model.parse_net": parse_summary["checkpoint"]})
-    elif cfg.loss.mask_loss and not cfg.model.parse_net:
-        _logger.warning("loss.mask_loss is on but there is no parse net (model.parse_net empty, "
-                        "train.parse_net_first=false): training without the mask loss")
-    if cfg.model.parse_net:
-        from dfmvr.nets import read_parsenet_file
-
-        parse_net = read_parsenet_file(cfg.model.parse_net)
-    if parse_net is not None:
-        from dfmvr.nets import parsenet_from_dict
-
-        parsenet_from_dict(parse_net, cfg.model.parse_net or "the resumed checkpoint")  # fails here, before Ray
+    cfg, parse_net, parse_summary = _parse_net(cfg, resumed)
     data_url = cfg.data.url
 
     if not ray.is_initialized():
@@ -154,7 +130,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         tracking.log_params(flatten(cfg))
     mlflow.set_tags(tracking.redact_all({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
                                          "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url,
-                                         "dfmvr.overrides": " ".join(tracking.redact(w) for w in overrides_note.split())}))
+                                         "dfmvr.overrides": overrides_note}))
     if not continuing:
         mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
@@ -222,6 +198,37 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     return tracking.redact_all(summary)
 
 
+def _parse_net(cfg: Config, resumed: tuple[str, dict] | None) -> tuple[Config, dict | None, dict | None]:
+    """``(cfg, parse net checkpoint dict or None, parse-net job summary or None)``: the file
+    ``model.parse_net`` names, else the one a resumed checkpoint bundles, else one trained now
+    (``train.parse_net_first``). Checked here, before Ray starts."""
+    from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+
+    summary = None
+    if cfg.model.parse_net:
+        bundle, source = read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net
+    elif resumed is not None and resumed[1].get("parse_net") is not None:
+        # a resume keeps training with the parse net its checkpoint bundles, not a new one
+        bundle, source = resumed[1]["parse_net"], f"bundled in {resumed[0]}"
+    elif needs_parse_net(cfg):
+        from dfmvr.parsing import run_job
+
+        _logger.info("no parse net given (model.parse_net): training one first (parsenet.steps=%d)",
+                     cfg.parsenet.steps)
+        summary = run_job(cfg)
+        if summary["status"] != "FINISHED":
+            raise RuntimeError(f"the parse net's training failed (MLflow run {summary['mlflow_run_id']})")
+        cfg = apply_overrides(cfg, {"model.parse_net": summary["checkpoint"]})
+        bundle, source = read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net
+    else:
+        if cfg.loss.mask_loss:
+            _logger.warning("loss.mask_loss is on but there is no parse net (model.parse_net empty, "
+                            "train.parse_net_first=false): training without the mask loss")
+        return cfg, None, None
+    parsenet_from_dict(bundle, source)  # a bad parse net fails here, before Ray starts
+    return cfg, bundle, summary
+
+
 def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
     """``(checkpoint, its payload)`` this job continues, after checking it trains the same thing:
     ``train.resume_from``, else the newest checkpoint stored under ``train.run_name`` (Ray Train
@@ -234,10 +241,9 @@ def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
 
     source = cfg.train.resume_from or None
     if source is None:
-        previous = previous_checkpoint(storage_path, cfg.train.run_name)
-        if previous is None:
+        source = previous_checkpoint(storage_path, cfg.train.run_name)
+        if source is None:
             return None
-        source = previous[0]
     payload = load_checkpoint_uri(source)
     check_resumable(payload["config"], cfg, f"run {cfg.train.run_name} from {source}")
     return source, payload

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.model import DFMVR
-from dfmvr.tracking import redact_all
+from dfmvr.tracking import VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
@@ -38,7 +38,6 @@ from dfmvr.train.weights import WeightAverage
 
 _logger = logging.getLogger(__name__)
 
-VAL_METRIC = "val/rmse_mm"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,17 +183,17 @@ def _val_batches(cfg: Config) -> Callable[[], Iterator]:
     return it
 
 
-def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bundle: dict | None = None,
-             prepare_model=None, on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = None, prepare_model=None,
+             on_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train ``cfg`` in ``session``; returns the last metrics.
 
     Args:
         cfg: the whole config.
         session: :class:`LocalSession` or the Ray session adapter (``dfmvr.train.ray_worker``).
         tracker: rank 0's :class:`dfmvr.train.ray_worker.RunLogger` (MLflow), or None.
-        parse_net: the frozen parse net (mask loss), or None.
-        parse_net_bundle: the parse net's checkpoint dict (:func:`dfmvr.nets.read_parsenet_file`),
-            embedded in every checkpoint so the model makes its own masks at inference; or None.
+        parse_net: the parse net's checkpoint dict (:func:`dfmvr.nets.read_parsenet_file`), or None:
+            frozen for the mask loss, and embedded in every checkpoint so the model makes its own
+            masks at inference.
         prepare_model: wraps the model for DDP (Ray's ``prepare_model``); identity when None.
         on_step: called after every completed step with its number (the step journal).
 
@@ -216,6 +215,12 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
     # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
     # could serve it; only rank 0 validates and saves it
     average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
+
+    frozen_parse_net = None
+    if parse_net is not None and cfg.loss.mask_loss:
+        from dfmvr.nets import parsenet_from_dict
+
+        frozen_parse_net = parsenet_from_dict(parse_net, cfg.model.parse_net or "the job's parse net", device)
 
     step = 0
     counters = {"skipped_samples": 0.0, "nan_steps": 0.0}
@@ -257,7 +262,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
             tmp.name, model_state=average.state_dict() if average else core.state_dict(),
             live_model_state=core.state_dict() if average else None, optimizer_state=opt.state_dict(),
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
-            face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net_bundle,
+            face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net,
             extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
                    # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
                    "mlflow_run_id": getattr(tracker, "run_id", None)},
@@ -283,7 +288,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
         batch = batch.to(device)
         norm_stats = _norm_stats(core)  # a skipped step must not leave its batch in BN statistics
         out = model(batch.images, batch.masks if core.cfg.mask_input else None)
-        total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, parse_net)
+        total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, frozen_parse_net)
         finite = torch.isfinite(total).all()
         if world > 1 and dist.is_initialized():
             # every rank must agree to skip, or DDP's all-reduce would hang on the others
@@ -349,7 +354,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net=None, parse_net_bu
         is_ckpt = is_val or step % cfg.train.ckpt_every == 0
         if is_val:
             scored = average.model if average else core
-            val_metrics, view = (validate(scored, val_iter(), cfg, parse_net, max_samples=cfg.train.val_samples,
+            val_metrics, view = (validate(scored, val_iter(), cfg, frozen_parse_net, max_samples=cfg.train.val_samples,
                                           step=step) if rank == 0 else ({}, None))
             last_val = _broadcast(val_metrics, world)
             # the worst validation of the run so far, carried in every report (the job's summary

@@ -147,16 +147,11 @@ def train_func_per_worker(config: dict) -> None:
     _record_worker(cfg, session.rank)
     # the driver reads the parse net and ships it (a worker on another node has no such file);
     # a worker started some other way reads model.parse_net itself
-    bundle = config.get("parse_net")
-    if bundle is None and cfg.model.parse_net:
+    parse_net = config.get("parse_net")
+    if parse_net is None and cfg.model.parse_net:
         from dfmvr.nets import read_parsenet_file
 
-        bundle = read_parsenet_file(cfg.model.parse_net)
-    parse_net = None
-    if bundle is not None and cfg.loss.mask_loss:
-        from dfmvr.nets import parsenet_from_dict
-
-        parse_net = parsenet_from_dict(bundle, cfg.model.parse_net or "the job's parse net", session.device)
+        parse_net = read_parsenet_file(cfg.model.parse_net)
 
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
         if cfg.train.sync_bn and session.world_size > 1:
@@ -169,5 +164,4 @@ def train_func_per_worker(config: dict) -> None:
     journal = None
     if session.rank == 0:
         journal = write_step_journal(Path(cfg.work_dir) / "runs" / cfg.train.run_name / "steps.jsonl")
-    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, parse_net_bundle=bundle, prepare_model=prepare,
-             on_step=journal)
+    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal)

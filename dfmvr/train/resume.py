@@ -11,13 +11,11 @@ naming each key with both values.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
-from pathlib import Path
-from typing import Any
 
-from dfmvr.config import Config, to_dict
+from dfmvr.config import Config, flatten
+from dfmvr.train.checkpoint import CHECKPOINT_FILE
 
 MAY_DIFFER = (
     "train.steps", "optim.cosine_after",  # the step budget (and where its decay starts)
@@ -37,16 +35,6 @@ def unique_run_name(prefix: str = "dfmvr-train") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def _allowed(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_DIFFER)
 
@@ -58,10 +46,14 @@ def check_resumable(saved_config: dict, cfg: Config, source: str) -> None:
     Raises:
         ResumeMismatchError: naming every differing key with the checkpoint's and this job's value.
     """
-    from dfmvr.tracking import redact_all
+    from dfmvr.config import from_dict
+    from dfmvr.tracking import redact
 
-    mine = _flat(redact_all(to_dict(cfg)))  # checkpoints store their config redacted
-    theirs = _flat(saved_config)
+    mine = {k: redact(v) for k, v in flatten(cfg).items()}  # checkpoints store their config redacted
+    try:
+        theirs = flatten(from_dict(Config, saved_config))
+    except (KeyError, TypeError, ValueError) as exn:
+        raise ResumeMismatchError(f"cannot resume {source}: its config is not one this dfmvr reads ({exn})") from None
     diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
             if not _allowed(k) and theirs.get(k) != mine.get(k)}
     if diff:
@@ -72,21 +64,11 @@ def check_resumable(saved_config: dict, cfg: Config, source: str) -> None:
             "start a new run instead (leave train.run_name empty for a fresh name)")
 
 
-def previous_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict] | None:
-    """``(checkpoint URI, its meta.json)`` of the newest checkpoint Ray Train stored for
-    ``run_name`` under ``storage_path`` (local or ``s3://``), or None when there is none."""
+def previous_checkpoint(storage_path: str, run_name: str) -> str | None:
+    """The newest checkpoint directory Ray Train stored for ``run_name`` under ``storage_path``
+    (local or ``s3://``; Ray names them ``checkpoint_<timestamp>``), or None when there is none."""
     from dfmvr.data import storage
 
-    root = storage.join(storage_path, run_name)
-    if storage.is_s3(root):
-        bucket, key = storage.split_s3(root + "/")
-        metas = []
-        for page in storage.s3_client(None).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            metas += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])
-                      if o["Key"].endswith("/meta.json") and "/checkpoint_" in o["Key"]]
-    else:
-        metas = [str(p) for p in Path(root).glob("checkpoint_*/meta.json")]
-    if not metas:
-        return None
-    latest = sorted(metas)[-1]
-    return latest.rsplit("/", 1)[0], json.loads(storage.read_bytes(latest))
+    files = storage.list_urls(storage.join(storage_path, run_name), recursive=True)
+    dirs = sorted(u.rsplit("/", 1)[0] for u in files if u.endswith("/" + CHECKPOINT_FILE) and "/checkpoint_" in u)
+    return dirs[-1] if dirs else None

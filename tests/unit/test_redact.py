@@ -60,3 +60,11 @@ def test_preflight_reaches_a_server_given_with_credentials():
         server.shutdown()
     assert seen["path"] == "/health"
     assert seen["auth"] == "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
+
+
+def test_redact_all_finds_urls_inside_text():
+    """A command line or an overrides note carries URLs after ``key=``: they are redacted too."""
+    note = f"preset=tiny tracking.tracking_uri=postgresql://u:{SECRET}@db/mlflow data.url=s3://b/p?token={SECRET}"
+    out = redact_all(note)
+    assert SECRET not in out
+    assert "tracking.tracking_uri=postgresql://db/mlflow" in out and "data.url=s3://b/p?token=***" in out
