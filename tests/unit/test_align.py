@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sharding.align import (
+from dfmvr.data.align import (
     AlignmentTemplate,
     align_view,
     estimate_similarity,
@@ -134,7 +134,7 @@ def test_templates_per_yaw(face_model):
 
 def test_yaw_sign_check_on_projected_mean_face(face_model):
     from dfmvr.render.camera import Camera
-    from sharding.align import project_mean_landmarks
+    from dfmvr.data.align import project_mean_landmarks
 
     cam = Camera.at_size(224)
     for yaw in (-45.0, 45.0):

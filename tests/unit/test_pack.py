@@ -16,7 +16,7 @@ from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import read_manifest
 from dfmvr.render import Renderer
 from dfmvr.render.camera import Camera
-from sharding.align import AlignmentTemplate, five_points, transform_points
+from dfmvr.data.align import AlignmentTemplate, five_points, transform_points
 from sharding.layouts import VIEWS, read_bnt, read_landmarks
 from sharding.pack import PackConfig, delaunay_mesh, main, pack
 from dfmvr.data.synth import SynthConfig, iter_shard_samples, render_views, sample_params

@@ -32,6 +32,15 @@ FIVE_POINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_l
 """The five alignment points, in order; left/right are the subject's own (iBUG 36-41 is the
 subject's right eye, which is image-left in a frontal view)."""
 
+CORNER_POINT_NAMES = ("left_eye_outer", "left_eye_inner", "right_eye_outer", "right_eye_inner", "nose_base")
+"""dlib's 5-point scheme (its ``shape_predictor_5_face_landmarks``), in dlib's order: the eye
+corners and the base of the nose, subject's left eye first (image right in a frontal view)."""
+
+CORNER_POINT_IBUG = (45, 42, 36, 39, 33)
+"""The iBUG-68 landmark at each of :data:`CORNER_POINT_NAMES` (dlib trained its 5-point model on
+these positions; on a real photo the two agree within 2% of the face box, see
+tests/integration/test_detect.py)."""
+
 _RIGHT_EYE = slice(36, 42)
 _LEFT_EYE = slice(42, 48)
 _NOSE_TIP = 30
@@ -59,6 +68,14 @@ def five_points(lmk68: np.ndarray) -> np.ndarray:
         lmk68[_MOUTH_RIGHT],
         lmk68[_MOUTH_LEFT],
     ])
+
+
+def corner_points(lmk68: np.ndarray) -> np.ndarray:
+    """The :data:`CORNER_POINT_NAMES` points of iBUG-68 landmarks: ``[5, D]`` float64."""
+    lmk68 = np.asarray(lmk68, dtype=np.float64)
+    if lmk68.ndim != 2 or lmk68.shape[0] != 68:
+        raise ValueError(f"landmarks must have shape (68, D); got {lmk68.shape}")
+    return lmk68[list(CORNER_POINT_IBUG)]
 
 
 def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -164,21 +181,29 @@ class AlignmentTemplate:
     size: int
     points_224: dict[float, np.ndarray]
     source: str = ""
+    corners_224: dict[float, np.ndarray] | None = None
+    """``{yaw_deg: [5, 2]}`` the same mean face's :data:`CORNER_POINT_NAMES` points at 224 px,
+    for views whose landmarks come from a 5-point detector (:mod:`dfmvr.detect`)."""
 
     @classmethod
     def from_face_model(cls, model: FaceModel, yaw_deg: tuple[float, ...] | list[float], size: int,
                         *, focal_224: float = 1015.0) -> "AlignmentTemplate":
         """Project the mean face of ``model`` at each yaw with the DESIGN.md camera."""
         cam = Camera.at_size(224, focal_224=focal_224)
-        pts = {float(y): five_points(project_mean_landmarks(model, float(y), cam)) for y in yaw_deg}
-        return cls(size=size, points_224=pts, source=model.name)
+        projected = {float(y): project_mean_landmarks(model, float(y), cam) for y in yaw_deg}
+        return cls(size=size, points_224={y: five_points(p) for y, p in projected.items()},
+                   corners_224={y: corner_points(p) for y, p in projected.items()}, source=model.name)
 
-    def points(self, yaw_deg: float) -> np.ndarray:
-        """``[5, 2]`` template for ``yaw_deg`` at :attr:`size` pixels."""
+    def points(self, yaw_deg: float, scheme: str = "ibug") -> np.ndarray:
+        """``[5, 2]`` template for ``yaw_deg`` at :attr:`size` pixels: the :data:`FIVE_POINT_NAMES`
+        points (``scheme="ibug"``, from 68 landmarks) or :data:`CORNER_POINT_NAMES` (``"corners"``)."""
+        table = self.points_224 if scheme == "ibug" else self.corners_224
+        if scheme not in ("ibug", "corners") or table is None:
+            raise ValueError(f"alignment scheme {scheme!r}: expected 'ibug' or 'corners' (templates from a face model)")
         key = float(yaw_deg)
-        if key not in self.points_224:
-            raise KeyError(f"no alignment template for yaw {yaw_deg} deg; have {sorted(self.points_224)}")
-        return self.points_224[key] * (self.size / 224.0)
+        if key not in table:
+            raise KeyError(f"no alignment template for yaw {yaw_deg} deg; have {sorted(table)}")
+        return table[key] * (self.size / 224.0)
 
     def to_dict(self) -> dict:
         """JSON-friendly record for the manifest (pixels at :attr:`size`)."""
