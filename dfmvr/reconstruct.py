@@ -6,10 +6,14 @@ Input: a folder of captures, one sub-folder per capture::
     ROOT/<capture>/left.mask.png ...                     optional parsing masks (0..9), all three or none
 
 (a ROOT that itself holds ``left/front/right`` images is one capture), or a shard split
-(:func:`reconstruct_shards`). Views must be square, face-aligned crops like the shards' (the
-model's training input); square images of another side are resized to the model's size (area
-interpolation down, linear up; masks nearest-neighbour), anything else is refused. Captures
-without masks get them from the parse net (``model.parse_net``) when the model takes masks.
+(:func:`reconstruct_shards`). Views are photos of any size and aspect by default: the face in
+each is found and aligned to the model's crop (:class:`dfmvr.detect.PhotoAligner`, the
+``detect`` extra; a side view where no face is found takes the front view's alignment, and the
+summary says which). With ``aligned=True`` (``--aligned``) views must instead be square,
+face-aligned crops like the shards' (the model's training input); square images of another side
+are resized to the model's size (area interpolation down, linear up; masks nearest-neighbour),
+anything else is refused. Captures without masks get them from the parse net
+(``model.parse_net``) when the model takes masks.
 
 Output, under ``out``, per capture (meshes in millimetres, model frame: x to the subject's
 left, y up, z towards the camera)::
@@ -22,6 +26,7 @@ left, y up, z towards the camera)::
                                   angles [V, 3] radians, trans [V, 3] decimetres) and joined
     <capture>/landmarks3d.txt     68 iBUG landmarks, one ``x y z`` per line, mm, model frame
     <capture>/overlay.png         per view: input | render over input with predicted landmarks
+    <capture>/photo_overlay.png   (photos) per view: the render and landmarks over the photo
 
 and for the whole run ``contact_sheet.png`` (every capture's three overlays, labelled) and
 ``summary.json`` (what was done and what was skipped, with reasons). A bad capture (a missing
@@ -48,6 +53,7 @@ from dfmvr.facemodel.model import MM_PER_UNIT
 from dfmvr.inputs import CaptureError, prepare_view, to_model_tensor, to_uint8
 
 if TYPE_CHECKING:
+    from dfmvr.detect import PhotoAligner
     from dfmvr.serving import Reconstructor
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +79,12 @@ class Capture:
     """uint8 [V, S, S] parsing classes, or None (the parse net makes them)."""
     lmk2d: np.ndarray | None = None
     """float32 [V, 68, 2] given landmarks (pixels at size S), drawn in green on the overlay."""
+    photos: list[np.ndarray] | None = None
+    """The original photos (uint8 RGB, any size) when the views were aligned from photos."""
+    matrices: np.ndarray | None = None
+    """[V, 2, 3] photo pixels -> crop pixels, with ``photos``."""
+    alignment: dict[str, str] | None = None
+    """Per view, how it was aligned (detector and confidences, or another view's geometry)."""
 
 
 # --------------------------------------------------------------------------- input
@@ -95,12 +107,14 @@ def _view_file(folder: Path, view: str) -> Path | None:
     return found[0] if found else None
 
 
-def load_capture(folder: str | Path, size: int) -> Capture:
-    """Read one capture folder (see the module docstring).
+def load_capture(folder: str | Path, size: int, aligner: "PhotoAligner | None" = None) -> Capture:
+    """Read one capture folder (see the module docstring): aligned crops, or photos aligned by
+    ``aligner``.
 
     Raises:
         CaptureError: naming the folder or file: a view missing or unreadable, both a .png and a
-            .jpg of one view, a non-square view, masks for only some views, a bad mask.
+            .jpg of one view, a non-square crop, masks for only some views, a bad mask, no face
+            in any photo, several faces in a photo.
     """
     folder = Path(folder)
     files = {view: _view_file(folder, view) for view in VIEWS}
@@ -109,17 +123,45 @@ def load_capture(folder: str | Path, size: int) -> Capture:
         have = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
         raise CaptureError(f"{folder}: missing view(s) {missing} (expected {'/'.join(VIEWS)}.png or .jpg; "
                            f"found {have[:12]})")
-    images = np.stack([prepare_view(_read_image(files[v], mask=False), size, str(files[v])) for v in VIEWS])
     mask_files = {view: folder / f"{view}.mask.png" for view in VIEWS}
     present = [view for view, f in mask_files.items() if f.is_file()]
+    if present and len(present) != len(VIEWS):
+        raise CaptureError(f"{folder}: masks for {present} only; give {'/'.join(VIEWS)}.mask.png for every "
+                           "view or none (then the parse net makes them)")
+    if aligner is not None:
+        photos = [_read_image(files[v], mask=False) for v in VIEWS]
+        masks = [_read_image(mask_files[v], mask=True) for v in VIEWS] if present else None
+        return align_photos(aligner, folder.name, str(folder), photos, masks)
+    images = np.stack([prepare_view(_read_image(files[v], mask=False), size, str(files[v])) for v in VIEWS])
     masks = None
     if present:
-        if len(present) != len(VIEWS):
-            raise CaptureError(f"{folder}: masks for {present} only; give {'/'.join(VIEWS)}.mask.png for every "
-                               "view or none (then the parse net makes them)")
         masks = np.stack([prepare_view(_read_image(mask_files[v], mask=True), size, str(mask_files[v]), mask=True)
                           for v in VIEWS])
     return Capture(name=folder.name, source=str(folder), images=images, masks=masks)
+
+
+def align_photos(aligner: "PhotoAligner", name: str, source: str, photos: list[np.ndarray],
+                 masks: list[np.ndarray] | None = None) -> Capture:
+    """A :class:`Capture` from three photos (uint8 RGB, any size; masks, if given, the photos'
+    size) aligned by ``aligner``.
+
+    Raises:
+        CaptureError: no face in any view, several faces in one, a mask of another size.
+    """
+    from dfmvr.detect import ManyFacesError, NoFaceError
+
+    if masks is not None:
+        for v, photo, mask in zip(VIEWS, photos, masks):
+            if mask.shape[:2] != photo.shape[:2]:
+                raise CaptureError(f"{source}: {v} mask is {list(mask.shape[:2])}, its photo {list(photo.shape[:2])}")
+    try:
+        views = aligner.align(photos, source, masks)
+    except (NoFaceError, ManyFacesError) as e:
+        raise CaptureError(str(e)) from None
+    return Capture(name=name, source=source, images=np.stack([a.image for a in views]),
+                   masks=None if masks is None else np.stack([a.mask for a in views]),
+                   photos=list(photos), matrices=np.stack([a.matrix for a in views]),
+                   alignment={v: a.how for v, a in zip(VIEWS, views)})
 
 
 def find_captures(root: str | Path) -> list[Path]:
@@ -138,11 +180,11 @@ def _has_any_view(folder: Path, view: str) -> bool:
     return any((folder / f"{view}.{ext}").is_file() for ext in IMAGE_EXTENSIONS)
 
 
-def iter_folder(root: str | Path, size: int) -> Iterator[Capture | Skipped]:
+def iter_folder(root: str | Path, size: int, aligner: "PhotoAligner | None" = None) -> Iterator[Capture | Skipped]:
     """Every capture under ``root`` (:func:`find_captures`), loaded, or :class:`Skipped`."""
     for folder in find_captures(root):
         try:
-            yield load_capture(folder, size)
+            yield load_capture(folder, size, aligner)
         except CaptureError as e:
             yield Skipped(name=folder.name, source=str(folder), reason=str(e))
 
@@ -283,6 +325,29 @@ def overlay_row(images: np.ndarray, renders: np.ndarray, covers: np.ndarray, lm_
     return _label(row, title) if title else row
 
 
+def photo_overlay(photos: list[np.ndarray], matrices: np.ndarray, renders: np.ndarray, covers: np.ndarray,
+                  lm_pred: np.ndarray, *, height: int = 360, title: str = "") -> np.ndarray:
+    """One capture's photos with the render (warped back from the crop) and the predicted
+    landmarks over each, side by side at ``height`` pixels.
+
+    Args:
+        photos: uint8 RGB photos (any sizes); matrices: ``[V, 2, 3]`` photo -> crop.
+        renders, covers, lm_pred: as :func:`overlay_row` (crop pixels).
+    """
+    from dfmvr.detect import crop_to_photo, warp_to_photo
+
+    tiles = []
+    for v, photo in enumerate(photos):
+        render = warp_to_photo(np.clip(renders[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
+        cover = warp_to_photo(np.clip(covers[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
+        over = blend_render(photo, render, cover)
+        scale = height / photo.shape[0]
+        over = cv2.resize(over, (max(1, round(photo.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
+        tiles.append(_dots(over, crop_to_photo(matrices[v], lm_pred[v]), PRED_COLOR, scale, max(1, height // 150)))
+    row = np.concatenate(tiles, axis=1)
+    return _label(row, title) if title else row
+
+
 def contact_sheet(cells: list[tuple[str, np.ndarray]], *, columns: int = 3, cell_view: int = 96) -> np.ndarray:
     """A labelled grid: per capture its views' overlays side by side.
 
@@ -337,6 +402,10 @@ class ReconstructConfig:
     """Captures shown on the contact sheet (the first ones); 0: no sheet."""
     sheet_columns: int = 3
     """Captures per row of the contact sheet."""
+    aligned: bool = False
+    """Views are aligned crops (today's shards' framing) instead of photos to detect faces in."""
+    largest_face: bool = False
+    """Photos with several faces: take the largest instead of skipping the capture."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -355,7 +424,7 @@ class ReconstructSummary:
     checkpoint: str
     out: str
     done: list[dict] = field(default_factory=list)
-    """``{"name", "source", "dir"}`` per capture written."""
+    """``{"name", "source", "dir"}`` per capture written (and ``"alignment"`` for photos)."""
     skipped: list[Skipped] = field(default_factory=list)
     contact_sheet: str | None = None
 
@@ -401,6 +470,10 @@ def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Ca
                       title=f"{capture.name}: input | render (red: predicted landmarks"
                             + (", green: given)" if capture.lmk2d is not None else ")"))
     write_png(folder / "overlay.png", row)
+    if capture.photos is not None:
+        write_png(folder / "photo_overlay.png",
+                  photo_overlay(capture.photos, capture.matrices, renders, covers, lm2d,
+                                title=f"{capture.name}: render and predicted landmarks over the photos"))
     return np.stack([blend_render(capture.images[v], renders[v], covers[v]) for v in range(len(VIEWS))])
 
 
@@ -474,7 +547,8 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
             except OSError as e:
                 summary.skipped.append(Skipped(name=cap.name, source=cap.source, reason=f"cannot write outputs: {e}"))
                 continue
-            summary.done.append({"name": cap.name, "source": cap.source, "dir": str(folder)})
+            summary.done.append({"name": cap.name, "source": cap.source, "dir": str(folder),
+                                 **({"alignment": cap.alignment} if cap.alignment else {})})
             if len(sheet) < cfg.sheet_max:
                 sheet.append((cap.name, views))
         _logger.info("reconstructed %d captures (%d skipped)", len(summary.done), len(summary.skipped))
@@ -488,8 +562,14 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
 
 
 def reconstruct_folder(recon: "Reconstructor", root: str | Path, cfg: ReconstructConfig) -> ReconstructSummary:
-    """Reconstruct every capture folder under ``root`` (see the module docstring)."""
-    return reconstruct_captures(recon, iter_folder(root, recon.model.image_size), cfg)
+    """Reconstruct every capture folder under ``root`` (see the module docstring): photos, or
+    aligned crops with ``cfg.aligned``.
+
+    Raises:
+        dfmvr.detect.DetectExtraMissing: photos, and the ``detect`` extra is not installed.
+    """
+    aligner = None if cfg.aligned else recon.photo_aligner(largest=cfg.largest_face)
+    return reconstruct_captures(recon, iter_folder(root, recon.model.image_size, aligner), cfg)
 
 
 def reconstruct_shards(recon: "Reconstructor", url: str, split: str, cfg: ReconstructConfig, *,
@@ -500,7 +580,8 @@ def reconstruct_shards(recon: "Reconstructor", url: str, split: str, cfg: Recons
 
 
 __all__ = [
-    "Capture", "CaptureError", "ReconstructConfig", "ReconstructSummary", "contact_sheet", "find_captures",
+    "Capture", "CaptureError", "ReconstructConfig", "ReconstructSummary", "align_photos", "contact_sheet",
+    "find_captures", "photo_overlay",
     "iter_folder", "iter_shards", "load_capture", "overlay_row", "prepare_view", "reconstruct_captures",
     "reconstruct_folder", "reconstruct_shards", "write_obj", "write_ply", "write_png",
 ]

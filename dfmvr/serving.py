@@ -82,6 +82,21 @@ class Reconstructor:
         model.to(device)
         return cls(model, cfg, _bundled_parse_net(payload, cfg, source, device, overrides), payload, source)
 
+    def photo_aligner(self, *, largest: bool = False):
+        """A :class:`dfmvr.detect.PhotoAligner` for this model's crops (its face model's mean face
+        at ``model.view_yaw_deg``, at its input size); the detector is loaded once.
+
+        Raises:
+            dfmvr.detect.DetectExtraMissing: the ``detect`` extra is not installed.
+        """
+        from dfmvr.detect import PhotoAligner
+
+        if getattr(self, "_aligner", None) is None:
+            self._aligner = PhotoAligner.for_model(self.model.face.model, self.cfg.model.view_yaw_deg,
+                                                   self.model.image_size)
+        self._aligner.largest = largest
+        return self._aligner
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -111,14 +126,18 @@ class Reconstructor:
         return self.model(images, masks, render=render)
 
     def reconstruct(self, left: np.ndarray, front: np.ndarray, right: np.ndarray,
-                    masks: list[np.ndarray] | None = None) -> dict[str, Any]:
-        """Three uint8 RGB face crops (square, aligned as the shards are; resized to the
-        model's size when they are not already) -> a mesh.
+                    masks: list[np.ndarray] | None = None, *, aligned: bool = False,
+                    largest_face: bool = False) -> dict[str, Any]:
+        """Three uint8 RGB photos of a face (any size and aspect: the face is found and aligned,
+        :class:`dfmvr.detect.PhotoAligner`), or with ``aligned=True`` three face crops (square,
+        aligned as the shards are; resized to the model's size when they are not already) -> a mesh.
 
         Args:
-            left, front, right: uint8 ``[H, H, 3]`` RGB views.
-            masks: three uint8 ``[H, H]`` parsing masks (classes 0..9), or None: the parse net
+            left, front, right: uint8 ``[H, W, 3]`` RGB views.
+            masks: three uint8 ``[H, W]`` parsing masks (classes 0..9), or None: the parse net
                 makes them when the model takes masks.
+            aligned: the views are aligned crops: no detection.
+            largest_face: photos with several faces: take the largest instead of refusing.
 
         Returns:
             ``vertices [N, 3]`` (model frame, decimetres), ``faces [F, 3]``, ``albedo [N, 3]`` and
@@ -126,10 +145,26 @@ class Reconstructor:
             [0, 1], ``coeffs [269]``, ``lm3d [68, 3]`` (the iBUG-68 vertices), ``lm2d [V, 68, 2]``
             (their projection in each view, pixels at the model's size).
 
+            With photos also ``alignment`` (per view: how it was aligned) and ``matrices``
+            ``[V, 2, 3]`` (photo pixels -> crop pixels).
+
         Raises:
-            dfmvr.inputs.CaptureError: a view or mask that is not a square 8-bit image.
+            dfmvr.inputs.CaptureError: a crop or mask that is not a square 8-bit image; a photo
+                with no face or several.
+            dfmvr.detect.DetectExtraMissing: photos, and the ``detect`` extra is not installed.
         """
-        views, mask_arr = prepare_capture((left, front, right), masks, self.model.image_size, "capture")
+        extra: dict[str, Any] = {}
+        if aligned:
+            views, mask_arr = prepare_capture((left, front, right), masks, self.model.image_size, "capture")
+        else:
+            from dfmvr.reconstruct import align_photos
+
+            cap = align_photos(self.photo_aligner(largest=largest_face), "capture", "capture",
+                               [np.asarray(v) for v in (left, front, right)],
+                               None if masks is None else [np.asarray(m, np.uint8) for m in masks])
+            views = cap.images
+            mask_arr = None if cap.masks is None else cap.masks.astype(np.int64)
+            extra = {"alignment": cap.alignment, "matrices": cap.matrices}
         mask_t = torch.from_numpy(mask_arr)[None] if mask_arr is not None else None
         out = self.predict(to_model_tensor(views[None]), mask_t)
         fm = self.model.face.model
@@ -141,6 +176,7 @@ class Reconstructor:
             "coeffs": out.coeffs[0].cpu().numpy(),
             "lm3d": out.shape[0, fm.keypoints].cpu().numpy(),
             "lm2d": out.lm2d[0].cpu().numpy(),
+            **extra,
         }
 
 

@@ -7,11 +7,15 @@ From shards:  python jobs/reconstruct.py --checkpoint runs:/RUN_ID/model --shard
 (runs in this process, on a GPU when there is one; outputs are local files)
 
 Usage: python jobs/reconstruct.py --checkpoint URI (--input DIR | --shards URL [--split test])
-           [--out DIR] [--batch-size 8] [--max-samples N] [--device cpu|cuda|auto]
-           [--summary-json PATH] [--config FILE.yaml] [key=value ...]
+           [--aligned] [--largest-face] [--out DIR] [--batch-size 8] [--max-samples N]
+           [--device cpu|cuda|auto] [--summary-json PATH] [--config FILE.yaml] [key=value ...]
 DIR holds one folder per capture with left/front/right.png (or .jpg) and optionally
-left/front/right.mask.png; square views of any size are resized to the model's. Captures
-without masks get them from the parse net (model.parse_net=PATH overrides the checkpoint's).
+left/front/right.mask.png. The views are photos of any size: the face in each is found and
+aligned to the model's crop (needs the 'detect' extra: pip install 'dfmvr[detect]'); a side view
+where no face is found takes the front view's alignment (the summary says so per view), and
+photo_overlay.png shows the fit on the photos. With --aligned the views are square, aligned
+crops (as in the shards), resized to the model's size. Captures without masks get them from the
+parse net (model.parse_net=PATH overrides the checkpoint's).
 Overrides (dotted config keys) apply on top of the checkpoint's own config.
 Exit status: 0 done (skipped captures are listed), 1 nothing could be reconstructed, 2 bad input.
 """
@@ -35,6 +39,9 @@ def _options(parser) -> None:
     source.add_argument("--input", help="folder of capture folders (left/front/right images)")
     source.add_argument("--shards", help="shard root (local or s3://) to read --split from")
     parser.add_argument("--split", default="test", help="split of --shards (default test)")
+    parser.add_argument("--aligned", action="store_true", help="--input holds aligned square crops: no face detection")
+    parser.add_argument("--largest-face", action="store_true",
+                        help="photos with several faces: take the largest (default: skip the capture)")
     parser.add_argument("--out", help="output folder (default <work_dir>/reconstruct/<input name>)")
     parser.add_argument("--batch-size", type=int, default=8, help="captures per forward pass")
     parser.add_argument("--max-samples", type=int, default=0, help="with --shards: only the first N (0: all)")
@@ -46,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from dfmvr import tracking
+    from dfmvr.detect import DetectExtraMissing
     from dfmvr.evaluate.run import resolve_device
     from dfmvr.reconstruct import ReconstructConfig, reconstruct_folder, reconstruct_shards
     from dfmvr.serving import load
@@ -54,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_tracking_uri(tracking.resolve_tracking_uri(cli_cfg.tracking, work))
     name = Path((args.input or f"{args.shards}-{args.split}").rstrip("/")).name
     try:
-        cfg = ReconstructConfig(out=args.out or str(work / "reconstruct" / name), batch_size=args.batch_size)
+        cfg = ReconstructConfig(out=args.out or str(work / "reconstruct" / name), batch_size=args.batch_size,
+                                aligned=args.aligned, largest_face=args.largest_face)
         recon = load(args.checkpoint, resolve_device(args.device), overrides_of(args))
         if args.input:
             summary = reconstruct_folder(recon, args.input, cfg)
         else:
             summary = reconstruct_shards(recon, args.shards, args.split, cfg, endpoint=recon.cfg.data.s3_endpoint or None,
                                          max_samples=args.max_samples)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # ManifestError is a ValueError
+    except (FileNotFoundError, ValueError, KeyError, DetectExtraMissing) as e:  # ManifestError is a ValueError
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     result = summary.to_dict()

@@ -299,7 +299,7 @@ def test_path_s3_runs_and_models_uris_load_the_same_weights(trained, moto_s3):
     rng = np.random.default_rng(0)
     left, front, right = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3))
     masks = [rng.integers(0, 10, (64, 64), dtype=np.uint8) for _ in range(3)]
-    outputs = [m.reconstruct(left, front, right, masks) for m in models]
+    outputs = [m.reconstruct(left, front, right, masks, aligned=True) for m in models]
     reference = models[0].model.state_dict()
     for uri, m, out in zip(uris, models, outputs):
         state = m.model.state_dict()
@@ -368,7 +368,7 @@ def test_reconstruct_job_writes_every_file_and_skips_a_capture_missing_a_view(tr
     parse_net = save_parsenet(tmp_path / "parsenet.pt", BiSeNet(width=16), {"image_size": 64})
     out = tmp_path / "out"
     res = _job("reconstruct.py", "--checkpoint", trained.runs_uri, "--input", str(captures), "--out", str(out),
-               "--device", "cpu", f"model.parse_net={parse_net}", "--summary-json", str(tmp_path / "s.json"))
+               "--device", "cpu", "--aligned", f"model.parse_net={parse_net}", "--summary-json", str(tmp_path / "s.json"))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert sorted(d["name"] for d in summary["done"]) == ["jpg128", "nomask", "png"]
@@ -406,7 +406,7 @@ def test_reconstruct_job_writes_every_file_and_skips_a_capture_missing_a_view(tr
     from dfmvr.data.shards import VIEWS
 
     s = samples["png"]
-    api = recon.reconstruct(*(s.images[v] for v in VIEWS), masks=[s.masks[v] for v in VIEWS])
+    api = recon.reconstruct(*(s.images[v] for v in VIEWS), masks=[s.masks[v] for v in VIEWS], aligned=True)
     obj = trimesh.load(out / "png" / "mesh.obj", process=False)
     np.testing.assert_allclose(obj.vertices, api["vertices"] * 100, atol=1e-3)
     np.testing.assert_allclose(np.load(out / "png" / "coeffs.npz")["coeffs"], api["coeffs"], rtol=1e-5, atol=1e-6)
@@ -433,7 +433,7 @@ def test_reconstruct_job_without_any_usable_capture_exits_1(trained, tmp_path):
     (tmp_path / "in" / "a").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "in" / "a" / "front.png"), np.zeros((64, 80, 3), np.uint8))
     res = _job("reconstruct.py", "--checkpoint", str(trained.checkpoint), "--input", str(tmp_path / "in"),
-               "--out", str(tmp_path / "out"), "--device", "cpu")
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--aligned")
     assert res.returncode == 1
     assert "missing view(s) ['left', 'right']" in res.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

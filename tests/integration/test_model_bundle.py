@@ -120,7 +120,7 @@ def test_pyfunc_from_the_champion_alias_returns_meshes_without_masks(trained, sy
 
     rec = load(f"models:/{NAME}@champion")
     assert rec.parse_net is not None
-    direct = rec.reconstruct(*views[0])
+    direct = rec.reconstruct(*views[0], aligned=True)
     np.testing.assert_allclose(out["vertices"][0], direct["vertices"], atol=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_reconstruct_job_on_plain_pngs_without_masks(trained, synth_root, tmp_pa
             cv2.imwrite(str(inp / f"cap{i}" / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, str(REPO / "jobs" / "reconstruct.py"), "--checkpoint",
-                          f"models:/{NAME}@champion", "--input", str(inp), "--out", str(out),
+                          f"models:/{NAME}@champion", "--input", str(inp), "--aligned", "--out", str(out),
                           "--summary-json", str(tmp_path / "summary.json"), f"tracking.tracking_uri={tracking}"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -193,7 +193,7 @@ def test_bad_bundles_and_uris_name_the_uri(trained, tmp_path):
     torch.save(stripped, gone / "checkpoint.pt")
     rec = load(str(gone))
     with pytest.raises(ValueError, match=r"no-parse-net.*no parse net"):
-        rec.reconstruct(*_fake_views())
+        rec.reconstruct(*_fake_views(), aligned=True)
 
 
 def _fake_views() -> list[np.ndarray]:
