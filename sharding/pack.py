@@ -5,11 +5,17 @@
 
 Every capture (three views of one subject) is read through a layout (:mod:`sharding.layouts`),
 each view is cropped and aligned to the model's input size by a 5-point similarity to the
-face model's template at that view's yaw (:mod:`sharding.align`), and the landmarks and masks
+face model's template at that view's yaw (:mod:`dfmvr.data.align`), and the landmarks and masks
 go through the same warp. Optional 3D landmarks and scans are converted to decimetres; point
 clouds are meshed by Delaunay triangulation in the frontal x-y plane. Captures that cannot be
 read (a missing view, an unreadable landmark file) are refused with a message naming the file
 and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefix``.
+
+Landmarks come from files beside the images (``--landmarks files``, the default), from dlib's
+detector and iBUG-68 predictor for every view (``--landmarks detect``), or from files where they
+exist and the detector elsewhere (``--landmarks auto``); the detector needs the ``detect`` extra
+and, being trained on non-commercial data, ``--accept-ibug-68`` (:mod:`dfmvr.detect`). A view
+where no face is found (or several, without ``--largest-face``) refuses its capture, named.
 See docs/packing.md.
 """
 
@@ -33,7 +39,7 @@ import numpy as np
 from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
-from sharding.align import AlignmentTemplate, align_view
+from dfmvr.data.align import AlignmentTemplate, align_view
 from sharding.layouts import (
     DEFAULT_YAW_DEG,
     LAYOUTS,
@@ -99,8 +105,17 @@ class PackConfig:
     """Layout-specific options (``view_dirs``, ``cameras``, ``poses``, ``lm3d_drop``, ``transpose``)."""
     endpoint: str | None = None
     """S3 endpoint (else ``AWS_ENDPOINT_URL``)."""
+    landmarks: Literal["files", "detect", "auto"] = "files"
+    """Where 68-point landmarks come from: files beside the images, the detector for every view,
+    or files where present and the detector elsewhere."""
+    accept_ibug_68: bool = False
+    """Accept the non-commercial terms of the 68-point model (needed by ``detect``/``auto``)."""
+    largest_face: bool = False
+    """Views with several faces: take the largest instead of refusing the capture."""
 
     def __post_init__(self) -> None:
+        if self.landmarks not in ("files", "detect", "auto"):
+            raise ValueError(f"landmarks: expected 'files', 'detect' or 'auto', got {self.landmarks!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {self.layout!r}")
         if self.size < 16:
@@ -217,16 +232,36 @@ def read_scan(path: Path, units: str) -> dict:
 # one capture
 
 
-def _require(src: CaptureSource, view: str) -> tuple[Path, Path]:
+def _require(src: CaptureSource, view: str, mode: str) -> tuple[Path, Path | None]:
+    """The view's image and landmark file (None: the detector finds the landmarks)."""
     files = src.views[view]
     if files.image is None:
         raise InputError(f"{src.folder}: missing view {view!r}: no image found (expected {files.expected})")
-    if files.landmarks is None:
+    if mode == "detect":
+        return files.image, None
+    if files.landmarks is None and mode == "files":
         raise InputError(
             f"{src.folder}: view {view!r} has no 68-point landmark file beside {files.image.name} "
-            f"(expected {files.image.with_suffix('')}.{{pts,txt,npy}}; dfmvr ships no landmark detector)"
+            f"(expected {files.image.with_suffix('')}.{{pts,txt,npy}}; or let the detector find them: "
+            "--landmarks auto --accept-ibug-68)"
         )
     return files.image, files.landmarks
+
+
+def _detected_landmarks(image: np.ndarray, img_path: Path, cfg: PackConfig) -> tuple[np.ndarray, dict]:
+    """68 landmarks of the face in ``image`` from the detector, and what to record about them."""
+    from dfmvr.detect import FaceDetector, ManyFacesError, NoFaceError
+
+    if "detector" not in _worker_state:
+        _worker_state["detector"] = FaceDetector(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68)
+    try:
+        face = _worker_state["detector"].one_face(image, str(img_path), largest=cfg.largest_face)
+    except (NoFaceError, ManyFacesError) as e:
+        raise InputError(str(e)) from None
+    record = {"source": "dlib shape_predictor_68_face_landmarks (iBUG 300-W, non-commercial)",
+              "detector": face.detector, "score": round(face.score, 4), "box": [round(v, 1) for v in face.box],
+              "landmark_confidence": round(face.landmark_confidence, 4)}
+    return face.points68.astype(np.float32), record
 
 
 def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfig) -> tuple[Sample, list[str]]:
@@ -240,7 +275,8 @@ def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfi
     """
     notes: list[str] = []
     # check every view's files before decoding anything so the message names the first gap
-    paths = {v: _require(src, v) for v in VIEWS}
+    paths = {v: _require(src, v, cfg.landmarks) for v in VIEWS}
+    landmark_sources: dict[str, object] = {}
     images, masks, lmks, matrices = {}, {}, [], {}
     have_masks = all(src.views[v].mask is not None for v in VIEWS)
     if not have_masks and any(src.views[v].mask is not None for v in VIEWS):
@@ -248,19 +284,27 @@ def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfi
     for view, yaw in zip(VIEWS, src.yaw_deg):
         img_path, lmk_path = paths[view]
         image = read_image(img_path)
-        lmk = read_landmarks(lmk_path)
+        if src.transpose and lmk_path is None:  # detect on the upright image, then store as the files are
+            upright = np.ascontiguousarray(image.transpose(1, 0, 2))
+            lmk, landmark_sources[view] = _detected_landmarks(upright, img_path, cfg)
+            lmk = lmk[:, ::-1].copy()
+        elif lmk_path is None:
+            lmk, landmark_sources[view] = _detected_landmarks(image, img_path, cfg)
+        else:
+            lmk = read_landmarks(lmk_path)
+            landmark_sources[view] = {"source": "file", "file": lmk_path.name}
         mask = read_mask(src.views[view].mask, image.shape[:2]) if have_masks else None
         if src.transpose:
             image = np.ascontiguousarray(image.transpose(1, 0, 2))
             lmk = lmk[:, ::-1].copy()
             mask = None if mask is None else np.ascontiguousarray(mask.T)
         if not yaw_sign_check(lmk, yaw):
-            notes.append(f"{lmk_path}: landmarks look like yaw {-yaw:+.0f} deg, not {yaw:+.0f} deg ({view} view): "
+            notes.append(f"{lmk_path or img_path}: landmarks look like yaw {-yaw:+.0f} deg, not {yaw:+.0f} deg ({view} view): "
                          "check the layout's view map")
         try:
             out_img, out_lmk, out_mask, matrix = align_view(image, lmk, template.points(yaw), cfg.size, mask)
         except ValueError as e:
-            raise InputError(f"{lmk_path}: cannot align with these landmarks ({e})") from e
+            raise InputError(f"{lmk_path or img_path}: cannot align with these landmarks ({e})") from e
         images[view] = out_img
         lmks.append(out_lmk)
         if out_mask is not None:
@@ -276,6 +320,7 @@ def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfi
         "input": str(src.folder),
         "has_masks": have_masks,
         "align": {"matrices": matrices, "transposed": src.transpose},
+        "landmarks": landmark_sources,
     }
     if lm3d is not None:
         meta["lm3d"] = {"file": src.lm3d.name, "frame": "input (scan) frame", "dropped": list(src.lm3d_drop)}
@@ -500,6 +545,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transpose", action="store_true", help="pixelface: the images are stored upright")
     p.add_argument("--cameras", default=None, help="multipie: e.g. left=08_0,front=05_1,right=19_0")
     p.add_argument("--poses", default=None, help="bosphorus: e.g. left=YR_R45,front=N_N,right=YR_L45")
+    p.add_argument("--landmarks", default="files", choices=("files", "detect", "auto"),
+                   help="68-point landmarks from files beside the images, the detector (every view), "
+                        "or files where present and the detector elsewhere (detector: the 'detect' extra)")
+    p.add_argument("--accept-ibug-68", action="store_true",
+                   help="accept the non-commercial terms of dlib's iBUG 300-W 68-point model (detect/auto)")
+    p.add_argument("--largest-face", action="store_true",
+                   help="views with several faces: take the largest (default: refuse the capture)")
     p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -526,10 +578,14 @@ def main(argv: list[str] | None = None) -> int:
         yaw_deg=tuple(float(v) for v in args.yaw.split(",")), max_count=args.max_count,
         image_format=args.image_format, scan_units=args.scan_units, lm3d_units=args.lm3d_units,
         workers=args.workers, facemodel=facemodel, layout_options=options,
+        landmarks=args.landmarks, accept_ibug_68=args.accept_ibug_68, largest_face=args.largest_face,
     )
     try:
+        if cfg.landmarks != "files":  # fail before reading anything: extra missing, terms not accepted
+            from dfmvr.detect import FaceDetector
+            FaceDetector(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68, cnn_fallback=False)
         summary = pack(cfg, progress=not args.no_progress)
-    except RootBusyError as e:
+    except (RootBusyError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in summary.lines():
