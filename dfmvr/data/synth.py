@@ -711,8 +711,6 @@ def preview_image(samples: list[Sample], *, scale: int = 1) -> np.ndarray:
 def write_preview(root: str, path: str, *, count: int = 4, scale: int | None = None,
                   endpoint: str | None = None) -> str:
     """Read the first ``count`` samples (train split first) back from the shards and save a preview PNG."""
-    import cv2
-
     from dfmvr.data.shards import read_manifest
 
     manifest = read_manifest(root, endpoint=endpoint)
@@ -730,10 +728,10 @@ def write_preview(root: str, path: str, *, count: int = 4, scale: int | None = N
     if scale is None:
         scale = max(1, round(160 / manifest.image_size))
     grid = preview_image(samples, scale=scale)
+    from dfmvr.visualize import write_png
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), grid[..., ::-1]):
-        raise OSError(f"{path}: could not write the preview PNG")
-    return str(path)
+    return str(write_png(path, grid))
 
 
 # ---------------------------------------------------------------------------------------------

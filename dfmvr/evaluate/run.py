@@ -22,7 +22,8 @@ per-sample values.
 A sample that cannot be scored (undecodable, landmarks well outside its image, a scan without
 faces or with NaN vertices, no scan landmarks, a non-finite prediction) is skipped with a reason
 that names it and its shard; the run goes on and the summary lists them. Splits of more than
-``ray_threshold`` samples are cut into chunks spread over Ray tasks; smaller ones run in this
+``ray_threshold`` samples are cut into chunks scored by a pool of Ray actors (:class:`ChunkScorer`,
+one model each, ``ray.util.ActorPool``); smaller ones run in this
 process.
 """
 
@@ -226,7 +227,7 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
                    icp_iters: int, result: ChunkResult | None = None) -> ChunkResult:
     """Score one batch of decoded samples (``sources``: each one's shard) into ``result``."""
     from dfmvr.evaluate.metrics import ScanError, vertex_regions
-    from dfmvr.reconstruct import overlay_row
+    from dfmvr.visualize import overlay_row
 
     result = result if result is not None else ChunkResult()
     model = recon.model
@@ -340,24 +341,24 @@ def evaluate_chunk(recon: "Reconstructor", chunk: ShardChunk, decoder, cfg: Eval
 # --------------------------------------------------------------------------- running it
 
 
-_WORKER_MODELS: dict[str, "Reconstructor"] = {}
-"""Per Ray worker process: the model built for an evaluation, reused by its later chunks."""
+class ChunkScorer:
+    """One Ray actor: builds the model once from the checkpoint's dict, then scores chunks.
+    Held by a :class:`ray.util.ActorPool`, so a model is built once per actor (not per task,
+    and without a process-global cache)."""
 
+    def __init__(self, shared: dict, cfg: EvalConfig):
+        from dfmvr.serving import Reconstructor
 
-def _chunk_task(shared: dict, chunk: ShardChunk, cfg: EvalConfig) -> ChunkResult:
-    """One Ray task: build (or reuse) the model, score a chunk."""
-    from dfmvr.serving import Reconstructor
+        torch.set_num_threads(1)
+        device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+        self.recon = Reconstructor.from_payload(shared["payload"], shared["source"], device, shared["overrides"])
+        self.cfg = cfg
+        self.endpoint = shared["endpoint"]
+        self.decoder = make_decoder(shared["manifest"], self.recon.model.image_size, with_gt=True,
+                                    weight_map=self.recon.cfg.data.weight_map)
 
-    torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    recon = _WORKER_MODELS.get(shared["token"])
-    if recon is None:
-        _WORKER_MODELS.clear()
-        recon = Reconstructor.from_payload(shared["payload"], shared["source"], device, shared["overrides"])
-        _WORKER_MODELS[shared["token"]] = recon
-    manifest = shared["manifest"]
-    decoder = make_decoder(manifest, recon.model.image_size, with_gt=True, weight_map=recon.cfg.data.weight_map)
-    return evaluate_chunk(recon, chunk, decoder, cfg, endpoint=shared["endpoint"])
+    def score(self, chunk: ShardChunk) -> ChunkResult:
+        return evaluate_chunk(self.recon, chunk, self.decoder, self.cfg, endpoint=self.endpoint)
 
 
 def _slim_payload(payload: dict) -> dict:
@@ -367,27 +368,28 @@ def _slim_payload(payload: dict) -> dict:
 
 
 def _run_ray(recon: "Reconstructor", manifest, chunks: list[ShardChunk], cfg: EvalConfig, overrides: dict,
-             endpoint: str | None) -> list[ChunkResult]:
+             endpoint: str | None, slots: int) -> list[ChunkResult]:
+    """Score ``chunks`` on a pool of ``min(slots, len(chunks))`` :class:`ChunkScorer` actors (one
+    CPU, or one GPU, each); results in chunk order. An actor that dies is restarted and its chunk
+    retried (twice)."""
     import ray
+    from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        ray.init()  # plain: joins the cluster under `ray job submit`, else starts a local one
     use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
     shared = ray.put({"payload": _slim_payload(recon.payload), "source": recon.source, "overrides": overrides,
-                      "manifest": manifest, "endpoint": endpoint,
-                      "token": f"{recon.source}:{recon.payload.get('step')}:{time.time_ns()}"})
-    task = ray.remote(_chunk_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=2)
-    pending = [task.remote(shared, chunk, cfg) for chunk in chunks]
-    order = {ref: i for i, ref in enumerate(pending)}
-    results: list[ChunkResult | None] = [None] * len(pending)
-    done = 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for ref in ready:
-            results[order[ref]] = ray.get(ref)
-            done += 1
-        _logger.info("evaluated %d/%d chunks", done, len(chunks))
-    return [r for r in results if r is not None]
+                      "manifest": manifest, "endpoint": endpoint})
+    actor = ray.remote(ChunkScorer).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2,
+                                            max_task_retries=2)
+    actors = [actor.remote(shared, cfg) for _ in range(max(1, min(slots, len(chunks))))]
+    results = []
+    try:
+        for result in ActorPool(actors).map(lambda a, chunk: a.score.remote(chunk), chunks):
+            results.append(result)
+            _logger.info("evaluated %d/%d chunks", len(results), len(chunks))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results
 
 
 def merge(results: Iterable[ChunkResult], n_overlays: int) -> ChunkResult:
@@ -497,8 +499,9 @@ def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None 
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
         chunk_size = max(1, min(cfg.chunk_size, math.ceil(n / slots)))
         chunks = plan_chunks(manifest, cfg.split, chunk_size, max_samples=cfg.max_samples)
-        _logger.info("evaluating %d samples of %s split %r in %d Ray tasks", n, manifest.url, cfg.split, len(chunks))
-        result = merge(_run_ray(recon, manifest, chunks, cfg, dict(overrides or {}), endpoint), cfg.n_overlays)
+        _logger.info("evaluating %d samples of %s split %r in %d chunks on Ray actors", n, manifest.url, cfg.split,
+                     len(chunks))
+        result = merge(_run_ray(recon, manifest, chunks, cfg, dict(overrides or {}), endpoint, slots), cfg.n_overlays)
     else:
         chunks = plan_chunks(manifest, cfg.split, cfg.chunk_size, max_samples=cfg.max_samples)
         _logger.info("evaluating %d samples of %s split %r in this process", n, manifest.url, cfg.split)
@@ -509,7 +512,7 @@ def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None 
     out = Path(cfg.out)
     overlay_dir = out / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
-    from dfmvr.reconstruct import write_png
+    from dfmvr.visualize import write_png
 
     overlays = []
     by_score = sorted(result.candidates, key=lambda c: c.score)

@@ -109,25 +109,41 @@ class RunLogger:
             self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_validation_images(self, view: dict, step: int) -> None:
-        from dfmvr.visualize import validation_grid
-
-        import cv2
+        from dfmvr.visualize import validation_grid, write_png
 
         grid = validation_grid(view)
         with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / f"val_step{step:07d}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            path = write_png(Path(d) / f"val_step{step:07d}.png", grid)
             self._call(f"image at step {step}", self.client.log_artifact, self.run_id, str(path),
                        artifact_path="val_images")
 
 
 def _record_worker(cfg: Config, rank: int) -> None:
-    """Write ``<work_dir>/runs/<run_name>/workers/rank<r>.json`` (pid, host, start time): which
+    """Write ``<work_dir>/runs/<run_name>/workers/rank<r>.json`` (pid, host, Ray node, start time): which
     process is which rank, for operators (and the fault-tolerance test)."""
     d = Path(cfg.work_dir) / "runs" / cfg.train.run_name / "workers"
     d.mkdir(parents=True, exist_ok=True)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank, "started": time.time()}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "rank": rank, "started": time.time()}
     (d / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+def _record_resume(cfg: Config, rank: int, record: dict) -> None:
+    """Append to ``<work_dir>/runs/<run_name>/workers/rank<r>-resumes.jsonl`` what this rank
+    restored: the checkpoint, its step, and digests of the weights and optimizer state it now
+    holds (compare with :func:`dfmvr.train.checkpoint.state_digest` of the checkpoint's)."""
+    d = Path(cfg.work_dir) / "runs" / cfg.train.run_name / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / f"rank{rank}-resumes.jsonl").open("a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "t": time.time(), "node": _node_id(), **record}) + "\n")
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray: no node
+        return None
 
 
 def train_func_per_worker(config: dict) -> None:
@@ -164,4 +180,5 @@ def train_func_per_worker(config: dict) -> None:
     journal = None
     if session.rank == 0:
         journal = write_step_journal(Path(cfg.work_dir) / "runs" / cfg.train.run_name / "steps.jsonl")
-    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal)
+    run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal,
+             on_resume=lambda record: _record_resume(cfg, session.rank, record))

@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from dfmvr.train.loop import VAL_METRIC
-
 
 @dataclass(kw_only=True, slots=True)
 class TrialRecord:
