@@ -259,6 +259,10 @@ class TrainConfig:
     """Use GPUs: ``auto`` when the cluster has them."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per Ray Train worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers (Ray's placement-group strategies): ``PACK`` fills nodes first
+    (Ray Train's default), ``SPREAD`` one per node where it can (and on the nodes that remain
+    after a node is lost), ``STRICT_SPREAD`` one per node or wait for nodes."""
     amp: bool = True
     """bf16/fp16 autocast on GPU (ignored on CPU)."""
     sync_bn: bool = False
@@ -290,6 +294,8 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers: expected >= 0 (0 = auto), got {self.num_workers}")
         _check_choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
+        _check_choice("train.placement_strategy", self.placement_strategy,
+                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         if self.max_nan_steps < 1:
             raise ValueError(f"train.max_nan_steps: expected >= 1, got {self.max_nan_steps}")
 

@@ -11,6 +11,7 @@ optimizer, scheduler, step, config, data position and counters.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -64,6 +65,30 @@ def save_checkpoint(directory: str | Path, *, model_state: dict, step: int, conf
         meta["parse_net"] = parse_net["meta"]
     (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
     return directory
+
+
+def state_digest(state: Any) -> str:
+    """sha256 over a (nested) state dict: every tensor's bytes, dtype and shape under its key path,
+    every other value's repr. Equal for a model or optimizer and the checkpoint it loaded (the
+    resume record, :func:`dfmvr.train.loop.run_loop`)."""
+    h = hashlib.sha256()
+
+    def visit(path: str, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{path}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                visit(f"{path}/{k}", obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(f"{path}[{i}]", v)
+        else:
+            h.update(f"{path}={obj!r}".encode())
+
+    visit("", state)
+    return h.hexdigest()
 
 
 def _find_checkpoint_file(path: Path) -> Path:

@@ -39,7 +39,8 @@ def _scaling(cfg: Config):
                          "so Ray's autoscaler starts N GPU workers")
     n = cfg.train.num_workers or (int(gpus) if use_gpu else 2)
     resources = {"CPU": cfg.train.cpus_per_worker}
-    return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources), n, use_gpu
+    return ScalingConfig(num_workers=n, use_gpu=use_gpu, resources_per_worker=resources,
+                         placement_strategy=cfg.train.placement_strategy), n, use_gpu
 
 
 def preflight(cfg: Config) -> tuple[Config, str]:

@@ -30,7 +30,7 @@ from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.model import DFMVR
 from dfmvr.tracking import VAL_METRIC, redact_all
-from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint
+from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer
@@ -184,7 +184,8 @@ def _val_batches(cfg: Config) -> Callable[[], Iterator]:
 
 
 def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = None, prepare_model=None,
-             on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+             on_step: Callable[[int], None] | None = None,
+             on_resume: Callable[[dict], None] | None = None) -> dict[str, float]:
     """Train ``cfg`` in ``session``; returns the last metrics.
 
     Args:
@@ -196,6 +197,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             masks at inference.
         prepare_model: wraps the model for DDP (Ray's ``prepare_model``); identity when None.
         on_step: called after every completed step with its number (the step journal).
+        on_resume: called once after a restore with ``{"checkpoint", "step", "model", "optimizer"}``,
+            the last two the :func:`dfmvr.train.checkpoint.state_digest` of the weights and the
+            optimizer state this rank now holds (the resume record).
 
     Raises:
         NonFiniteLossError: after ``train.max_nan_steps`` non-finite losses in a row (the last
@@ -241,6 +245,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         step = int(payload["step"])
         counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
         _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
+        if on_resume:
+            on_resume({"checkpoint": str(restore), "step": step, "model": state_digest(core.state_dict()),
+                       "optimizer": state_digest(opt.state_dict())})
 
     loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step)
     val_iter = _val_batches(cfg)

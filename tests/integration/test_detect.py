@@ -25,7 +25,6 @@ from dfmvr.detect import (
     LicenceNotAccepted,
     ManyFacesError,
     NoFaceError,
-    PhotoAligner,
     invert_similarity,
 )
 

@@ -45,6 +45,33 @@ def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
     return base
 
 
+def _train_with_fault(cfg, fault, timeout: float = 300) -> dict:
+    """``train(cfg)`` while a thread calls ``fault()`` every 0.2 s until it returns True (it has
+    done its damage: killed a process, removed a node, stopped a server)."""
+    from dfmvr.train.launch import train
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not fault():
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    summary = train(cfg)
+    thread.join(timeout=5)
+    return summary
+
+
+def _checkpointed_and_past(journal: Path, snapshot: Path, step: int) -> int | None:
+    """The run's last step once Ray's controller has registered a checkpoint (its snapshot on
+    storage names one; a checkpoint reported a moment before a crash may never be registered)
+    and the run has reached ``step``; else None."""
+    if not (journal.exists() and snapshot.exists() and '"step"' in snapshot.read_text()):
+        return None
+    steps = [json.loads(line)["step"] for line in journal.read_text().splitlines() if line.strip()]
+    return max(steps) if steps and max(steps) >= step else None
+
+
 @pytest.fixture
 def local_ray(tmp_path, monkeypatch):
     import ray
@@ -96,7 +123,6 @@ def test_mlflow_outage_mid_run_keeps_the_run_and_says_how_to_register(synth_root
     model was not registered and how to register it later."""
     from dfmvr.config import apply_overrides
     from dfmvr.presets import tiny
-    from dfmvr.train.launch import train
 
     # the driver's own MLflow calls give up quickly (the workers cut their retries themselves)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -129,18 +155,13 @@ def test_mlflow_outage_mid_run_keeps_the_run_and_says_how_to_register(synth_root
             "train.run_name": "outage-test"}))
         journal = work / "runs" / "outage-test" / "steps.jsonl"
 
-        def killer():
-            deadline = time.time() + 240
-            while time.time() < deadline:
-                if journal.exists() and len(journal.read_text().splitlines()) >= 4:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    return
-                time.sleep(0.1)
+        def stop_server() -> bool:
+            if journal.exists() and len(journal.read_text().splitlines()) >= 4:
+                os.killpg(server.pid, signal.SIGKILL)
+                return True
+            return False
 
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        summary = train(cfg)
-        thread.join(timeout=5)
+        summary = _train_with_fault(cfg, stop_server)
         assert server.poll() is not None, "the server was never stopped"
     finally:
         if server.poll() is None:
@@ -221,13 +242,12 @@ def test_two_workers_on_s3_with_mlflow_registry(synth_root, moto_s3, tmp_path, l
 def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_steps(synth_root, tmp_path, local_ray):
     from dfmvr.config import apply_overrides
     from dfmvr.presets import tiny
-    from dfmvr.train.launch import train
 
     work = tmp_path / "work"
     cfg = apply_overrides(tiny(), _tiny_overrides(work, str(synth_root), **{
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "train.steps": 30, "train.ckpt_every": 5, "train.val_every": 15, "train.max_failures": 2,
-        "train.run_name": "fault-test",
+        "train.run_name": "fault-test", "train.keep_checkpoints": 10,
     }))
     journal = work / "runs" / "fault-test" / "steps.jsonl"
     rank1 = work / "runs" / "fault-test" / "workers" / "rank1.json"
@@ -235,20 +255,15 @@ def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_step
 
     snapshot = work / "ray_results" / "fault-test" / "checkpoint_manager_snapshot.json"
 
-    def killer():
-        # wait until Ray's controller has registered a checkpoint (its snapshot on storage names
-        # one; a checkpoint reported a moment before a crash may never be registered) and the
-        # run has moved past it, then kill rank 1
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if journal.exists() and snapshot.exists() and '"step"' in snapshot.read_text():
-                steps = [json.loads(line)["step"] for line in journal.read_text().splitlines() if line.strip()]
-                if steps and max(steps) >= 7 and rank1.exists():
-                    pid = json.loads(rank1.read_text())["pid"]
-                    killed.update(pid=pid, at_step=max(steps))
-                    os.kill(pid, signal.SIGKILL)
-                    return
-            time.sleep(0.2)
+    def kill_rank1() -> bool:
+        # past a registered checkpoint, kill rank 1
+        at_step = _checkpointed_and_past(journal, snapshot, 7)
+        if at_step is None or not rank1.exists():
+            return False
+        pid = json.loads(rank1.read_text())["pid"]
+        killed.update(pid=pid, at_step=at_step)
+        os.kill(pid, signal.SIGKILL)
+        return True
 
     import tempfile
 
@@ -256,29 +271,111 @@ def test_worker_killed_after_checkpoint_resumes_without_losing_or_repeating_step
         return set(Path(tempfile.gettempdir()).glob("dfmvr-restore-*"))
 
     before = restores()
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = train(cfg)
-    thread.join(timeout=5)
+    summary = _train_with_fault(cfg, kill_rank1)
     # the restarted workers' local copies of the checkpoint they resumed from are gone
     assert restores() == before
 
     assert killed, "the worker was never killed"
     assert summary["status"] == "FINISHED" and summary["steps"] == 30
-    records = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    attempts: list[list[int]] = []
-    last_pid = None
-    for r in records:
-        if r["pid"] != last_pid:
-            attempts.append([])
-            last_pid = r["pid"]
-        attempts[-1].append(r["step"])
+    attempts = _steps_by_attempt(journal)
     assert len(attempts) >= 2, attempts
     first, last = attempts[0], attempts[-1]
     assert first == list(range(1, len(first) + 1))  # no step lost before the failure
     resumed_at = last[0] - 1
     assert resumed_at % 5 == 0 and 5 <= resumed_at <= killed["at_step"]  # from a checkpoint
     assert last == list(range(resumed_at + 1, 31))  # each step after it exactly once
+
+    # every rank restored exactly that checkpoint's weights and optimizer state
+    _assert_ranks_restored(work, "fault-test", resumed_at, ranks=(0, 1))
+
+
+def _steps_by_attempt(journal: Path) -> list[list[int]]:
+    attempts: list[list[int]] = []
+    last_pid = None
+    for r in (json.loads(line) for line in journal.read_text().splitlines() if line.strip()):
+        if r["pid"] != last_pid:
+            attempts.append([])
+            last_pid = r["pid"]
+        attempts[-1].append(r["step"])
+    return attempts
+
+
+def test_two_node_cluster_loses_a_node_and_finishes_on_the_other(synth_root, tmp_path, monkeypatch):
+    """A two-node Ray cluster on loopback (``ray.cluster_utils.Cluster``), one worker per node
+    (``SPREAD``); the second node is removed after the first checkpoint: the run restarts its
+    worker group from that checkpoint on the node that remains and finishes, no step lost or
+    repeated, both ranks holding the checkpoint's weights and optimizer state."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from dfmvr.config import apply_overrides
+    from dfmvr.presets import tiny
+
+    scratch = Path("/tmp") / f"dfmvr-ray-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(scratch))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, configure_logging=False)
+    try:
+        work = tmp_path / "work"
+        cfg = apply_overrides(tiny(), _tiny_overrides(work, str(synth_root), **{
+            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.steps": 24, "train.ckpt_every": 4, "train.val_every": 12, "train.max_failures": 2,
+            "train.run_name": "node-loss", "train.keep_checkpoints": 10, "train.placement_strategy": "SPREAD",
+        }))
+        run = work / "runs" / "node-loss"
+        snapshot = work / "ray_results" / "node-loss" / "checkpoint_manager_snapshot.json"
+        removed: dict = {}
+
+        def remove_second_node() -> bool:
+            at_step = _checkpointed_and_past(run / "steps.jsonl", snapshot, 6)
+            ranks = [run / "workers" / f"rank{r}.json" for r in (0, 1)]
+            if at_step is None or not all(p.exists() for p in ranks):
+                return False
+            removed["nodes"] = {json.loads(p.read_text())["node"] for p in ranks}
+            removed["at_step"] = at_step
+            cluster.remove_node(second)
+            return True
+
+        summary = _train_with_fault(cfg, remove_second_node)
+        assert removed, "the second node was never removed"
+        assert len(removed["nodes"]) == 2, "the workers did not start one per node"
+        assert summary["status"] == "FINISHED" and summary["steps"] == 24
+        attempts = _steps_by_attempt(run / "steps.jsonl")
+        assert len(attempts) >= 2, attempts
+        first, last = attempts[0], attempts[-1]
+        assert first == list(range(1, len(first) + 1))
+        resumed_at = last[0] - 1
+        assert resumed_at % 4 == 0 and 4 <= resumed_at <= removed["at_step"]
+        assert last == list(range(resumed_at + 1, 25))
+        _assert_ranks_restored(work, "node-loss", resumed_at, ranks=(0, 1))
+        # after the loss both ranks ran on the node that remained
+        after = {json.loads((run / "workers" / f"rank{r}.json").read_text())["node"] for r in (0, 1)}
+        assert after == {cluster.head_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _assert_ranks_restored(work: Path, run_name: str, step: int, ranks: tuple[int, ...]) -> None:
+    from dfmvr.train.checkpoint import load_checkpoint, state_digest
+
+    saved = {}
+    for d in (p for p in (work / "ray_results" / run_name).glob("checkpoint_*") if p.is_dir()):
+        payload = load_checkpoint(d)
+        saved[int(payload["step"])] = payload
+    payload = saved[step]
+    want = {"model": state_digest(payload.get("model_live", payload["model"])),
+            "optimizer": state_digest(payload["optimizer"])}
+    for rank in ranks:
+        records = [json.loads(line) for line in
+                   (work / "runs" / run_name / "workers" / f"rank{rank}-resumes.jsonl").read_text().splitlines()]
+        last = records[-1]
+        assert last["step"] == step, (rank, records)
+        assert {k: last[k] for k in want} == want, f"rank {rank} holds other weights or optimizer state than step {step}'s"
 
 
 def _free_port() -> int:
