@@ -421,10 +421,6 @@ def _or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-
-
 def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str | None = None) -> dict[str, Any]:
     """The parse-net training job: data, one MLflow run, training, exported checkpoint.
 
@@ -438,8 +434,6 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
         The summary: ``status``, ``steps``, ``miou``, ``iou`` (class -> IoU, None when the class
         has none), ``pixel_acc``, ``checkpoint`` (local path), ``mlflow_run_id``, ...
     """
-    import mlflow
-
     from dfmvr import tracking
     from dfmvr.data.embedded import ensure_data
 
@@ -454,18 +448,17 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
     device = torch.device(device) if device is not None else default_device()
 
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.parsenet.run_name)
-    run_id = run.info.run_id
+    mlc = tracking.client(tracking_uri)
+    run_id = tracking.start_run(mlc, experiment_id, cfg.parsenet.run_name)
     status = "FAILED"
     try:
-        tracking.log_params(flatten(cfg))
-        mlflow.set_tags({"dfmvr.job": "parsenet", "dfmvr.data_url": tracking.redact(data_url),
-                         "dfmvr.overrides": tracking.redact_all(overrides_note),
-                         "dfmvr.device": str(device)})
-        mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
+        tracking.log_params(mlc, run_id, flatten(cfg))
+        tracking.set_tags(mlc, run_id, {"dfmvr.job": "parsenet", "dfmvr.data_url": data_url,
+                                        "dfmvr.overrides": overrides_note, "dfmvr.device": str(device)})
+        mlc.log_dict(run_id, tracking.redact_all(to_dict(cfg)), "config.json")
         _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
         result = train_parsenet(cfg, device=device,
-                                log_metrics=lambda m, step: mlflow.log_metrics(_finite(m), step=step))
+                                log_metrics=lambda m, step: tracking.log_metrics(mlc, run_id, m, step))
         iou = {name: result.val.get(f"val/iou_{name}", math.nan) for name in PARSE_CLASSES}
         meta = {
             "image_size": cfg.data.image_size,
@@ -479,10 +472,10 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
             "config": tracking.redact_all(to_dict(cfg)),
         }
         save_parsenet(out, result.model.cpu(), meta)
-        mlflow.log_artifact(str(out), artifact_path="parsenet")
+        mlc.log_artifact(run_id, str(out), artifact_path="parsenet")
         status = "FINISHED"
     finally:
-        mlflow.end_run(status=status)
+        tracking.end_run(mlc, run_id, status)
     return {
         "status": status,
         "steps": result.steps,

@@ -1,10 +1,14 @@
-"""MLflow tracking: where runs go, fail-fast reachability, and the model registry.
+"""MLflow, in one place and one style: where runs go, fail-fast reachability, runs, params,
+metrics and tags, and the model registry.
 
 The tracking URI is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
-SQLite store ``<work_dir>/mlflow.db`` with artifacts in ``<work_dir>/mlartifacts``. The driver
-creates one run per job and registers the best checkpoint; rank 0 of the workers logs metrics
-and images into that run by id. Credentials never appear in messages: URLs are shown without
-their user-info part.
+SQLite store ``<work_dir>/mlflow.db`` with artifacts in ``<work_dir>/mlartifacts``. Every job
+(training, the parse net, sweeps, evaluation) talks to MLflow through an explicit
+``MlflowClient`` and run ids (:func:`client`, :func:`start_run`, :func:`log_params`,
+:func:`log_metrics`, :func:`set_tags`, :func:`end_run`), never through the fluent "active run":
+the driver creates a job's run, and Ray workers, Tune trials and callbacks log into it by id.
+Credentials never appear in messages, params or tags: URLs are shown without their user-info
+part.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def setup_experiment(uri: str, experiment: str, work_dir: str | Path) -> str:
     """
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    use(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
@@ -117,23 +121,72 @@ def setup_experiment(uri: str, experiment: str, work_dir: str | Path) -> str:
 
 def run_exists(run_id: str, experiment_id: str) -> bool:
     """Whether MLflow run ``run_id`` is in experiment ``experiment_id`` of the current store."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.MlflowClient().get_run(run_id).info.experiment_id == experiment_id
+        return client().get_run(run_id).info.experiment_id == experiment_id
     except MlflowException:
         return False
 
 
-def log_params(params: dict[str, Any]) -> None:
-    """Log flattened config params (MLflow caps value length at 6000 characters)."""
+def use(uri: str) -> None:
+    """Make ``uri`` the tracking store of this process (what :func:`client` without a URI, model
+    URIs like ``models:/NAME@champion`` resolve against)."""
     import mlflow
 
-    items = {k: (str(redact(v))[:6000] if v is not None else "") for k, v in params.items()}
-    keys = list(items)
-    for i in range(0, len(keys), 90):  # MLflow takes at most 100 params per batch
-        mlflow.log_params({k: items[k] for k in keys[i:i + 90]})
+    mlflow.set_tracking_uri(uri)
+
+
+def client(uri: str | None = None):
+    """An ``MlflowClient`` for ``uri`` (None: the URI :func:`setup_experiment` set)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def start_run(c, experiment_id: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
+    """A new run; returns its id (tags redacted as :func:`set_tags`)."""
+    run = c.create_run(experiment_id, run_name=run_name,
+                       tags={k: str(v) for k, v in redact_all(dict(tags or {})).items()})
+    return run.info.run_id
+
+
+def end_run(c, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    c.set_terminated(run_id, status=status)
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    """Params in batches (MLflow takes at most 100 per call and 6000 characters per value),
+    credentials in URLs redacted."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(redact_all(v))[:6000] if v is not None else "") for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        c.log_batch(run_id, params=items[i:i + 90])
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Finite metrics only (some stores refuse NaN; infinities mean "none yet"), in batches."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for i in range(0, len(batch), 500):
+        c.log_batch(run_id, metrics=batch[i:i + 500])
+
+
+def set_tags(c, run_id: str, tags: dict[str, Any]) -> None:
+    """Tags, values as strings, credentials in URLs redacted."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)[:8000]) for k, v in redact_all(dict(tags)).items()]
+    if items:
+        c.log_batch(run_id, tags=items)
 
 
 CHAMPION_ALIAS = "champion"

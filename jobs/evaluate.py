@@ -53,7 +53,6 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, cli_cfg, _ = parse_job_args(__doc__, argv, add_arguments=_options)
-    import mlflow
 
     from dfmvr import tracking
     from dfmvr.evaluate.run import (EvalConfig, checkpoint_slug, evaluate, find_run, format_table, log_to_mlflow,
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = overrides_of(args)
     work = Path(cli_cfg.work_dir)
     tracking_uri = tracking.resolve_tracking_uri(cli_cfg.tracking, work)
-    mlflow.set_tracking_uri(tracking_uri)
+    tracking.use(tracking_uri)
     try:
         cfg = EvalConfig(split=args.split, out=args.out or str(work / "eval" / f"{checkpoint_slug(args.checkpoint)}-{args.split}"),
                          batch_size=args.batch_size, ray_threshold=args.ray_threshold, chunk_size=args.chunk_size,

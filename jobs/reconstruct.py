@@ -50,8 +50,6 @@ def _options(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, cli_cfg, _ = parse_job_args(__doc__, argv, add_arguments=_options)
-    import mlflow
-
     from dfmvr import tracking
     from dfmvr.detect import DetectExtraMissing
     from dfmvr.evaluate.run import resolve_device
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from dfmvr.serving import load
 
     work = Path(cli_cfg.work_dir)
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri(cli_cfg.tracking, work))
+    tracking.use(tracking.resolve_tracking_uri(cli_cfg.tracking, work))
     name = Path((args.input or f"{args.shards}-{args.split}").rstrip("/")).name
     try:
         cfg = ReconstructConfig(out=args.out or str(work / "reconstruct" / name), batch_size=args.batch_size,

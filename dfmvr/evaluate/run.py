@@ -556,12 +556,13 @@ def find_run(uri: str, payload: dict) -> tuple[str | None, str]:
     logged-model ids ``models:/m-...``) through the registry; a path or ``s3://`` through the
     ``mlflow_run_id`` the training loop stores in every checkpoint.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from dfmvr import tracking
 
     if not uri.startswith(("runs:/", "models:/")) and not (payload.get("extra") or {}).get("mlflow_run_id"):
         return None, "the checkpoint carries no MLflow run id"
-    client = MlflowClient()
+    client = tracking.client()
     run_id = None
     try:
         if uri.startswith("runs:/"):
@@ -594,12 +595,10 @@ def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
     """Log ``eval/<split>/...`` metrics (baselines under ``eval/<split>/<baseline>/...``) at the
     checkpoint's step, and the summary, per-sample JSONL and overlays as artifacts under
     ``eval/<split>/``. Returns the metric names logged."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from dfmvr import tracking
 
-    client = MlflowClient()
+    client = tracking.client()
     split = report.summary["split"]
-    now = int(time.time() * 1000)
     metrics: dict[str, float] = {}
 
     def add(prefix: str, values: dict) -> None:
@@ -611,9 +610,7 @@ def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
     add(f"eval/{split}", {"skipped": report.summary["n_skipped"]})
     for name in BASELINES:
         add(f"eval/{split}/{name}", report.summary["baselines"][name])
-    batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i:i + 500])
+    tracking.log_metrics(client, run_id, metrics, step)
     client.log_artifact(run_id, str(report.out / "summary.json"), artifact_path=f"eval/{split}")
     client.log_artifact(run_id, str(report.out / "per_sample.jsonl"), artifact_path=f"eval/{split}")
     if report.overlays:

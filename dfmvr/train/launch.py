@@ -99,7 +99,6 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage
 
 def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     """Run one training job; returns the summary (also what ``--summary-json`` holds)."""
-    import mlflow
     import ray
 
     from dfmvr import tracking
@@ -120,20 +119,20 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
     earlier_run = ((resumed[1].get("extra") or {}).get("mlflow_run_id") if resumed else None)
     continuing = bool(earlier_run and tracking.run_exists(earlier_run, experiment_id))
-    if continuing:
-        run = mlflow.start_run(run_id=earlier_run)  # a resumed run goes on logging where it left off
+    mlc = tracking.client(tracking_uri)
+    if continuing:  # a resumed run goes on logging where it left off
+        run_id = earlier_run
+        mlc.update_run(run_id, status="RUNNING")
+        # params cannot change in MLflow; the step budget may have
+        tracking.set_tags(mlc, run_id, {"dfmvr.resumed_to_steps": cfg.train.steps})
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.train.run_name)
-    run_id = run.info.run_id
-    if continuing:  # params cannot change in MLflow; the step budget may have
-        mlflow.set_tag("dfmvr.resumed_to_steps", cfg.train.steps)
-    else:
-        tracking.log_params(flatten(cfg))
-    mlflow.set_tags(tracking.redact_all({"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
-                                         "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url,
-                                         "dfmvr.overrides": overrides_note}))
+        run_id = tracking.start_run(mlc, experiment_id, cfg.train.run_name)
+        tracking.log_params(mlc, run_id, flatten(cfg))
+    tracking.set_tags(mlc, run_id, {"dfmvr.ray_run_name": cfg.train.run_name, "dfmvr.num_workers": n_workers,
+                                    "dfmvr.use_gpu": use_gpu, "dfmvr.data_url": data_url,
+                                    "dfmvr.overrides": overrides_note})
     if not continuing:
-        mlflow.log_dict(tracking.redact_all(to_dict(cfg)), "config.json")
+        mlc.log_dict(run_id, tracking.redact_all(to_dict(cfg)), "config.json")
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
@@ -145,7 +144,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
         status = "FINISHED"
     finally:
         try:
-            mlflow.end_run(status=status)
+            tracking.end_run(mlc, run_id, status)
         except Exception as exn:  # a tracking outage must not hide the run's result
             _logger.error("MLflow: could not close run %s (%s)", run_id, str(exn)[:300])
     elapsed = time.perf_counter() - t0

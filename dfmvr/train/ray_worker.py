@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dfmvr.config import Config, from_dict
@@ -79,9 +78,9 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
+        from dfmvr import tracking
 
-        self.client = MlflowClient(tracking_uri)
+        self.client = tracking.client(tracking_uri)
         self.run_id = run_id
         self.retries = retries
         self.backoff_s = backoff_s
@@ -101,12 +100,9 @@ class RunLogger:
                 time.sleep(self.backoff_s * (attempt + 1))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from dfmvr import tracking
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        if batch:
-            self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
+        self._call(f"metrics at step {step}", tracking.log_metrics, self.client, self.run_id, metrics, step)
 
     def log_validation_images(self, view: dict, step: int) -> None:
         from dfmvr.visualize import validation_grid, write_png

@@ -17,6 +17,7 @@ from typing import Any
 from ray.tune import Callback
 
 from dfmvr.train.loop import VAL_METRIC
+from dfmvr import tracking
 from dfmvr.tune import runs
 from dfmvr.tune.journal import ResultJournal, best_record, last_step, stopped_early
 
@@ -82,7 +83,7 @@ class SweepCallback(Callback):
         itself only records its error, the status is Tune's outcome). ``records``: the trial's
         journal entries when the caller has read them already."""
         try:
-            client = runs.client(self.tracking_uri)
+            client = tracking.client(self.tracking_uri)
             run = runs.find_child(client, self.experiment_id, self.parent_run_id, trial_id)
             if run is None:
                 _logger.warning("trial %s ended (%s) before it opened its MLflow run", trial_id, outcome)

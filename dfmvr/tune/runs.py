@@ -1,7 +1,7 @@
 """MLflow for a sweep: one parent run, one child run per trial, found again by tags on resume.
 
-Everything goes through an explicit ``MlflowClient`` (never the fluent active run): the sweep
-driver, Tune's callback thread and every trial's process log into runs they name by id.
+Everything goes through :mod:`dfmvr.tracking`'s client style (never the fluent active run): the
+sweep driver, Tune's callback thread and every trial's process log into runs they name by id.
 Child runs carry ``mlflow.parentRunId`` (the MLflow UI nests them under the sweep) and
 ``dfmvr.trial_id`` (Tune's trial id, stable across ``Tuner.restore``), so a resumed trial logs
 into the run it started, not a new one.
@@ -10,11 +10,11 @@ into the run it started, not a new one.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from dfmvr.tracking import log_metrics, log_params
 
 _logger = logging.getLogger(__name__)
 
@@ -30,32 +30,6 @@ PARENT_TAG = "mlflow.parentRunId"
 MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
 """Trial outcome -> MLflow run status (stopped early by ASHA, or interrupted with the sweep:
 KILLED; ``dfmvr.trial_status`` tells which; ``--resume`` reopens an interrupted trial's run)."""
-
-
-def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
-def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
-    """Params in batches (MLflow takes at most 100 per call and 6000 characters per value)."""
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000] if v is not None else "") for k, v in params.items()]
-    for i in range(0, len(items), 90):
-        c.log_batch(run_id, params=items[i:i + 90])
-
-
-def log_metrics(c, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Finite metrics only (MLflow refuses NaN in some stores and infinities mean "none yet")."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    if batch:
-        c.log_batch(run_id, metrics=batch)
 
 
 def start_parent(c, experiment_id: str, sweep: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:

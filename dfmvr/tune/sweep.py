@@ -177,7 +177,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
 
     driver_resources = _start_ray(cfg)
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, cfg.work_dir)
-    client = runs.client(tracking_uri)
+    client = tracking.client(tracking_uri)
     if resume:
         parent_run_id = state["parent_run_id"]
         client.update_run(parent_run_id, status="RUNNING")
@@ -298,7 +298,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         if row.mean is not None:
             key = row.trial[:40]
             parent_metrics[f"rows/{key}/val_rmse_mm"] = row.mean
-    runs.log_metrics(client, parent, {k.replace(" ", "_").replace(",", ""): v for k, v in parent_metrics.items()})
+    tracking.log_metrics(client, parent, {k.replace(" ", "_").replace(",", ""): v for k, v in parent_metrics.items()})
     client.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
     summary: dict[str, Any] = {
         "status": "INTERRUPTED" if interrupted else "FINISHED",

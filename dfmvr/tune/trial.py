@@ -101,13 +101,14 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
 
     from dfmvr.train.launch import best_checkpoint, build_trainer, checkpoint_uri
     from dfmvr.train.loop import VAL_METRIC
+    from dfmvr import tracking
     from dfmvr.tune import runs
     from dfmvr.tune.callback import CHECKPOINT_PATH_KEY
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, params, trial_id)
-    client = runs.client(ctx.tracking_uri)
+    client = tracking.client(ctx.tracking_uri)
     variant = params.get("variant") or ""
     tags = {runs.TAG_SWEEP: cfg.tune.name, runs.TAG_SEED: str(cfg.seed), runs.TAG_VARIANT: variant}
     if variant:
@@ -136,7 +137,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
             with tempfile.TemporaryDirectory(prefix="dfmvr-angles-") as tmp:
                 local = resolve_checkpoint(checkpoint_uri(ckpt.path, ctx.train_storage), cache_dir=tmp)
                 angle_metrics = evaluate_angles(str(local), cfg, ctx.angle_sets)
-            runs.log_metrics(client, run_id, angle_metrics, step=int(metrics.get("step", 0)))
+            tracking.log_metrics(client, run_id, angle_metrics, step=int(metrics.get("step", 0)))
             final.update(angle_metrics)
         # A closing report: the last step and the best checkpoint (with the angle metrics). It
         # repeats what Tune has seen, except when this attempt resumed a Ray Train run that had
