@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -35,10 +36,19 @@ from typing import Iterator
 import numpy as np
 import torch
 import webdataset
-from webdataset import tariterators
 
 from dfmvr.data import storage
-from dfmvr.data.shards import VIEWS, Manifest, ShardInfo, decode_sample, encode_sample, read_manifest, write_manifest
+from dfmvr.data.shards import (
+    VIEWS,
+    Manifest,
+    ShardErrors,
+    ShardInfo,
+    decode_sample,
+    encode_sample,
+    read_manifest,
+    shard_samples,
+    write_manifest,
+)
 from dfmvr.nets.parsenet import BiSeNet, load_parsenet
 from dfmvr.parsing import predict_masks
 
@@ -96,20 +106,15 @@ def _same_root(a: str, b: str) -> bool:
 def _raw_samples(url: str, endpoint: str | None, errors: list[Exception]) -> Iterator[dict]:
     """Webdataset dicts of one shard, in order; tar-level errors go to ``errors`` (the shard
     is read as far as it can be)."""
-    def handler(exn: Exception) -> bool:
-        errors.append(exn)
-        return True
-
-    try:
-        stream = storage.open_read(url, endpoint=endpoint)
-    except Exception as exn:  # noqa: BLE001 (any failure to open is reported per shard)
-        errors.append(exn)
-        return
-    try:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from tariterators.group_by_keys(files, handler=handler)
-    finally:
-        stream.close()
+    handler = ShardErrors()
+    handler.errors = errors
+    with ExitStack() as stack:
+        try:
+            raws = stack.enter_context(shard_samples(url, endpoint=endpoint, handler=handler))
+        except Exception as exn:  # noqa: BLE001 (any failure to open is reported per shard)
+            errors.append(exn)
+            return
+        yield from raws
 
 
 class _ShardOut:

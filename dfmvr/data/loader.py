@@ -38,18 +38,27 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import webdataset
-from webdataset import tariterators
 
 from dfmvr.config import DataConfig
 from dfmvr.data import storage  # noqa: F401  (registers the s3 gopen scheme in every worker)
 from dfmvr.data.batch import Batch, TripletItem, collate
-from dfmvr.data.shards import VIEWS, Manifest, decode_sample, malformed_as_value_error, read_manifest
+from dfmvr.data.shards import (
+    VIEWS,
+    Manifest,
+    ShardErrors,
+    decode_sample,
+    malformed_as_value_error,
+    read_manifest,
+    shard_samples,
+    without_gt,
+)
 from dfmvr.data.transforms import color_jitter, resize_views, to_model_range, weight_map
 
 _logger = logging.getLogger(__name__)
@@ -130,23 +139,6 @@ class _WorkerSeed:
         return _mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
 
 
-def _skip_gt(fname: str) -> bool:
-    """``select_files`` predicate: everything but the ground-truth mesh (the biggest entry by far
-    in synthetic shards), which tarfile then skips over without building a bytes object."""
-    return not fname.endswith(".gt.npz")
-
-
-class _ShardErrors:
-    """webdataset exception handler for one shard: keeps the first error and continues."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def __call__(self, exn: Exception) -> bool:
-        self.errors.append(exn)
-        return True
-
-
 class ShardReadError(RuntimeError):
     """Too many shards in a row gave no sample: the data cannot be read (``data.max_bad_shards_in_a_row``)."""
 
@@ -167,25 +159,18 @@ class _TarSamples:
         for shard in src:
             url = shard["url"]
             expected = self.expected.get(url)
-            handler = _ShardErrors()
+            handler = ShardErrors()
             yielded = 0
-            try:
-                stream = storage.open_read(url, endpoint=self.endpoint)
-            except Exception as exn:
-                handler(exn)
-                stream = None
-            if stream is not None:
+            with ExitStack() as stack:
                 try:
-                    files = tariterators.tar_file_expander(
-                        [{"url": url, "stream": stream}],
-                        handler=handler,
-                        select_files=None if self.with_gt else _skip_gt,
-                    )
-                    for sample in tariterators.group_by_keys(files, handler=handler):
-                        yielded += 1
-                        yield sample
-                finally:
-                    stream.close()
+                    samples = stack.enter_context(shard_samples(url, endpoint=self.endpoint, handler=handler,
+                                                                select_files=None if self.with_gt else without_gt))
+                except Exception as exn:  # the shard cannot be opened: counted like an empty one
+                    handler(exn)
+                    samples = iter(())
+                for sample in samples:
+                    yielded += 1
+                    yield sample
             if yielded:
                 bad.clear()
             else:

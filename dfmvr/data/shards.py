@@ -310,6 +310,51 @@ def _decode_npy(wds_dict: dict, entry: str) -> np.ndarray:
         raise ValueError(f"{_where(wds_dict)}: entry {entry!r} is not a readable .npy array: {exn}") from None
 
 
+class ShardErrors:
+    """webdataset exception handler for one shard: keeps every error and continues (the shard
+    is read as far as it can be; the caller reports what was lost)."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors.append(exn)
+        return True
+
+
+def without_gt(fname: str) -> bool:
+    """``select_files`` for :func:`shard_samples`: every entry but the ground-truth mesh (the
+    biggest entry by far in synthetic shards), which tarfile then skips over without building a
+    bytes object."""
+    return not fname.endswith(".gt.npz")
+
+
+@contextmanager
+def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
+                  select_files=None) -> Iterator[Iterator[dict]]:
+    """The one reader of shards: opens ``url`` (a streaming S3 body or a local file; nothing
+    is written to disk) and yields an iterator of its raw samples in order, as webdataset dicts
+    (``__key__``, ``__url__``, ``left.png``, ``meta.json``, ...; :func:`decode_sample` decodes
+    one). Used by the training loader, evaluation and reconstruction, mask filling and previews.
+
+    Args:
+        handler: webdataset error handler for damage inside the tar (e.g. :class:`ShardErrors`);
+            None re-raises.
+        select_files: entry filter (e.g. :func:`without_gt`).
+
+    Raises:
+        FileNotFoundError / dfmvr.data.storage.StorageError: on entering, when the shard cannot be opened.
+    """
+    handler = handler or webdataset.reraise_exception
+    stream = storage.open_read(url, endpoint=endpoint)
+    try:
+        files = webdataset.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler,
+                                                          select_files=select_files)
+        yield webdataset.tariterators.group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
+
+
 def decode_sample(wds_dict: dict, *, image_size: int | None = None) -> Sample:
     """Inverse of :func:`encode_sample` (the dict as webdataset's tar reader groups it).
 
@@ -851,6 +896,7 @@ __all__ = [
     "SUPPORTED_SCHEMA_VERSIONS",
     "Sample",
     "ShardEntry",
+    "ShardErrors",
     "ShardInfo",
     "ShardWriter",
     "SplitEntry",
@@ -858,5 +904,7 @@ __all__ = [
     "decode_sample",
     "encode_sample",
     "read_manifest",
+    "shard_samples",
+    "without_gt",
     "write_manifest",
 ]

@@ -38,7 +38,6 @@ import logging
 import math
 import multiprocessing as mp
 import sys
-import tarfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -52,7 +51,7 @@ import torch
 
 from dfmvr.config import FaceModelConfig
 from dfmvr.data import storage
-from dfmvr.data.shards import VIEWS, Sample, ShardInfo, ShardWriter, decode_sample, write_manifest
+from dfmvr.data.shards import VIEWS, Sample, ShardInfo, ShardWriter, decode_sample, shard_samples, write_manifest
 from dfmvr.data.backgrounds import random_background
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 
@@ -430,17 +429,6 @@ class _Done:
     """:func:`model_digest` of the face model that made the shard."""
 
 
-def _sha256(url: str, endpoint: str | None) -> str:
-    digest = hashlib.sha256()
-    stream = storage.open_read(url, endpoint=endpoint)
-    try:
-        for block in storage.iter_chunks(stream):
-            digest.update(block)
-    finally:
-        stream.close()
-    return digest.hexdigest()
-
-
 def _load_progress(cfg: SynthConfig, tasks: list[ShardTask]) -> dict[str, _Done]:
     """Recorded shards of an earlier run with the same settings that are still intact."""
     url = storage.join(cfg.out, PROGRESS_NAME)
@@ -468,8 +456,7 @@ def _load_progress(cfg: SynthConfig, tasks: list[ShardTask]) -> dict[str, _Done]
         if info.keys != [f"{subject_name(s)}-{capture_name(c)}" for s, c in task.items]:
             continue
         try:
-            ok = (storage.size(info.url, endpoint=cfg.endpoint) == info.size
-                  and _sha256(info.url, cfg.endpoint) == info.sha256)
+            ok = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
         except FileNotFoundError:
             ok = False
         if ok:
@@ -651,25 +638,11 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
 
 
 def iter_shard_samples(url: str, *, endpoint: str | None = None) -> Iterator[Sample]:
-    """Decode the samples of one shard in order (streams the tar; local or ``s3://``)."""
-    stream = storage.open_read(url, endpoint=endpoint)
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            current: dict = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, entry = member.name.partition(".")
-                if current and current["__key__"] != key:
-                    yield decode_sample(current)
-                    current = {}
-                current.setdefault("__key__", key)
-                current["__url__"] = url
-                current[entry] = tar.extractfile(member).read()
-            if current:
-                yield decode_sample(current)
-    finally:
-        stream.close()
+    """Decode the samples of one shard in order (streams the tar; local or ``s3://``), through
+    the one shard reader, :func:`dfmvr.data.shards.shard_samples`."""
+    with shard_samples(url, endpoint=endpoint) as raws:
+        for raw in raws:
+            yield decode_sample(raw)
 
 
 PALETTE = np.array([

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
-from webdataset import tariterators
 
-from dfmvr.data import storage
 from dfmvr.data.batch import TripletItem
 from dfmvr.data.loader import EpochState, Tally, TripletDecoder
-from dfmvr.data.shards import VIEWS, Manifest
+from dfmvr.data.shards import VIEWS, Manifest, ShardErrors, shard_samples, without_gt
 
 _logger = logging.getLogger(__name__)
 
@@ -120,17 +119,6 @@ def landmark_problem(lmk2d: np.ndarray, size: int) -> str | None:
             + ", ".join(parts))
 
 
-class _Errors:
-    """webdataset exception handler: keeps the errors and continues."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def __call__(self, exn: Exception) -> bool:
-        self.errors.append(exn)
-        return True
-
-
 def read_chunk(chunk: ShardChunk, decoder: TripletDecoder, *, endpoint: str | None = None
                ) -> Iterator[TripletItem | Skipped]:
     """Decode the samples of ``chunk``; bad ones come out as :class:`Skipped`.
@@ -139,18 +127,17 @@ def read_chunk(chunk: ShardChunk, decoder: TripletDecoder, *, endpoint: str | No
     :class:`Skipped` for the missing range.
     """
     rng = np.random.default_rng(0)
-    handler = _Errors()
+    handler = ShardErrors()
     position = 0
-    try:
-        stream = storage.open_read(chunk.url, endpoint=endpoint)
-    except Exception as exn:  # StorageError, FileNotFoundError: the whole chunk is missing
-        yield Skipped(name=f"samples {chunk.start}..{chunk.stop - 1}", source=chunk.url,
-                      reason=f"shard cannot be opened: {exn}")
-        return
-    try:
-        files = tariterators.tar_file_expander([{"url": chunk.url, "stream": stream}], handler=handler,
-                                               select_files=None if decoder.with_gt else _not_gt)
-        for raw in tariterators.group_by_keys(files, handler=handler):
+    with ExitStack() as stack:
+        try:
+            raws = stack.enter_context(shard_samples(chunk.url, endpoint=endpoint, handler=handler,
+                                                     select_files=None if decoder.with_gt else without_gt))
+        except Exception as exn:  # StorageError, FileNotFoundError: the whole chunk is missing
+            yield Skipped(name=f"samples {chunk.start}..{chunk.stop - 1}", source=chunk.url,
+                          reason=f"shard cannot be opened: {exn}")
+            return
+        for raw in raws:
             index, position = position, position + 1
             if index < chunk.start:
                 continue
@@ -167,17 +154,11 @@ def read_chunk(chunk: ShardChunk, decoder: TripletDecoder, *, endpoint: str | No
                 yield Skipped(name=key, source=chunk.url, reason=problem)
                 continue
             yield item
-    finally:
-        stream.close()
     if position < chunk.stop:
         first = max(position, chunk.start)
         cause = f"; first error: {handler.errors[0]!r:.300}" if handler.errors else ""
         yield Skipped(name=f"samples {first}..{chunk.stop - 1}", source=chunk.url,
                       reason=f"the shard ended after {position} samples, the manifest lists more{cause}")
-
-
-def _not_gt(fname: str) -> bool:
-    return not fname.endswith(".gt.npz")
 
 
 __all__ = ["LANDMARK_MARGIN", "ShardChunk", "Skipped", "landmark_problem", "make_decoder", "plan_chunks", "read_chunk"]
