@@ -9,7 +9,9 @@ face model's template at that view's yaw (:mod:`dfmvr.data.align`), and the land
 go through the same warp. Optional 3D landmarks and scans are converted to decimetres; point
 clouds are meshed by Delaunay triangulation in the frontal x-y plane. Captures that cannot be
 read (a missing view, an unreadable landmark file) are refused with a message naming the file
-and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefix``.
+and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefix``. An
+interrupted run publishes nothing partial, and the same command again resumes from the shards
+it did publish (``pack-progress.json``).
 
 Landmarks come from files beside the images (``--landmarks files``, the default), from dlib's
 detector and iBUG-68 predictor for every view (``--landmarks detect``), or from files where they
@@ -22,7 +24,9 @@ See docs/packing.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import logging
 import os
 import socket
@@ -37,6 +41,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from dfmvr.config import FaceModelConfig
+from dfmvr.data import storage
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.align import AlignmentTemplate, align_view
@@ -66,6 +71,10 @@ DM_PER_UNIT = {"mm": 0.01, "cm": 0.1, "dm": 1.0, "m": 10.0}
 DELAUNAY_MAX_EDGE_FACTOR = 6.0
 """Triangles of a Delaunay-meshed point cloud with an edge longer than this many times the
 median edge are dropped: they bridge holes and the concave outline, not the surface."""
+
+PROGRESS_NAME = "pack-progress.json"
+"""Under the output root: the shards a run has published so far, so a rerun of the same command
+after an interruption packs only the rest (as ``sharding.synth`` does)."""
 
 MASKLESS_HINT = ("run the parse-net job to fill them in "
                  "(python -m sharding.fill_masks --input ROOT --out ROOT2 --parse-net CKPT)")
@@ -112,6 +121,11 @@ class PackConfig:
     """Accept the non-commercial terms of the 68-point model (needed by ``detect``/``auto``)."""
     largest_face: bool = False
     """Views with several faces: take the largest instead of refusing the capture."""
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that decides what the shards hold (not ``workers``, ``endpoint``)."""
+        doc = {k: v for k, v in asdict(self).items() if k not in ("workers", "endpoint")}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         if self.landmarks not in ("files", "detect", "auto"):
@@ -444,6 +458,50 @@ def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
         return _pack(cfg, progress=progress)
 
 
+def _sample_key(src: CaptureSource) -> str:
+    return f"{_safe_name(src.subject)}-{_safe_name(src.capture)}"
+
+
+def _load_progress(cfg: PackConfig) -> list[ShardInfo]:
+    """Shards an interrupted run with the same settings published and that are still intact
+    (size and sha256 as recorded); [] when there is no record, or one of other settings."""
+    url = storage.join(cfg.out, PROGRESS_NAME)
+    try:
+        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
+    except FileNotFoundError:
+        return []
+    except (ValueError, UnicodeDecodeError) as e:
+        _logger.warning("%s: unreadable (%s); packing everything again", url, e)
+        return []
+    if not isinstance(doc, dict) or doc.get("fingerprint") != cfg.fingerprint():
+        _logger.warning("%s: left by a pack with other settings; packing everything again", url)
+        return []
+    kept = []
+    for rec in doc.get("shards", []):
+        try:
+            info = ShardInfo(**rec)
+            intact = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
+        except (TypeError, FileNotFoundError, storage.StorageError):
+            intact = False
+        if intact:
+            kept.append(info)
+        else:
+            _logger.warning("%s: recorded shard missing or changed; its captures are packed again", rec.get("url"))
+    return kept
+
+
+def _save_progress(cfg: PackConfig, infos: list[ShardInfo]) -> None:
+    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos]}
+    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
+                        endpoint=cfg.endpoint)
+
+
+def _next_index(infos: list[ShardInfo], split: str) -> int:
+    indices = [int(m.group(1)) for i in infos if i.split == split
+               and (m := re.search(rf"{re.escape(split)}-(\d+)\.tar$", i.url))]
+    return max(indices) + 1 if indices else 0
+
+
 def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
     options = dict(cfg.layout_options)
     options.setdefault("yaw_deg", tuple(cfg.yaw_deg))
@@ -457,11 +515,21 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
     if fixed:
         _logger.info("layout %s fixes the splits from its folders: %s", cfg.layout, sorted(fixed))
 
+    # an interrupted run of the same command left shards: keep them, pack the rest
+    recorded = _load_progress(cfg)
+    done_keys = {k for i in recorded for k in i.keys}
+    if recorded:
+        _logger.info("resuming: %d shards (%d captures) of an interrupted run kept; packing the rest",
+                     len(recorded), len(done_keys))
+        sources = [s for s in sources if _sample_key(s) not in done_keys]
     writers: dict[str, ShardWriter] = {}
     skipped: list[tuple[str, str]] = []
     per_split: dict[str, int] = {}
+    for info in recorded:
+        per_split[info.split] = per_split.get(info.split, 0) + info.count
     without_masks = 0
-    infos: list[ShardInfo] = []
+    infos: list[ShardInfo] = list(recorded)
+    published = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -479,14 +547,19 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
                 continue
             split = src.split or split_of[src.subject]
             if split not in writers:
-                writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint)
+                writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint,
+                                             start_index=_next_index(recorded, split))
             writers[split].write(sample)
+            if sum(len(w.shards) for w in writers.values()) > published:  # a shard was published: record it
+                published = sum(len(w.shards) for w in writers.values())
+                _save_progress(cfg, recorded + [i for w in writers.values() for i in w.shards])
             per_split[split] = per_split.get(split, 0) + 1
             if sample.masks is None:
                 without_masks += 1
                 _logger.info("%s: packed without masks (%s)", src.folder, MASKLESS_HINT)
         for writer in writers.values():
             infos.extend(writer.close())
+        _save_progress(cfg, infos)
     finally:
         if bar is not None:
             bar.close()

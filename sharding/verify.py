@@ -11,7 +11,6 @@ Usage: python -m sharding.verify ROOT [--endpoint URL] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -39,19 +38,14 @@ def verify(root: str, *, endpoint: str | None = None) -> tuple[int, list[ShardPr
     for split in manifest.splits:
         for shard in manifest.split(split).shards:
             checked += 1
-            digest, size = hashlib.sha256(), 0
             try:
-                with storage.open_read(shard.url, endpoint=endpoint) as stream:
-                    while chunk := stream.read(1 << 20):
-                        digest.update(chunk)
-                        size += len(chunk)
+                digest, size = storage.sha256_and_size(shard.url, endpoint=endpoint)
             except Exception as exn:  # missing object, no rights, an outage: each named
                 problems.append(ShardProblem(shard.url, f"cannot be read ({str(exn)[:200]})"))
                 continue
             if size != shard.size:
                 problems.append(ShardProblem(shard.url, f"{size} bytes, the manifest says {shard.size}"))
                 continue
-            digest = digest.hexdigest()
             if digest != shard.sha256:
                 problems.append(ShardProblem(shard.url, f"sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}..."))
     return checked, problems

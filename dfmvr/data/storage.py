@@ -24,6 +24,7 @@ so a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -422,10 +423,25 @@ def iter_chunks(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield block
 
 
+def sha256_and_size(url: str, *, endpoint: str | None = None) -> tuple[str, int]:
+    """sha256 hex digest and byte count of ``url``, streamed (never held whole).
+
+    Raises:
+        FileNotFoundError / StorageError: as :func:`open_read`.
+    """
+    digest, size = hashlib.sha256(), 0
+    with open_read(url, endpoint=endpoint) as stream:
+        for block in iter_chunks(stream):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
 __all__ = [
     "StorageError",
     "TransferSettings",
     "delete",
+    "sha256_and_size",
     "exists",
     "gopen_s3",
     "is_s3",

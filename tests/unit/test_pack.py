@@ -4,6 +4,8 @@ rest is packed; Pixel-Face and Bosphorus specifics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -329,6 +331,58 @@ def test_interrupted_packing_publishes_nothing_partial(tmp_path, capture, monkey
     with pytest.raises(KeyboardInterrupt):
         pack(cfg)
     assert not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+
+
+def test_an_interrupted_pack_resumes_keeping_what_it_published(tmp_path, capture, monkeypatch):
+    """Interrupted after some shards were published, the same command again loads only the
+    captures those shards do not hold, keeps the shards byte for byte, and the manifest lists
+    every capture once; a pack with other settings starts over."""
+    import hashlib
+
+    import sharding.pack as pack_module
+
+    root = tmp_path / "in"
+    names = ("ann", "ben", "cid", "dan", "eve")
+    for name in names:
+        _write_capture(root / name / "c1", capture, masks=False)
+    real = pack_module._iter_loaded
+    loaded: list[str] = []
+
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    def counted(sources, *args, **kwargs):
+        loaded.extend(Path(s.folder).parent.name for s in sources)
+        yield from real(sources, *args, **kwargs)
+
+    out = tmp_path / "out"
+    cfg = PackConfig(input=str(root), out=str(out), size=SIZE, facemodel=FACEMODEL, max_count=1, splits=(1.0, 0.0, 0.0))
+    monkeypatch.setattr(pack_module, "_iter_loaded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pack(cfg)
+    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.tar")}
+    assert first and not (out / "manifest.json").exists()
+    progress = json.loads((out / "pack-progress.json").read_text())
+    kept = {k.split("-")[0] for shard in progress["shards"] for k in shard["keys"]}
+    assert len(kept) == len(first) < 3  # the shard open at the interruption was discarded
+
+    monkeypatch.setattr(pack_module, "_iter_loaded", counted)
+    summary = pack(cfg)
+    assert sorted(loaded) == sorted(set(names) - kept)
+    assert summary.packed == len(names)
+    for name, digest in first.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    manifest = read_manifest(str(out))
+    keys = [sample.key for url in manifest.shard_urls("train") for sample in iter_shard_samples(url)]
+    assert sorted(keys) == sorted(f"{n}-c1" for n in names)
+
+    # other settings: everything again
+    loaded.clear()
+    pack(dataclasses.replace(cfg, image_format="jpg"))
+    assert sorted(loaded) == sorted(names)
 
 
 def test_verify_finds_a_changed_and_a_missing_shard(packed, tmp_path):
