@@ -149,6 +149,8 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
     A download goes to ``cache_dir``, else to a new temporary folder the caller owns (and should
     remove); :func:`load_checkpoint_uri` does both for callers that only need the payload."""
     if uri.startswith(("runs:/", "models:/")):
+        # MLflow's artifact API directly, not dfmvr.tracking: tracking registers models with the
+        # serving layer's pyfunc, which loads checkpoints through this module
         import mlflow
 
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="dfmvr-ckpt-"))
@@ -162,7 +164,7 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None) -> Path:
 
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="dfmvr-ckpt-"))
         prefix = uri.rstrip("/") + "/"
-        urls = [u for u in storage.list_urls(prefix) if u.startswith(prefix)]
+        urls = [u for u in storage.list_urls(prefix, recursive=True) if u.startswith(prefix)]
         if not urls:
             raise FileNotFoundError(f"checkpoint {uri}: no objects under this prefix")
         for url in urls:
