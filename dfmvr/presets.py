@@ -59,8 +59,9 @@ def tiny() -> Config:
         "train.val_samples": 200,
         "parsenet.width": 16,
         # 600 steps (mIoU 0.304, 50 s on a quiet machine): make train with it reached 23.8% below the
-        # mean face twice (to the fourth digit), with 400 steps (mIoU 0.280) 19.5% and 20.1%; the
-        # parse net drives the mask loss (docs/training.md, "The embedded default, measured")
+        # mean face twice (to the fourth digit); 400 steps 19.5% and 20.1%, 1000 steps (mIoU 0.339)
+        # 18.9%: the result depends on the parse net like on a seed (docs/training.md, "The
+        # embedded default, measured")
         "parsenet.steps": 600,
         "parsenet.lr": 3e-3,
         "parsenet.val_every": 200,
