@@ -145,9 +145,13 @@ def client(uri: str | None = None):
 
 
 def start_run(c, experiment_id: str, run_name: str, tags: dict[str, Any] | None = None) -> str:
-    """A new run; returns its id (tags redacted as :func:`set_tags`)."""
-    run = c.create_run(experiment_id, run_name=run_name,
-                       tags={k: str(v) for k, v in redact_all(dict(tags or {})).items()})
+    """A new run; returns its id (tags redacted as :func:`set_tags`). It carries MLflow's context
+    tags (user, source, git commit) as the fluent ``mlflow.start_run`` would add them, so the
+    UI's User and Source columns are filled."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    own = {k: str(v) for k, v in redact_all(dict(tags or {})).items()}
+    run = c.create_run(experiment_id, run_name=run_name, tags=resolve_tags(own))
     return run.info.run_id
 
 

@@ -76,6 +76,8 @@ def test_main_job_trains_the_parse_net_first_and_bundles_it(trained):
     parse_run = client.get_run(summary["parse_net_mlflow_run_id"])
     assert parse_run.info.status == "FINISHED" and parse_run.data.tags["dfmvr.job"] == "parsenet"
     run = client.get_run(summary["mlflow_run_id"])
+    for r in (parse_run, run):  # the UI's User and Source columns
+        assert r.data.tags.get("mlflow.user") and r.data.tags.get("mlflow.source.name"), r.data.tags
     assert "train/loss_mask" in run.data.metrics  # the mask loss ran from the start
     payload = load_checkpoint(resolve_checkpoint(summary["registered_model_uri"]))
     assert payload["parse_net"]["meta"]["n_classes"] == 10
