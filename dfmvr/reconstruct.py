@@ -451,8 +451,7 @@ def reconstruct_shards(recon: "Reconstructor", url: str, split: str, cfg: Recons
 
 
 __all__ = [
-    "Capture", "CaptureError", "ReconstructConfig", "ReconstructSummary", "align_photos", "contact_sheet",
-    "find_captures", "photo_overlay",
-    "iter_folder", "iter_shards", "load_capture", "overlay_row", "prepare_view", "reconstruct_captures",
-    "reconstruct_folder", "reconstruct_shards", "write_obj", "write_ply", "write_png",
+    "Capture", "CaptureError", "ReconstructConfig", "ReconstructSummary", "align_photos", "find_captures",
+    "iter_folder", "iter_shards", "load_capture", "reconstruct_captures", "reconstruct_folder", "reconstruct_shards",
+    "write_obj", "write_ply",
 ]

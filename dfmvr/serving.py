@@ -43,6 +43,7 @@ class Reconstructor:
         self.parse_net = parse_net
         self.payload = payload or {}
         self.source = source
+        self._detector = None  # dlib's models, loaded at the first photo (photo_aligner)
 
     @classmethod
     def from_checkpoint(cls, uri: str | Path, device: str | torch.device = "cpu",
@@ -89,13 +90,12 @@ class Reconstructor:
         Raises:
             dfmvr.detect.DetectExtraMissing: the ``detect`` extra is not installed.
         """
-        from dfmvr.detect import PhotoAligner
+        from dfmvr.detect import FaceDetector, PhotoAligner
 
-        if getattr(self, "_aligner", None) is None:
-            self._aligner = PhotoAligner.for_model(self.model.face.model, self.cfg.model.view_yaw_deg,
-                                                   self.model.image_size)
-        self._aligner.largest = largest
-        return self._aligner
+        if self._detector is None:
+            self._detector = FaceDetector()
+        return PhotoAligner.for_model(self.model.face.model, self.cfg.model.view_yaw_deg, self.model.image_size,
+                                      detector=self._detector, largest=largest)
 
     @property
     def device(self) -> torch.device:

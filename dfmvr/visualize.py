@@ -130,16 +130,16 @@ def photo_overlay(photos: list[np.ndarray], matrices: np.ndarray, renders: np.nd
         photos: uint8 RGB photos (any sizes); matrices: ``[V, 2, 3]`` photo -> crop.
         renders, covers, lm_pred: as :func:`overlay_row` (crop pixels).
     """
-    from dfmvr.detect import crop_to_photo, warp_to_photo
+    from dfmvr.data.align import invert_similarity, transform_points, warp_back
 
     tiles = []
     for v, photo in enumerate(photos):
-        render = warp_to_photo(np.clip(renders[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
-        cover = warp_to_photo(np.clip(covers[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
+        render = warp_back(np.clip(renders[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
+        cover = warp_back(np.clip(covers[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
         over = blend_render(photo, render, cover)
         scale = height / photo.shape[0]
         over = cv2.resize(over, (max(1, round(photo.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
-        tiles.append(draw_landmarks(over, crop_to_photo(matrices[v], lm_pred[v]), PRED_COLOR, scale, max(1, height // 150)))
+        tiles.append(draw_landmarks(over, transform_points(invert_similarity(matrices[v]), lm_pred[v]), PRED_COLOR, scale, max(1, height // 150)))
     row = np.concatenate(tiles, axis=1)
     return _label(row, title) if title else row
 

@@ -28,10 +28,8 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -101,20 +99,6 @@ def _same_root(a: str, b: str) -> bool:
     if storage.is_s3(a) or storage.is_s3(b):
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _raw_samples(url: str, endpoint: str | None, errors: list[Exception]) -> Iterator[dict]:
-    """Webdataset dicts of one shard, in order; tar-level errors go to ``errors`` (the shard
-    is read as far as it can be)."""
-    handler = ShardErrors()
-    handler.errors = errors
-    with ExitStack() as stack:
-        try:
-            raws = stack.enter_context(shard_samples(url, endpoint=endpoint, handler=handler))
-        except Exception as exn:  # noqa: BLE001 (any failure to open is reported per shard)
-            errors.append(exn)
-            return
-        yield from raws
 
 
 class _ShardOut:
@@ -241,7 +225,8 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
 
 def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: str, provenance: str,
                 batch_size: int, endpoint: str | None, summary: FillSummary) -> ShardInfo | None:
-    errors: list[Exception] = []
+    handler = ShardErrors()
+    errors = handler.errors
     out = _ShardOut(out_url, split, manifest.image_size, endpoint)
     pending: list[tuple[dict, object]] = []
     read = 0
@@ -253,28 +238,30 @@ def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: 
         pending.clear()
 
     try:
-        for raw in _raw_samples(shard.url, endpoint, errors):
-            read += 1
-            key = str(raw.get("__key__"))
-            entries = {k: v for k, v in raw.items() if not k.startswith("__")}
-            entries["__key__"] = key
-            try:
-                sample = decode_sample(raw, image_size=manifest.image_size)
-                if sample.image_size != manifest.image_size:
-                    raise ValueError(f"views are {sample.image_size} px, the manifest says {manifest.image_size} px")
-            except ValueError as exn:
-                _logger.error("skipping sample %s in %s: %s", key, shard.url, exn)
-                summary.skipped.append({"key": key, "shard": shard.url, "reason": str(exn)})
-                continue
-            if sample.masks is not None:
-                out.write(entries, subject=sample.subject)
-                summary.kept += 1
-                continue
-            pending.append((entries, sample))
-            if len(pending) >= batch_size:
+        # an unopenable shard or damage inside it goes to handler.errors; the rest is read
+        with shard_samples(shard.url, endpoint=endpoint, handler=handler) as raws:
+            for raw in raws:
+                read += 1
+                key = str(raw.get("__key__"))
+                entries = {k: v for k, v in raw.items() if not k.startswith("__")}
+                entries["__key__"] = key
+                try:
+                    sample = decode_sample(raw, image_size=manifest.image_size)
+                    if sample.image_size != manifest.image_size:
+                        raise ValueError(f"views are {sample.image_size} px, the manifest says {manifest.image_size} px")
+                except ValueError as exn:
+                    _logger.error("skipping sample %s in %s: %s", key, shard.url, exn)
+                    summary.skipped.append({"key": key, "shard": shard.url, "reason": str(exn)})
+                    continue
+                if sample.masks is not None:
+                    out.write(entries, subject=sample.subject)
+                    summary.kept += 1
+                    continue
+                pending.append((entries, sample))
+                if len(pending) >= batch_size:
+                    flush()
+            if pending:
                 flush()
-        if pending:
-            flush()
     except BaseException:
         out.discard()
         raise

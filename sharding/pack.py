@@ -529,7 +529,6 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
         per_split[info.split] = per_split.get(info.split, 0) + info.count
     without_masks = 0
     infos: list[ShardInfo] = list(recorded)
-    published = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -549,9 +548,10 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
             if split not in writers:
                 writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint,
                                              start_index=_next_index(recorded, split))
-            writers[split].write(sample)
-            if sum(len(w.shards) for w in writers.values()) > published:  # a shard was published: record it
-                published = sum(len(w.shards) for w in writers.values())
+            writer = writers[split]
+            before = len(writer.shards)
+            writer.write(sample)
+            if len(writer.shards) > before:  # this write published the writer's full shard: record it
                 _save_progress(cfg, recorded + [i for w in writers.values() for i in w.shards])
             per_split[split] = per_split.get(split, 0) + 1
             if sample.masks is None:
@@ -655,8 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if cfg.landmarks != "files":  # fail before reading anything: extra missing, terms not accepted
-            from dfmvr.detect import FaceDetector
-            FaceDetector(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68, cnn_fallback=False)
+            from dfmvr.detect import require
+            require(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68)
         summary = pack(cfg, progress=not args.no_progress)
     except (RootBusyError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

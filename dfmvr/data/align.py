@@ -153,6 +153,20 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int, *, border_value
                           borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
 
 
+def invert_similarity(matrix: np.ndarray) -> np.ndarray:
+    """The inverse ``[2, 3]`` map (crop pixels -> input pixels)."""
+    return cv2.invertAffineTransform(np.asarray(matrix, dtype=np.float64))
+
+
+def warp_back(crop: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A crop-space image (``[S, S, C]`` or ``[S, S]``, float or uint8) warped back into the
+    input image's frame (``shape[:2]``; bilinear, zero outside the crop): the inverse of
+    :func:`warp_image` for ``matrix``."""
+    h, w = shape[:2]
+    return cv2.warpAffine(crop, _cv2_matrix(invert_similarity(matrix)), (w, h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def warp_mask(mask: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """Warp a class map with nearest-neighbour sampling (classes never blend); outside is 0 (background)."""
     return cv2.warpAffine(mask, _cv2_matrix(matrix), (size, size), flags=cv2.INTER_NEAREST,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -161,13 +160,9 @@ class _TarSamples:
             expected = self.expected.get(url)
             handler = ShardErrors()
             yielded = 0
-            with ExitStack() as stack:
-                try:
-                    samples = stack.enter_context(shard_samples(url, endpoint=self.endpoint, handler=handler,
-                                                                select_files=None if self.with_gt else without_gt))
-                except Exception as exn:  # the shard cannot be opened: counted like an empty one
-                    handler(exn)
-                    samples = iter(())
+            # a shard that cannot be opened is counted like an empty one
+            with shard_samples(url, endpoint=self.endpoint, handler=handler,
+                               select_files=None if self.with_gt else without_gt) as samples:
                 for sample in samples:
                     yielded += 1
                     yield sample

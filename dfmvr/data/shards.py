@@ -338,15 +338,22 @@ def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
     one). Used by the training loader, evaluation and reconstruction, mask filling and previews.
 
     Args:
-        handler: webdataset error handler for damage inside the tar (e.g. :class:`ShardErrors`);
-            None re-raises.
+        handler: webdataset error handler (e.g. :class:`ShardErrors`) for a shard that cannot be
+            opened (the iterator is then empty) and for damage inside the tar; None re-raises.
         select_files: entry filter (e.g. :func:`without_gt`).
 
     Raises:
-        FileNotFoundError / dfmvr.data.storage.StorageError: on entering, when the shard cannot be opened.
+        FileNotFoundError / dfmvr.data.storage.StorageError: without a handler, when the shard
+            cannot be opened.
     """
     handler = handler or webdataset.reraise_exception
-    stream = storage.open_read(url, endpoint=endpoint)
+    try:
+        stream = storage.open_read(url, endpoint=endpoint)
+    except Exception as exn:  # a missing object, no rights, an outage: the handler decides
+        if not handler(exn):
+            raise
+        yield iter(())
+        return
     try:
         files = webdataset.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler,
                                                           select_files=select_files)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -129,14 +128,8 @@ def read_chunk(chunk: ShardChunk, decoder: TripletDecoder, *, endpoint: str | No
     rng = np.random.default_rng(0)
     handler = ShardErrors()
     position = 0
-    with ExitStack() as stack:
-        try:
-            raws = stack.enter_context(shard_samples(chunk.url, endpoint=endpoint, handler=handler,
-                                                     select_files=None if decoder.with_gt else without_gt))
-        except Exception as exn:  # StorageError, FileNotFoundError: the whole chunk is missing
-            yield Skipped(name=f"samples {chunk.start}..{chunk.stop - 1}", source=chunk.url,
-                          reason=f"shard cannot be opened: {exn}")
-            return
+    with shard_samples(chunk.url, endpoint=endpoint, handler=handler,
+                       select_files=None if decoder.with_gt else without_gt) as raws:
         for raw in raws:
             index, position = position, position + 1
             if index < chunk.start:

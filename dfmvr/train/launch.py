@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
 from dfmvr.data.embedded import ensure_data
+from dfmvr.tracking import VAL_METRIC
 from dfmvr.train.resume import check_resumable, previous_checkpoint, unique_run_name
-from dfmvr.train.loop import VAL_METRIC
 
 _logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from dfmvr.train.weights import WeightAverage
 _logger = logging.getLogger(__name__)
 
 
-
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row; the last good state was checkpointed."""
 

@@ -117,20 +117,22 @@ class RunLogger:
 def _record_worker(cfg: Config, rank: int) -> None:
     """Write ``<work_dir>/runs/<run_name>/workers/rank<r>.json`` (pid, host, Ray node, start time): which
     process is which rank, for operators (and the fault-tolerance test)."""
-    d = Path(cfg.work_dir) / "runs" / cfg.train.run_name / "workers"
-    d.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "node": _node_id(), "rank": rank, "started": time.time()}
-    (d / f"rank{rank}.json").write_text(json.dumps(info))
+    (_workers_dir(cfg) / f"rank{rank}.json").write_text(json.dumps(info))
 
 
 def _record_resume(cfg: Config, rank: int, record: dict) -> None:
     """Append to ``<work_dir>/runs/<run_name>/workers/rank<r>-resumes.jsonl`` what this rank
     restored: the checkpoint, its step, and digests of the weights and optimizer state it now
     holds (compare with :func:`dfmvr.train.checkpoint.state_digest` of the checkpoint's)."""
+    with (_workers_dir(cfg) / f"rank{rank}-resumes.jsonl").open("a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "t": time.time(), "node": _node_id(), **record}) + "\n")
+
+
+def _workers_dir(cfg: Config) -> Path:
     d = Path(cfg.work_dir) / "runs" / cfg.train.run_name / "workers"
     d.mkdir(parents=True, exist_ok=True)
-    with (d / f"rank{rank}-resumes.jsonl").open("a") as f:
-        f.write(json.dumps({"pid": os.getpid(), "t": time.time(), "node": _node_id(), **record}) + "\n")
+    return d
 
 
 def _node_id() -> str | None:

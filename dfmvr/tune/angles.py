@@ -83,7 +83,8 @@ def evaluate_angles(checkpoint_dir: str, cfg: Config, sets: dict[str, str]) -> d
     """
     from dfmvr.data.loader import make_loader
     from dfmvr.serving import Reconstructor
-    from dfmvr.train.loop import VAL_METRIC, validate
+    from dfmvr.tracking import VAL_METRIC
+    from dfmvr.train.loop import validate
 
     rec = Reconstructor.from_checkpoint(checkpoint_dir)
     out: dict[str, float] = {}

@@ -16,8 +16,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from dfmvr.train.loop import VAL_METRIC
 from dfmvr import tracking
+from dfmvr.tracking import VAL_METRIC
 from dfmvr.tune import runs
 from dfmvr.tune.journal import ResultJournal, best_record, last_step, stopped_early
 

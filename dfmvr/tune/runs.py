@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from dfmvr.tracking import log_metrics, log_params
+from dfmvr.tracking import end_run, log_metrics, log_params, start_run
 
 _logger = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ KILLED; ``dfmvr.trial_status`` tells which; ``--resume`` reopens an interrupted 
 
 def start_parent(c, experiment_id: str, sweep: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
     """A new parent run for ``sweep``; returns its id."""
-    run = c.create_run(experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_ROLE: "parent", **tags})
-    log_params(c, run.info.run_id, params)
-    return run.info.run_id
+    run_id = start_run(c, experiment_id, sweep, {TAG_SWEEP: sweep, TAG_ROLE: "parent", **tags})
+    log_params(c, run_id, params)
+    return run_id
 
 
 def find_child(c, experiment_id: str, parent_run_id: str, trial_id: str):
@@ -66,10 +66,10 @@ def open_child(c, experiment_id: str, parent_run_id: str, *, trial_id: str, name
         c.set_tag(found.info.run_id, TAG_STATUS, "running")
         _logger.info("trial %s: continuing MLflow run %s", trial_id, found.info.run_id)
         return found.info.run_id
-    run = c.create_run(experiment_id, run_name=name, tags={
+    run_id = start_run(c, experiment_id, name, {
         PARENT_TAG: parent_run_id, TAG_TRIAL_ID: trial_id, TAG_ROLE: "trial", TAG_STATUS: "running", **tags})
-    log_params(c, run.info.run_id, params)
-    return run.info.run_id
+    log_params(c, run_id, params)
+    return run_id
 
 
 def short_error(error: BaseException | str) -> str:
@@ -107,4 +107,4 @@ def close_child(c, run_id: str, outcome: str, *, error: str = "", metrics: Mappi
     if error:
         record_error(c, run_id, error)
     c.set_tag(run_id, TAG_STATUS, outcome)
-    c.set_terminated(run_id, status=MLFLOW_STATUS[outcome])
+    end_run(c, run_id, MLFLOW_STATUS[outcome])

@@ -25,7 +25,7 @@ from typing import Any
 
 from dfmvr.config import Config, apply_overrides, flatten, from_dict, to_dict
 from dfmvr.data import storage
-from dfmvr.train.loop import VAL_METRIC
+from dfmvr.tracking import VAL_METRIC
 from dfmvr.tune.presets import SweepPlan, get_sweep
 from dfmvr.tune.space import Distribution, label, param_space, parse_space
 from dfmvr.tune.trial import TRIAL_SLOT
@@ -241,7 +241,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
         grid = tuner.fit()  # a first Ctrl-C makes Tune save its state and return: see _finish
     except BaseException as e:
         # only a killed driver leaves the parent RUNNING; --resume sets it RUNNING again
-        client.set_terminated(parent_run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(client, parent_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     seconds = time.perf_counter() - t0
     return _finish(cfg, plan, grid, ctx=ctx, dists=dists, folder=folder, client=client, seconds=seconds,
@@ -299,7 +299,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
             key = row.trial[:40]
             parent_metrics[f"rows/{key}/val_rmse_mm"] = row.mean
     tracking.log_metrics(client, parent, {k.replace(" ", "_").replace(",", ""): v for k, v in parent_metrics.items()})
-    client.set_terminated(parent, status="KILLED" if interrupted else "FINISHED")
+    tracking.end_run(client, parent, "KILLED" if interrupted else "FINISHED")
     summary: dict[str, Any] = {
         "status": "INTERRUPTED" if interrupted else "FINISHED",
         "sweep": cfg.tune.name,

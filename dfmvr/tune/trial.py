@@ -100,7 +100,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dfmvr.train.launch import best_checkpoint, build_trainer, checkpoint_uri
-    from dfmvr.train.loop import VAL_METRIC
+    from dfmvr.tracking import VAL_METRIC
     from dfmvr import tracking
     from dfmvr.tune import runs
     from dfmvr.tune.callback import CHECKPOINT_PATH_KEY

@@ -18,14 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-from dfmvr.data.align import AlignmentTemplate, corner_points, estimate_similarity, transform_points
+from dfmvr.data.align import (
+    AlignmentTemplate,
+    corner_points,
+    estimate_similarity,
+    invert_similarity,
+    transform_points,
+)
 from dfmvr.data.backgrounds import random_background
 from dfmvr.detect import (
     FaceDetector,
     LicenceNotAccepted,
     ManyFacesError,
     NoFaceError,
-    invert_similarity,
 )
 
 pytestmark = pytest.mark.integration
@@ -286,6 +291,19 @@ def test_pack_with_detected_landmarks_trains(renders, tmp_path):
 
 
 # --------------------------------------------------------------------------- the extra missing
+
+
+def test_photos_without_the_extra_are_one_clear_error(renders, monkeypatch):
+    """dlib not importable (as without the extra): the API says which extra to install; aligned
+    crops still reconstruct."""
+    from dfmvr.detect import DetectExtraMissing
+
+    monkeypatch.setitem(sys.modules, "dlib", None)
+    recon = _fresh_reconstructor()
+    views = [renders[0].images[v] for v in ("left", "front", "right")]
+    with pytest.raises(DetectExtraMissing, match=r"optional extra 'detect': pip install 'dfmvr\[detect\]'"):
+        recon.reconstruct(*views)
+    assert np.isfinite(recon.reconstruct(*views, aligned=True)["vertices"]).all()
 
 
 def test_extra_missing_is_one_clear_error(tmp_path):

@@ -190,7 +190,8 @@ def test_two_workers_on_s3_with_mlflow_registry(synth_root, moto_s3, tmp_path, l
     from dfmvr.presets import tiny
     from dfmvr.serving import load
     from dfmvr.train.launch import train
-    from dfmvr.train.loop import VAL_METRIC, validate
+    from dfmvr.tracking import VAL_METRIC
+    from dfmvr.train.loop import validate
 
     data_url = moto_s3.url("shards")
     _upload_tree(synth_root, data_url)
