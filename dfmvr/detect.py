@@ -14,7 +14,7 @@ inside the package, so nothing is downloaded at run time. Which file does what, 
   what alignment uses by default.
 - ``shape_predictor_68_face_landmarks.dat``: the iBUG-68 points. Trained on iBUG 300-W, whose
   terms **exclude commercial use**: opt-in only (``accept_noncommercial=True``, the packer's
-  ``--accept-ibug-68``, or ``DFMVR_ACCEPT_IBUG68=1``), with a printed notice.
+  ``--accept-ibug-68``, or ``DFMVR_ACCEPT_IBUG68=1``), with a logged notice (once per process).
 
 Confidence: a face's ``score`` is its detector's (HOG: SVM margin, > 0 is a detection; CNN: its
 confidence, >= 0); its landmarks' ``landmark_confidence`` is ``1 / (1 + (spread / (2% of the face
@@ -193,7 +193,7 @@ class FaceDetector:
 
     Args:
         landmarks68: also find the iBUG-68 landmarks (non-commercial model: needs
-            ``accept_noncommercial`` or ``DFMVR_ACCEPT_IBUG68=1``; prints a notice).
+            ``accept_noncommercial`` or ``DFMVR_ACCEPT_IBUG68=1``; logs a notice).
         accept_noncommercial: accept the 68-point model's terms (None: from the environment).
         cnn_fallback: run the CNN detector when HOG finds nothing.
 
