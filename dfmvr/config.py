@@ -193,12 +193,19 @@ class LossConfig:
     """Use the 3D-landmark loss when samples carry 3D landmarks (paper switch)."""
     mask_loss_start_step: int = 0
     """Optimiser step from which the mask loss is on."""
+    shape_grad_2d: float = 1.0
+    """Scale of the gradient that the picture-space terms (photometric, mask, 2D landmarks) send
+    into the shape coefficients (identity, expression). 1: plain backpropagation (the paper);
+    0: the shape learns from the 3D landmarks only while pose, texture and light still learn
+    from the pictures. Loss values are the same either way (``docs/training.md``)."""
 
     def __post_init__(self) -> None:
         for name in ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect"):
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         if self.mask_loss_start_step < 0:
             raise ValueError(f"loss.mask_loss_start_step: expected >= 0, got {self.mask_loss_start_step}")
+        if not 0.0 <= self.shape_grad_2d <= 1.0:
+            raise ValueError(f"loss.shape_grad_2d: expected a number in [0, 1], got {self.shape_grad_2d}")
 
 
 @dataclass(kw_only=True, slots=True)

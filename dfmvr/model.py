@@ -119,12 +119,16 @@ class DFMVR(nn.Module):
             x = torch.cat([images, mask_channel(masks).to(images.dtype)], dim=2)
         return self.regressor(self.backbone(x))
 
-    def decode(self, coeffs: torch.Tensor, *, render: bool = True) -> ReconOutput:
-        """Coefficients ``[B, 269]`` -> meshes, per-view poses, shading, renders and landmarks."""
+    def decode(self, coeffs: torch.Tensor, *, render: bool = True, shape_grad_2d: float = 1.0) -> ReconOutput:
+        """Coefficients ``[B, 269]`` -> meshes, per-view poses, shading, renders and landmarks.
+
+        ``shape_grad_2d`` scales the gradient the picture-space terms send into the shape
+        (``loss.shape_grad_2d``; :func:`dfmvr.facemodel.decode.decode_faces`).
+        """
         fm = self.face.model
         parts = self.layout.split(coeffs)
         b, v, s = coeffs.shape[0], self.n_views, self.image_size
-        d = decode_faces(fm, parts, self.renderer, render=render)
+        d = decode_faces(fm, parts, self.renderer, render=render, shape_grad_2d=shape_grad_2d)
         n = d.shape.shape[1]
         return ReconOutput(
             coeffs=coeffs, parts=parts, shape=d.shape, albedo=d.albedo,
@@ -140,8 +144,9 @@ class DFMVR(nn.Module):
     native bf16 instructions: ``docs/benchmarks.md``, "Train step"); the face model and the
     renderer always run in float32 (depth tests and barycentrics need the precision)."""
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True) -> ReconOutput:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True,
+                shape_grad_2d: float = 1.0) -> ReconOutput:
         use_amp = self.amp_dtype is not None
         with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
             coeffs = self.encode(images, masks)
-        return self.decode(coeffs.float(), render=render)
+        return self.decode(coeffs.float(), render=render, shape_grad_2d=shape_grad_2d)

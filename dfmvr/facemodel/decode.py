@@ -47,7 +47,7 @@ class DecodedFaces:
 
 
 def decode_faces(fm: FaceModel, parts: Coeffs, renderer, *, render: bool = True,
-                 clamp_albedo: bool = False) -> DecodedFaces:
+                 clamp_albedo: bool = False, shape_grad_2d: float = 1.0) -> DecodedFaces:
     """Decode ``parts`` (``id``/``exp``/``tex``/``gamma`` ``[B, K]``, ``angles``/``trans`` ``[B, V, 3]``).
 
     Args:
@@ -58,13 +58,17 @@ def decode_faces(fm: FaceModel, parts: Coeffs, renderer, *, render: bool = True,
         clamp_albedo: clamp the reflectance to [0, 1] before shading. The texture basis can push
             it slightly outside; real skin cannot go there, so data and pictures clamp. Training
             does not: a clamped value has no gradient, and the regularisers must pull it back.
+        shape_grad_2d: scale of the gradient that reaches the shape (identity and expression)
+            through the posed mesh, i.e. from the picture-space terms (photometric, mask, 2D
+            landmarks). 1 is plain backpropagation; 0 lets only the 3D landmarks (through
+            ``shape``) teach the shape. Values are unchanged either way.
     """
     b, v = parts.angles.shape[:2]
     shape = geometry.compute_shape(fm, parts.id, parts.exp)
     albedo = geometry.compute_albedo(fm, parts.tex)
     if clamp_albedo:
         albedo = albedo.clamp(0.0, 1.0)
-    posed = geometry.rigid_transform(geometry.expand_views(shape, v), parts.angles.reshape(-1, 3),
+    posed = geometry.rigid_transform(geometry.expand_views(scale_grad(shape, shape_grad_2d), v), parts.angles.reshape(-1, 3),
                                      parts.trans.reshape(-1, 3))
     normals = geometry.vertex_normals(posed, fm.tri)
     colors = geometry.sh_shading(geometry.expand_views(albedo, v), normals, geometry.expand_views(parts.gamma, v))
@@ -74,6 +78,14 @@ def decode_faces(fm: FaceModel, parts: Coeffs, renderer, *, render: bool = True,
         r = renderer(posed, fm.tri, colors, labels=fm.region)
         out.image, out.mask, out.region = r.image, r.mask, r.region
     return out
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; ``scale`` times its gradient in the backward pass."""
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    held = x.detach()
+    return held + scale * (x - held) if scale else held
 
 
 def views_from_yaws(yaws_deg, trans: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

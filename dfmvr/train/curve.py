@@ -146,7 +146,7 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int) -> dict[str,
     head = model.regressor.head.weight
     n_shared = layout.n_shared
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    out = model(batch.images, batch.masks if model.cfg.mask_input else None)
+    out = model(batch.images, batch.masks if model.cfg.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
     _, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
     grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     names = [k for k in terms if k != "total"]
@@ -197,7 +197,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     while step < total_steps:
         batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
         t0 = time.perf_counter()
-        out = model(batch.images, batch.masks if cfg.model.mask_input else None)
+        out = model(batch.images, batch.masks if cfg.model.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
         total, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
         opt.zero_grad(set_to_none=True)
         total.backward()
