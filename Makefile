@@ -1,11 +1,12 @@
 # make train: set up .venv (if needed) and run the main training job on embedded defaults.
 # make test:  set up .venv (if needed) and run every test, unit and integration.
+# make train-long: the longer embedded run (at most 2 hours on 2 cores; docs/training.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dfmvr-installed
 
-.PHONY: setup test train unit clean
+.PHONY: setup test train train-long unit clean
 
 # idle OpenMP threads sleep instead of spinning (tests and training share 2 cores with workers)
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -29,6 +30,13 @@ unit: setup
 
 train: setup
 	$(PY) jobs/train.py
+
+# 10000 synthetic subjects (work/shards-10000x2, about 4 min to make) and 12000 steps of
+# 2 workers x 8 (192k triplets), the tiny preset otherwise
+LONG_RUN := data.synth_subjects=10000 train.steps=12000 optim.cosine_after=7200 \
+	train.val_every=1000 train.ckpt_every=1000
+train-long: setup
+	$(PY) jobs/train.py $(LONG_RUN) --summary-json work/train-long.json
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

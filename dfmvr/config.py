@@ -88,6 +88,12 @@ class DataConfig:
     url: str = ""
     """Shard root holding ``manifest.json``: a local directory or ``s3://bucket/prefix``;
     empty means ``<work_dir>/shards`` (made with synthetic data when missing)."""
+    synth_subjects: int = 2000
+    """Subjects of the synthetic dataset made when ``url`` is empty and nothing is there yet
+    (80/10/10 train/val/test). Another count than the default lives in its own folder,
+    ``<work_dir>/shards-<subjects>x<captures>``."""
+    synth_captures: int = 2
+    """Captures (expressions) per synthetic subject; the first is neutral."""
     split: str = "train"
     """Split to train on (the manifest lists them)."""
     val_split: str = "val"
@@ -116,6 +122,9 @@ class DataConfig:
     instead of looping; single bad shards are skipped and counted."""
 
     def __post_init__(self) -> None:
+        for name in ("synth_subjects", "synth_captures"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_bad_shards_in_a_row < 1:
             raise ValueError(f"data.max_bad_shards_in_a_row: expected >= 1, got {self.max_bad_shards_in_a_row}")
         if self.image_size < 16:

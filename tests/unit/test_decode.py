@@ -55,3 +55,25 @@ def test_other_coefficients_do_not_reproduce_them(batch):
     stored = (batch.images + 1) / 2
     both = ((out.render_mask[:, :, 0] > 0.5) & (batch.masks > 0)).unsqueeze(2).expand_as(stored)
     assert (out.image.clamp(0, 1) - stored).abs()[both].mean() > 3.0 / 255
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_shape_grad_2d_scales_only_the_picture_terms_gradient_into_the_shape(batch, scale):
+    """``loss.shape_grad_2d``: values unchanged; the 2D landmarks' gradient on the identity
+    coefficients scaled, the 3D landmarks' and the pose's untouched."""
+    model = _model()
+    coeffs = batch.coeffs.clone().requires_grad_(True)
+    plain = model.decode(coeffs, render=False)
+    scaled = model.decode(coeffs, render=False, shape_grad_2d=scale)
+    assert torch.equal(plain.lm2d, scaled.lm2d) and torch.equal(plain.lm3d, scaled.lm3d)
+    ids, pose = model.layout.id, slice(model.layout.n_shared, None)
+
+    def grad(value):
+        (g,) = torch.autograd.grad(value.square().sum(), coeffs, retain_graph=True)
+        return g
+
+    g_plain, g_scaled = grad(plain.lm2d), grad(scaled.lm2d)
+    assert g_plain[:, ids].abs().max() > 0
+    torch.testing.assert_close(g_scaled[:, ids], scale * g_plain[:, ids])
+    torch.testing.assert_close(g_scaled[:, pose], g_plain[:, pose])
+    torch.testing.assert_close(grad(scaled.lm3d), grad(plain.lm3d))
