@@ -132,7 +132,8 @@ def val_gain(model: DFMVR, val: MemorySplit, *, chunk: int = 50) -> tuple[float,
     return rmse, float(aligned_vertex_rmse_mm(mean, gt[finite]).mean()), int((~finite).sum())
 
 
-def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int) -> dict[str, dict[str, float]]:
+def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int,
+                   parse_net: torch.nn.Module | None = None) -> dict[str, dict[str, float]]:
     """How each weighted loss term pulls on the network, on one batch.
 
     Returns:
@@ -147,7 +148,7 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int) -> dict[str,
     n_shared = layout.n_shared
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     out = model(batch.images, batch.masks if model.cfg.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
-    _, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
+    _, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
     grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     names = [k for k in terms if k != "total"]
     for i, name in enumerate(names):
@@ -175,7 +176,8 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
     the learning-rate schedule (and the mask loss's start) are ``cfg``'s stretched from ``cfg.train.steps`` to this
     run's ``triplets / batch`` steps (warm-up and decay start at the same fractions of the run);
-    clipping and weight averaging as in training. Validation
+    clipping and weight averaging as in training; the mask loss runs when ``cfg.model.parse_net``
+    names a parse-net file (frozen, as in training). Validation
     uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does;
     ``with_grad_split`` adds :func:`gradient_split` on the last batch to every point.
     """
@@ -191,6 +193,11 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     loss_cfg = replace(cfg.loss, mask_loss_start_step=round(cfg.loss.mask_loss_start_step * stretch))
     opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
+    parse_net = None
+    if cfg.model.parse_net and cfg.loss.mask_loss:
+        from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+
+        parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net)
     points: list[CurvePoint] = []
     train_s, seen, step = 0.0, 0, 0
     model.train()
@@ -198,7 +205,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
         t0 = time.perf_counter()
         out = model(batch.images, batch.masks if cfg.model.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
-        total, terms = reconstruction_losses(model, out, batch, loss_cfg, step)
+        total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -214,7 +221,8 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
                                loss={k: float(v.detach()) for k, v in terms.items()},
-                               grad_split=gradient_split(model, batch, loss_cfg, step) if with_grad_split else None)
+                               grad_split=(gradient_split(model, batch, loss_cfg, step, parse_net)
+                                           if with_grad_split else None))
             points.append(point)
             _logger.info("%d triplets: %.3f mm vs mean face %.3f (%.1f%% below), %.1f triplets/s", seen, rmse, mean,
                          point.gain_pct, seen / train_s)
