@@ -109,7 +109,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     # a job that names no run is a new run: it never restores whatever ran under a fixed name before
     cfg = apply_overrides(cfg, {"train.run_name": cfg.train.run_name or unique_run_name()})
     resumed = resume_source(cfg, storage_path)
-    cfg, parse_net, parse_summary = _parse_net(cfg, resumed)
+    cfg, parse_net, parse_summary = resolve_parse_net(cfg, resumed)
     data_url = cfg.data.url
 
     if not ray.is_initialized():
@@ -198,10 +198,11 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     return tracking.redact_all(summary)
 
 
-def _parse_net(cfg: Config, resumed: tuple[str, dict] | None) -> tuple[Config, dict | None, dict | None]:
+def resolve_parse_net(cfg: Config, resumed: tuple[str, dict] | None = None) -> tuple[Config, dict | None, dict | None]:
     """``(cfg, parse net checkpoint dict or None, parse-net job summary or None)``: the file
     ``model.parse_net`` names, else the one a resumed checkpoint bundles, else one trained now
-    (``train.parse_net_first``). Checked here, before Ray starts."""
+    (``train.parse_net_first``; the returned config then names its file). Checked here, before
+    Ray starts; the training job and every sweep (once, for all its trials) call it."""
     from dfmvr.nets import parsenet_from_dict, read_parsenet_file
 
     summary = None

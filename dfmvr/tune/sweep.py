@@ -145,7 +145,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     from ray import tune
 
     from dfmvr import tracking
-    from dfmvr.train.launch import preflight
+    from dfmvr.train.launch import preflight, resolve_parse_net
     from dfmvr.tune import runs
     from dfmvr.tune.callback import SweepCallback
     from dfmvr.tune.journal import ResumableASHA
@@ -167,6 +167,9 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
                          "another tune.name")
     cfg, dists = check_sweep(cfg, plan)
     cfg, tracking_uri = preflight(cfg)
+    # the paper's pipeline in every trial: one parse net for the whole sweep (model.parse_net, else
+    # trained now once; the saved config names it, so --resume keeps it), frozen, shipped to the trials
+    cfg, parse_net, _ = resolve_parse_net(cfg)
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.tune
@@ -201,7 +204,8 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     ctx = SweepContext(base=to_dict(cfg), tracking_uri=tracking_uri, experiment_id=experiment_id,
                        parent_run_id=parent_run_id, train_storage=train_storage, variants=variants,
                        descriptions={v.name: v.description for v in plan.variants},
-                       space_labels={k: d.describe() for k, d in dists.items()}, angle_sets=angle_sets)
+                       space_labels={k: d.describe() for k, d in dists.items()}, angle_sets=angle_sets,
+                       parse_net=parse_net)
     seeds = [cfg.seed + i for i in range(tcfg.seeds)]
     space = {
         "variant": tune.grid_search(list(variants)) if variants else "",
@@ -314,6 +318,8 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         "mlflow_tracking_uri": tracking.redact(ctx.tracking_uri),
         "mlflow_parent_run_id": parent,
         "mlflow_ui": tracking.ui_command(ctx.tracking_uri),
+        # the frozen parse net every trial's mask loss ran through (None: no mask loss in any trial)
+        "parse_net": cfg.model.parse_net if ctx.parse_net is not None else None,
     }
     if best is not None:
         summary.update({"best_trial": best.name, "best_val_rmse_mm": best.val_rmse_mm,

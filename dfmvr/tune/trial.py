@@ -47,6 +47,8 @@ class SweepContext:
     """Searched key -> distribution text (MLflow tags)."""
     angle_sets: dict[str, str] = field(default_factory=dict)
     """``angles`` preset: label -> test-set shard root; evaluated after training."""
+    parse_net: dict | None = None
+    """The frozen parse net's checkpoint dict every trial trains with (mask loss), or None."""
 
 
 def trial_name(params: dict, trial_id: str) -> str:
@@ -120,7 +122,7 @@ def run_trial(params: dict, ctx: SweepContext) -> None:
     _logger.info("trial %s (%s): MLflow child run %s, Ray Train run %s", trial_id, trial_name(params, trial_id),
                  run_id, cfg.train.run_name)
     trainer = build_trainer(cfg, tracking_uri=ctx.tracking_uri, run_id=run_id, storage_path=ctx.train_storage,
-                            scaling=trial_scaling(cfg), callbacks=[TuneReportCallback()])
+                            scaling=trial_scaling(cfg), callbacks=[TuneReportCallback()], parse_net=ctx.parse_net)
     try:
         result = trainer.fit()
         best = best_checkpoint(result)

@@ -75,7 +75,8 @@ def test_sweep_with_asha_a_crash_and_a_killed_driver_resumes_and_tracks_every_tr
              f"tracking.tracking_uri={tracking}", "data.batch_size=2", "data.num_workers=0", "data.epoch_samples=64",
              "data.shuffle_buffer=8", "train.steps=8", "train.val_every=4", "train.ckpt_every=4",
              "train.log_every=4", "train.val_samples=8", "train.max_failures=0", "train.max_nan_steps=3",
-             "loss.mask_loss=false", "tune.name=lr", "tune.max_concurrent_trials=2", "tune.reduction_factor=4",
+             "loss.mask_loss=false", "parsenet.steps=4", "parsenet.val_every=4", "parsenet.val_samples=4",
+             "parsenet.batch_size=2", "tune.name=lr", "tune.max_concurrent_trials=2", "tune.reduction_factor=4",
              f"tune.space.optim.lr=grid({space})"]
     experiment = work / "tune_results" / "lr"
 
@@ -173,6 +174,13 @@ def test_sweep_with_asha_a_crash_and_a_killed_driver_resumes_and_tracks_every_tr
     assert summary["best_trial"] == by_lr["good"]["name"]
     rec = load(summary["best_checkpoint"])
     assert rec.cfg.optim.lr == pytest.approx(LRS["good"]) and rec.payload["step"] == 8
+
+    # one parse net for the whole sweep, trained before the first trial and kept by --resume
+    # (one parse-net run in MLflow), bundled in the trials' checkpoints
+    assert summary["parse_net"] == str(work.resolve() / "parsenet" / "parsenet.pt")
+    parse_runs = client.search_runs([parent.info.experiment_id], filter_string="tags.`dfmvr.job` = 'parsenet'")
+    assert len(parse_runs) == 1 and parse_runs[0].info.status == "FINISHED"
+    assert rec.payload["parse_net"]["meta"]["image_size"] == 64 and rec.parse_net is not None
 
     # trials that had ended before the kill were not run again: one process, each step once
     ended_before = [tid for tid, s in killed_with.items() if s == "TERMINATED"]
