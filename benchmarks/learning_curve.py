@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--triplets", type=int, default=16000)
     ap.add_argument("--every", type=int, default=2000)
     ap.add_argument("--val", type=int, default=200, help="validation triplets (the first of the val split)")
+    ap.add_argument("--val-data", help="shard root whose val split validates (default: --data's); compares "
+                                       "training sets on the same validation triplets")
     ap.add_argument("--curves", default="ceiling,full,lm3d")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per curve (0, 1, ...); gains are averaged")
     ap.add_argument("--threads", type=int, default=2)
@@ -97,6 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     if not (Path(args.data) / "manifest.json").exists() and not args.data.startswith("s3://"):
         raise SystemExit(f"--data {args.data}: no manifest.json (run `make train` or `python -m sharding.synth` first)")
+    if args.val_data and not (Path(args.val_data) / "manifest.json").exists() and not args.val_data.startswith("s3://"):
+        raise SystemExit(f"--val-data {args.val_data}: no manifest.json")
     torch.set_num_threads(args.threads)
     # commas inside brackets belong to a value (model.regressor_blocks=[1,1,1,1])
     names = [c for c in re.split(r",(?![^\[]*\])", args.curves) if c]
@@ -107,7 +111,8 @@ def main() -> None:
     # process batch 8 learned more per triplet than 16: docs/training.md)
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8})
     t0 = time.perf_counter()
-    train, val = load_split(base, "train"), load_split(base, "val", limit=args.val, with_gt=True)
+    val_base = apply_overrides(base, {"data.url": str(args.val_data)}) if args.val_data else base
+    train, val = load_split(base, "train"), load_split(val_base, "val", limit=args.val, with_gt=True)
     print(f"loaded {len(train)} train and {len(val)} val triplets in {time.perf_counter() - t0:.0f} s", flush=True)
 
     curves: dict[str, dict] = {}
@@ -149,7 +154,8 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "learning_curve", "results": results, "units": units,
             "settings": {"triplets": args.triplets, "every": args.every, "val": args.val, "seeds": args.seeds,
-                         "data": str(args.data), "train_triplets": len(train)},
+                         "data": str(args.data), "val_data": str(args.val_data or args.data),
+                         "train_triplets": len(train)},
             "curves": curves,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "python": platform.python_version(), "torch": torch.__version__,
