@@ -91,7 +91,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=2000)
     ap.add_argument("--val", type=int, default=200, help="validation triplets (the first of the val split)")
     ap.add_argument("--val-data", help="shard root whose val split validates (default: --data's); compares "
-                                       "training sets on the same validation triplets")
+                                       "training sets on the same validation triplets. Make it with another "
+                                       "--seed (python -m sharding.synth): a subject's identity comes from "
+                                       "(seed, subject index), so same-seed sets share identities")
     ap.add_argument("--curves", default="ceiling,full,lm3d")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per curve (0, 1, ...); gains are averaged")
     ap.add_argument("--threads", type=int, default=2)
