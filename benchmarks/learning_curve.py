@@ -1,7 +1,7 @@
 """Learning curves: validation gain over the mean face against triplets seen, side by side.
 
     .venv/bin/python benchmarks/learning_curve.py --data work/shards [--triplets 16000] [--every 2000]
-        [--curves ceiling,full,lm3d] [--seeds 1] [--json]
+        [--curves ceiling,full,lm3d] [--seeds 1] [--grad-split] [--json]
 
 Every curve trains in this one process on the same data (the shard root's train split held in
 memory) from the same seeds, and validates on the same first ``--val`` triplets of the val
@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--curves", default="ceiling,full,lm3d")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per curve (0, 1, ...); gains are averaged")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grad-split", action="store_true",
+                    help="print each term's gradient on the head's identity and pose rows and on the backbone "
+                         "(and its cosine with lm3d's) at every point (dfmvr.train.curve.gradient_split)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (Path(args.data) / "manifest.json").exists() and not args.data.startswith("s3://"):
@@ -128,7 +131,13 @@ def main() -> None:
             else:
                 cfg = apply_overrides(base, overrides)
                 pts = [p.to_dict() for p in learning_curve(cfg, train, val, triplets=args.triplets,
-                                                           every=args.every, seed=seed)]
+                                                           every=args.every, seed=seed,
+                                                           with_grad_split=args.grad_split)]
+                for p in pts if args.grad_split else ():
+                    print(f"{name} seed {seed} {p['triplets']} triplets, gradient norms (identity rows / pose rows "
+                          "/ backbone, cosine with lm3d on the backbone): " + "; ".join(
+                              f"{term} {g['head_id']:.3f} / {g['head_pose']:.3f} / {g['backbone']:.3f}, "
+                              f"{g.get('cos_lm3d', float('nan')):+.2f}" for term, g in p["grad_split"].items()))
             runs.append(pts)
             print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
                   + ", ".join(f"{p['triplets'] // 1000}k {p['gain_pct']:.1f}%" for p in pts), flush=True)

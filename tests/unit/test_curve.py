@@ -37,3 +37,68 @@ def test_the_mask_loss_runs_when_a_parse_net_is_named(splits, tmp_path, with_par
     assert ("mask" in point.loss) is with_parse_net
     assert ("mask" in point.grad_split) is with_parse_net
     assert point.nonfinite == 0
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory):
+    """16 subjects x 1 capture: 12 training triplets (the benchmark draws batches of 8) and 4 val."""
+    from dfmvr.data.synth import generate
+
+    root = tmp_path_factory.mktemp("bench")
+    generate(str(root), n_subjects=16, n_captures=1, size=64, seed=4, workers=1, n_vertices=2500,
+             splits=(0.75, 0.25, 0.0))
+    return root
+
+
+def _run_benchmark(script: str, *args: str) -> tuple[str, dict]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / script), *args, "--threads", "1", "--json"],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_learning_curve_benchmark_prints_the_gradient_split(bench_root):
+    out, result = _run_benchmark("learning_curve.py", "--data", str(bench_root), "--curves", "full",
+                                 "--triplets", "16", "--every", "8", "--val", "4", "--grad-split")
+    lines = [line for line in out.splitlines() if "gradient norms" in line]
+    assert [line.split(" triplets")[0] for line in lines] == ["full seed 0 8", "full seed 0 16"]
+    terms = [part.split(" ")[0] for part in lines[-1].split("): ", 1)[1].split("; ")]
+    assert {"photo", "lm2d", "lm3d", "reg"} <= set(terms)
+    points = result["curves"]["full"]["seeds"][0]
+    assert points[-1]["grad_split"]["lm3d"]["cos_lm3d"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_precise_bn_benchmark_recomputes_statistics_and_leaves_the_checkpoint(bench_root, tmp_path):
+    import hashlib
+
+    import torch
+
+    from dfmvr.config import apply_overrides, to_dict
+    from dfmvr.facemodel import build_face_model
+    from dfmvr.model import DFMVR
+    from dfmvr.presets import tiny
+    from dfmvr.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
+
+    cfg = apply_overrides(tiny(), {"data.url": str(bench_root)})
+    face = build_face_model(cfg.facemodel)
+    torch.manual_seed(0)
+    model = DFMVR(cfg.model, cfg.render, face)
+    with torch.no_grad():  # the head starts at zero (the mean face whatever the features): give it some
+        model.regressor.head.weight.normal_(std=1e-3)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), step=0, config=to_dict(cfg),
+                           face_signature=face.signature())
+    digest = hashlib.sha256((ckpt / CHECKPOINT_FILE).read_bytes()).hexdigest()
+    out, result = _run_benchmark("precise_bn.py", "--checkpoint", str(ckpt), "--data", str(bench_root),
+                                 "--batches", "4x3", "--val", "4")
+    res = result["results"]
+    assert set(res) == {f"{k}_val_{m}" for k in ("running_stats", "precise_4x3") for m in ("rmse_mm", "gain_pct")}
+    # an untrained model's running statistics are the initial zeros and ones: the recomputed
+    # ones differ, and so does the prediction
+    assert res["precise_4x3_val_rmse_mm"] != pytest.approx(res["running_stats_val_rmse_mm"], rel=1e-6)
+    assert hashlib.sha256((ckpt / CHECKPOINT_FILE).read_bytes()).hexdigest() == digest

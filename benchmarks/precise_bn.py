@@ -1,0 +1,99 @@
+"""BatchNorm statistics at validation: a trained checkpoint's running statistics against recomputed ones.
+
+    .venv/bin/python benchmarks/precise_bn.py --checkpoint PATH_OR_URI [--data work/shards]
+        [--batches 8x200,16x100,64x50] [--val 200] [--threads 2] [--json]
+
+Training keeps BatchNorm's running statistics as an exponential average (momentum 0.1) over
+batches of 8 per worker while the weights move; validation, evaluation and export use them in
+eval mode. "Precise BatchNorm" recomputes them after training, with the weights fixed, as the
+plain average over many training batches. This script measures what that would change: the
+checkpoint's validation RMSE (the training metric: aligned vertex RMSE against the mean face's,
+eval mode, the first ``--val`` triplets of the val split) with its own statistics, then with
+statistics recomputed over ``N`` random training batches of ``B`` triplets for each ``BxN`` of
+``--batches``. The checkpoint is not changed.
+
+``--json`` prints one JSON object as the last line with ``running_stats_val_gain_pct`` and, per
+setting, ``precise_<B>x<N>_val_gain_pct``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfmvr.config import apply_overrides  # noqa: E402
+from dfmvr.presets import tiny  # noqa: E402
+from dfmvr.serving import load  # noqa: E402
+from dfmvr.train.curve import load_split, val_gain  # noqa: E402
+
+
+def parse_batches(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise SystemExit(f"--batches {text!r}: expected BxN[,BxN...] with B, N >= 1 (e.g. 8x200,64x50)")
+    return pairs  # type: ignore[return-value]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint directory or model URI (as jobs/evaluate.py)")
+    ap.add_argument("--data", default="work/shards", help="shard root whose train and val splits are used")
+    ap.add_argument("--batches", default="8x200,16x100,64x50")
+    ap.add_argument("--val", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    settings = parse_batches(args.batches)
+    torch.set_num_threads(args.threads)
+
+    model = load(args.checkpoint).model
+    cfg = apply_overrides(tiny(), {"data.url": args.data, "data.image_size": model.image_size})
+    train = load_split(cfg, "train")
+    val = load_split(cfg, "val", limit=args.val, with_gt=True)
+    results: dict[str, float] = {}
+
+    def record(key: str, rmse: float, mean: float, nonfinite: int) -> None:
+        gain = 100 * (1 - rmse / mean)
+        results[f"{key}_val_rmse_mm"], results[f"{key}_val_gain_pct"] = rmse, gain
+        print(f"{key}: {rmse:.4f} mm against the mean face's {mean:.4f} ({gain:.2f}% below), "
+              f"{nonfinite} non-finite", flush=True)
+
+    record("running_stats", *val_gain(model, val))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise SystemExit(f"{args.checkpoint}: the model has no BatchNorm layer")
+    for bs, n in settings:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        gen = torch.Generator().manual_seed(args.seed)
+        model.train()
+        with torch.no_grad():
+            for _ in range(n):
+                batch = train.batch(torch.randperm(len(train), generator=gen)[:bs])
+                model.encode(batch.images, batch.masks if model.cfg.mask_input else None)
+        record(f"precise_{bs}x{n}", *val_gain(model, val))
+    if args.json:
+        print(json.dumps({
+            "benchmark": "precise_bn", "results": results,
+            "settings": {"checkpoint": args.checkpoint, "data": args.data, "val": args.val, "batches": args.batches,
+                         "batchnorm_layers": len(norms)},
+            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+        }))
+
+
+if __name__ == "__main__":
+    main()
