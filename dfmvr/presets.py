@@ -59,9 +59,9 @@ def tiny() -> Config:
         "train.val_samples": 200,
         "parsenet.width": 16,
         # 600 steps (mIoU 0.304, 50 s on a quiet machine): make train with it reached 23.8% below the
-        # mean face twice (to the fourth digit); 400 steps 19.5% and 20.1%, 1000 steps (mIoU 0.339)
-        # 18.9%: the result depends on the parse net like on a seed (docs/training.md, "The
-        # embedded default, measured")
+        # mean face twice on one machine (to the fourth digit), 21.4% on another (19.8% with seed 1);
+        # 400 steps 19.5% and 20.1%, 1000 steps (mIoU 0.339) 18.9%: the result spreads like a seed's
+        # (docs/training.md, "The embedded default, measured")
         "parsenet.steps": 600,
         "parsenet.lr": 3e-3,
         "parsenet.val_every": 200,
