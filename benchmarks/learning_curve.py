@@ -76,6 +76,15 @@ def curve_overrides(name: str) -> dict[str, object] | None:
                      f"{', '.join(variants)} or KEY=VALUE[;KEY=VALUE]")
 
 
+def print_grad_split(name: str, seed: int, points: list[dict]) -> None:
+    """One line per point: each weighted term's gradient norms and its cosine with lm3d's."""
+    for p in points:
+        terms = "; ".join(f"{term} {g['head_id']:.3f} / {g['head_pose']:.3f} / {g['backbone']:.3f}, "
+                          f"{g.get('cos_lm3d', float('nan')):+.2f}" for term, g in p["grad_split"].items())
+        print(f"{name} seed {seed} {p['triplets']} triplets, gradient norms (identity rows / pose rows / backbone, "
+              f"cosine with lm3d on the backbone): {terms}")
+
+
 def gain_at(points: list[dict], triplets: int) -> float:
     """The gain at the first point at or after ``triplets`` (the last point when none is)."""
     for p in points:
@@ -133,11 +142,8 @@ def main() -> None:
                 pts = [p.to_dict() for p in learning_curve(cfg, train, val, triplets=args.triplets,
                                                            every=args.every, seed=seed,
                                                            with_grad_split=args.grad_split)]
-                for p in pts if args.grad_split else ():
-                    print(f"{name} seed {seed} {p['triplets']} triplets, gradient norms (identity rows / pose rows "
-                          "/ backbone, cosine with lm3d on the backbone): " + "; ".join(
-                              f"{term} {g['head_id']:.3f} / {g['head_pose']:.3f} / {g['backbone']:.3f}, "
-                              f"{g.get('cos_lm3d', float('nan')):+.2f}" for term, g in p["grad_split"].items()))
+                if args.grad_split:
+                    print_grad_split(name, seed, pts)
             runs.append(pts)
             print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
                   + ", ".join(f"{p['triplets'] // 1000}k {p['gain_pct']:.1f}%" for p in pts), flush=True)

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,6 +34,17 @@ from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.presets import tiny  # noqa: E402
 from dfmvr.serving import load  # noqa: E402
 from dfmvr.train.curve import load_split, val_gain  # noqa: E402
+
+
+class Encoder(torch.nn.Module):
+    """The network part of :class:`DFMVR` (no face model, no render): what BatchNorm sees."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.encode(batch["images"], batch["masks"] if self.model.cfg.mask_input else None)
 
 
 def parse_batches(text: str) -> list[tuple[int, int]]:
@@ -74,16 +86,13 @@ def main() -> None:
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         raise SystemExit(f"{args.checkpoint}: the model has no BatchNorm layer")
+    encoder = Encoder(model)
     for bs, n in settings:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
         gen = torch.Generator().manual_seed(args.seed)
-        model.train()
-        with torch.no_grad():
-            for _ in range(n):
-                batch = train.batch(torch.randperm(len(train), generator=gen)[:bs])
-                model.encode(batch.images, batch.masks if model.cfg.mask_input else None)
+        batches = (train.batch(torch.randperm(len(train), generator=gen)[:bs]) for _ in range(n))
+        # torch's own precise-BatchNorm pass: resets the statistics, averages them over the
+        # batches (momentum None), restores the momenta and the mode
+        update_bn(({"images": b.images, "masks": b.masks} for b in batches), encoder)
         record(f"precise_{bs}x{n}", *val_gain(model, val))
     if args.json:
         print(json.dumps({
