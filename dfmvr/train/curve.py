@@ -117,17 +117,18 @@ def val_gain(model: DFMVR, val: MemorySplit, *, chunk: int = 50) -> tuple[float,
     """``(rmse_mm, mean_face_rmse_mm, nonfinite)`` of ``model`` in eval mode on ``val``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         shapes = []
         for i in range(0, len(val), chunk):
             t = val.tensors
-            masks = t["masks"][i:i + chunk] if model.cfg.mask_input else None
-            shapes.append(model(t["images"][i:i + chunk], masks, render=False).shape)
+            masks = t["masks"][i:i + chunk].to(device) if model.cfg.mask_input else None
+            shapes.append(model(t["images"][i:i + chunk].to(device), masks, render=False).shape.float().cpu())
     finally:
         model.train(was_training)
     pred, gt = torch.cat(shapes).double(), val.gt.double()
     finite = torch.isfinite(pred).flatten(1).all(1)
-    mean = model.face.model.mean_shape.double().expand_as(gt[finite])
+    mean = model.face.model.mean_shape.detach().cpu().double().expand_as(gt[finite])
     rmse = float(aligned_vertex_rmse_mm(pred[finite], gt[finite]).mean()) if finite.any() else math.inf
     return rmse, float(aligned_vertex_rmse_mm(mean, gt[finite]).mean()), int((~finite).sum())
 
@@ -170,7 +171,8 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int,
 
 def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplets: int, every: int,
                    seed: int = 0, on_point: Callable[[CurvePoint], None] | None = None,
-                   with_grad_split: bool = False) -> list[CurvePoint]:
+                   with_grad_split: bool = False, device: torch.device | str = "cpu", amp: bool = False,
+                   max_seconds: float | None = None) -> list[CurvePoint]:
     """Train ``cfg``'s model on ``train`` for ``triplets`` triplets, validating every ``every``.
 
     Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
@@ -180,10 +182,18 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     names a parse-net file (frozen, as in training). Validation
     uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does;
     ``with_grad_split`` adds :func:`gradient_split` on the last batch to every point.
+
+    ``device`` trains there (the splits stay in host memory; each batch is copied over), ``amp``
+    runs the forward pass in bfloat16 on CUDA as ``train.amp`` does, and ``max_seconds`` ends
+    the curve (with a last point) once that many seconds of training steps are spent, before
+    ``triplets`` when the device is slower than planned.
     """
+    device = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
+    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel)).to(device)
+    if amp and device.type == "cuda":
+        model.amp_dtype = torch.bfloat16
     bs = cfg.data.batch_size
     total_steps = max(1, triplets // bs)
     # the schedule keeps its shape: the decay starts at the same fraction of the run
@@ -197,13 +207,15 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     if cfg.model.parse_net and cfg.loss.mask_loss:
         from dfmvr.nets import parsenet_from_dict, read_parsenet_file
 
-        parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net)
+        parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device)
     points: list[CurvePoint] = []
     train_s, seen, step = 0.0, 0, 0
     model.train()
     while step < total_steps:
         batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
+        _sync(device)
         t0 = time.perf_counter()
+        batch = batch.to(device, non_blocking=True)
         out = model(batch.images, batch.masks if cfg.model.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
         total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
         opt.zero_grad(set_to_none=True)
@@ -213,10 +225,12 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         sched.step()
         if average:
             average.update(model, step + 1)
+        _sync(device)
         train_s += time.perf_counter() - t0
         step += 1
         seen += bs
-        if seen // every > (seen - bs) // every or step == total_steps:
+        out_of_time = max_seconds is not None and train_s >= max_seconds
+        if seen // every > (seen - bs) // every or step == total_steps or out_of_time:
             rmse, mean, nonfinite = val_gain(average.model if average else model, val)
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
@@ -228,4 +242,12 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
                          point.gain_pct, seen / train_s)
             if on_point:
                 on_point(point)
+        if out_of_time:
+            break
     return points
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so wall-clock stamps time the step (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

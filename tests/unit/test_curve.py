@@ -39,6 +39,16 @@ def test_the_mask_loss_runs_when_a_parse_net_is_named(splits, tmp_path, with_par
     assert point.nonfinite == 0
 
 
+def test_a_curve_ends_at_its_time_limit_with_a_last_point(splits):
+    from dfmvr.train.curve import learning_curve
+
+    cfg, train, val = splits
+    points = learning_curve(cfg, train, val, triplets=400, every=200, seed=0, max_seconds=1e-6)
+    # any step outlasts a microsecond: one step of 2 triplets, then the point that closes the curve
+    assert [(p.triplets, p.step) for p in points] == [(2, 1)]
+    assert points[0].nonfinite == 0
+
+
 @pytest.fixture(scope="module")
 def bench_root(tmp_path_factory):
     """16 subjects x 1 capture: 12 training triplets (the benchmark draws batches of 8) and 4 val."""
@@ -102,3 +112,18 @@ def test_precise_bn_benchmark_recomputes_statistics_and_leaves_the_checkpoint(be
     # ones differ, and so does the prediction
     assert res["precise_4x3_val_rmse_mm"] != pytest.approx(res["running_stats_val_rmse_mm"], rel=1e-6)
     assert hashlib.sha256((ckpt / CHECKPOINT_FILE).read_bytes()).hexdigest() == digest
+
+
+def test_gpu_presets_benchmark_runs_the_tiny_preset_on_the_cpu():
+    # the GPU benchmark's path on the CPU: its own data, a throughput probe, a curve cut by time
+    out, result = _run_benchmark("gpu_presets.py", "--device", "cpu", "--presets", "tiny", "--seconds", "0.5",
+                                 "--subjects", "12", "--workers", "1", "--val", "4", "--probe-steps", "3")
+    res = result["results"]
+    assert set(res) == {"tiny_triplets_per_s_fp32", "tiny_val_gain_pct_last"}
+    assert res["tiny_triplets_per_s_fp32"] > 0
+    curve = result["presets"]["tiny"]["curve"]
+    assert not curve["amp"] and all(p["nonfinite"] == 0 for p in curve["points"])
+    # planned from the probe's rate, ended by the time limit (0.5 s x 1.3) or the plan, whichever came first
+    last = curve["points"][-1]
+    assert last["triplets"] == curve["planned_triplets"] or last["train_s"] >= 0.65
+    assert result["machine"]["device"] == "cpu"
