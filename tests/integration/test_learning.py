@@ -63,13 +63,24 @@ def test_tiny_model_fits_a_fixed_batch(fixed_batch, backbone):
 # --- learning per triplet -----------------------------------------------------------------------
 
 LEARN_TRIPLETS = 3200
-"""Triplets the tiny model trains on in the learning test (400 steps of 8; about 2 minutes here)."""
-LEARN_FLOOR_PCT = 5.5
+"""Triplets the tiny model trains on in the learning test (400 steps of 8; about 2.5 minutes here)."""
+LEARN_FLOOR_PCT = 3.0
 """The least validation gain over the mean face the full tiny model (every loss term) must reach
-after :data:`LEARN_TRIPLETS` triplets. Measured on this test's data: 7.5% with the tiny preset,
-4.4% with the tiny preset as it was before the training-efficiency work (reference loss weights,
-BatchNorm involution kernels; ``benchmarks/learning_curve.py``'s ``before``), so a change that
-brings back what was lost fails here (docs/training.md, "Learning test")."""
+after :data:`LEARN_TRIPLETS` triplets. Measured on this test's data with seed 0: 4.99% on the
+2-core machines CI runs on, 7.5% on another 2-core machine (another CPU's kernels round
+differently, and 400 steps amplify it); seeds 1, 2, 3 gave 3.77, 5.04 and 5.18% on CI's kind.
+The floor sits 0.8 points under the lowest of those. A model that stops reading identity (the
+mean-face collapse of issue #11) ends near 0. It cannot rank the preset against the one before
+the training-efficiency work from one seed (``before``: 4.0 and 3.1% with seeds 0 and 1, against
+the preset's 3.8-5.2%): that takes ``benchmarks/learning_curve.py`` with several seeds and more
+triplets (docs/training.md, "Learning test")."""
+LEARN_EARLY_TRIPLETS = 1600
+"""Where the test also validates: half way."""
+LEARN_EARLY_FLOOR_PCT = -3.0
+"""Half way the preset stood 0.1-3.0% below the mean face (seeds 0-3, CI's machines); the preset
+before the training-efficiency work stood 34.8% above it with seed 0 (its BatchNorm involution
+kernels in eval mode, issue #11's "worse than the mean face at step 250"). A model that far off
+half way fails here."""
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +103,13 @@ def test_tiny_model_learns_identity_per_triplet(identity_data):
     from dfmvr.train.curve import learning_curve
 
     cfg, train, val = identity_data
-    points = learning_curve(cfg, train, val, triplets=LEARN_TRIPLETS, every=LEARN_TRIPLETS, seed=0)
-    last = points[-1]
-    assert last.nonfinite == 0
+    points = learning_curve(cfg, train, val, triplets=LEARN_TRIPLETS, every=LEARN_EARLY_TRIPLETS, seed=0)
+    assert [p.triplets for p in points] == [LEARN_EARLY_TRIPLETS, LEARN_TRIPLETS]
+    assert [p.nonfinite for p in points] == [0, 0]
+    early, last = points
+    assert early.gain_pct >= LEARN_EARLY_FLOOR_PCT, (
+        f"after {early.triplets} triplets the tiny model is {-early.gain_pct:.1f}% above the mean face's error "
+        f"({early.rmse_mm:.3f} vs {early.mean_face_rmse_mm:.3f} mm); the floor is {LEARN_EARLY_FLOOR_PCT}%")
     assert last.gain_pct >= LEARN_FLOOR_PCT, (
         f"after {last.triplets} triplets the tiny model is {last.gain_pct:.1f}% below the mean face's error "
         f"({last.rmse_mm:.3f} vs {last.mean_face_rmse_mm:.3f} mm); the floor is {LEARN_FLOOR_PCT}%")
