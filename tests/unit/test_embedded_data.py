@@ -21,3 +21,42 @@ def test_another_size_is_made_in_its_own_folder_and_then_reused(tmp_path):
     assert not (tmp_path / "shards").exists()
     stamp = Path(url, "manifest.json").stat().st_mtime_ns
     assert ensure_data(small) == url and Path(url, "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_shards_another_configuration_made_are_made_again_and_user_shards_are_left_alone(tmp_path, caplog,
+                                                                                          monkeypatch):
+    import json
+    import logging
+
+    from dfmvr.config import apply_overrides
+    from dfmvr.data.embedded import DATA_URL_ENV, ensure_data
+    from dfmvr.data.shards import read_manifest
+    from dfmvr.presets import tiny
+
+    monkeypatch.delenv(DATA_URL_ENV, raising=False)
+    cfg = apply_overrides(tiny(), {"work_dir": str(tmp_path), "data.image_size": 32, "render.image_size": 32,
+                                   "data.synth_subjects": 6, "data.synth_captures": 1})
+    url = ensure_data(cfg)
+    assert read_manifest(url).extra["synth"]["seed"] == 0
+
+    # another seed at the same dataset size: same folder, made again, and the log says why
+    with caplog.at_level(logging.WARNING, logger="dfmvr.data.embedded"):
+        assert ensure_data(apply_overrides(cfg, {"seed": 1})) == url
+    assert "seed 0 there, 1 asked for" in caplog.text
+    assert read_manifest(url).extra["synth"]["seed"] == 1
+
+    # shards recorded as made by another face model (its code changed since): made again
+    path = Path(url, "manifest.json")
+    doc = json.loads(path.read_text())
+    doc["extra"]["synth"]["facemodel"]["digest"] = "0123456789abcdef"
+    path.write_text(json.dumps(doc))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dfmvr.data.embedded"):
+        ensure_data(apply_overrides(cfg, {"seed": 1}))
+    assert "another face model (digest 0123456789abcdef there" in caplog.text
+    assert read_manifest(url).extra["synth"]["facemodel"]["digest"] != "0123456789abcdef"
+
+    # the same shards named by data.url are the user's: used as they are, whatever the seed
+    stamp = path.stat().st_mtime_ns
+    assert ensure_data(apply_overrides(cfg, {"seed": 0, "data.url": url})) == url
+    assert path.stat().st_mtime_ns == stamp
