@@ -11,20 +11,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
+
+from dfmvr.inputs import to_uint8
 
 TRUE_COLOR = (40, 220, 40)
 PRED_COLOR = (230, 40, 40)
 RENDER_ALPHA = 0.7
 """Opacity of the render over the input in overlays: the input must stay visible to judge the fit."""
-
-
-def to_uint8(image: torch.Tensor, *, signed: bool) -> np.ndarray:
-    """``[3, S, S]`` float (in [-1, 1] when ``signed`` else [0, 1]) -> ``[S, S, 3]`` uint8."""
-    x = image.detach().float().cpu()
-    if signed:
-        x = (x + 1) / 2
-    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def draw_landmarks(image: np.ndarray, points: np.ndarray | None, color, scale: float = 1.0,
@@ -55,9 +48,9 @@ def validation_grid(view: dict, tile: int = 160) -> np.ndarray:
     for i in range(b):
         tiles = []
         for j in range(v):
-            inp = to_uint8(images[i, j], signed=True)
+            inp = to_uint8(images[i, j])
             comp = render[i, j] * mask[i, j] + (images[i, j] + 1) / 2 * (1 - mask[i, j])
-            comp = to_uint8(comp, signed=False)
+            comp = to_uint8(comp * 2 - 1)  # [0, 1] -> the model's range
             over = (0.5 * inp + 0.5 * comp).astype(np.uint8)
             up = lambda a: cv2.resize(a, (tile, tile), interpolation=cv2.INTER_NEAREST)  # noqa: E731
             over = draw_landmarks(up(over), view["lm_true"][i, j].numpy(), TRUE_COLOR, scale, 2)
