@@ -462,20 +462,21 @@ def _sample_key(src: CaptureSource) -> str:
     return f"{_safe_name(src.subject)}-{_safe_name(src.capture)}"
 
 
-def _load_progress(cfg: PackConfig) -> list[ShardInfo]:
+def _load_progress(cfg: PackConfig) -> tuple[list[ShardInfo], set[str]]:
     """Shards an interrupted run with the same settings published and that are still intact
-    (size and sha256 as recorded); [] when there is no record, or one of other settings."""
+    (size and sha256 as recorded), and the keys of their captures packed without masks;
+    nothing when there is no record, or one of other settings."""
     url = storage.join(cfg.out, PROGRESS_NAME)
     try:
         doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
     except FileNotFoundError:
-        return []
+        return [], set()
     except (ValueError, UnicodeDecodeError) as e:
         _logger.warning("%s: unreadable (%s); packing everything again", url, e)
-        return []
+        return [], set()
     if not isinstance(doc, dict) or doc.get("fingerprint") != cfg.fingerprint():
         _logger.warning("%s: left by a pack with other settings; packing everything again", url)
-        return []
+        return [], set()
     kept = []
     for rec in doc.get("shards", []):
         try:
@@ -487,11 +488,13 @@ def _load_progress(cfg: PackConfig) -> list[ShardInfo]:
             kept.append(info)
         else:
             _logger.warning("%s: recorded shard missing or changed; its captures are packed again", rec.get("url"))
-    return kept
+    kept_keys = {k for i in kept for k in i.keys}
+    return kept, {k for k in doc.get("without_masks", []) if k in kept_keys}
 
 
-def _save_progress(cfg: PackConfig, infos: list[ShardInfo]) -> None:
-    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos]}
+def _save_progress(cfg: PackConfig, infos: list[ShardInfo], without_masks: set[str]) -> None:
+    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos],
+           "without_masks": sorted(without_masks)}
     storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
                         endpoint=cfg.endpoint)
 
@@ -516,7 +519,7 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
         _logger.info("layout %s fixes the splits from its folders: %s", cfg.layout, sorted(fixed))
 
     # an interrupted run of the same command left shards: keep them, pack the rest
-    recorded = _load_progress(cfg)
+    recorded, maskless = _load_progress(cfg)
     done_keys = {k for i in recorded for k in i.keys}
     if recorded:
         _logger.info("resuming: %d shards (%d captures) of an interrupted run kept; packing the rest",
@@ -527,7 +530,6 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
     per_split: dict[str, int] = {}
     for info in recorded:
         per_split[info.split] = per_split.get(info.split, 0) + info.count
-    without_masks = 0
     infos: list[ShardInfo] = list(recorded)
     bar = None
     if progress:
@@ -550,16 +552,17 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
                                              start_index=_next_index(recorded, split))
             writer = writers[split]
             before = len(writer.shards)
+            if sample.masks is None:  # counted with the captures of an interrupted run's kept shards
+                maskless.add(sample.key)
+                _logger.info("%s: packed without masks (%s)", src.folder, MASKLESS_HINT)
             writer.write(sample)
             if len(writer.shards) > before:  # this write published the writer's full shard: record it
-                _save_progress(cfg, recorded + [i for w in writers.values() for i in w.shards])
+                published = recorded + [i for w in writers.values() for i in w.shards]
+                _save_progress(cfg, published, maskless & {k for i in published for k in i.keys})
             per_split[split] = per_split.get(split, 0) + 1
-            if sample.masks is None:
-                without_masks += 1
-                _logger.info("%s: packed without masks (%s)", src.folder, MASKLESS_HINT)
         for writer in writers.values():
             infos.extend(writer.close())
-        _save_progress(cfg, infos)
+        _save_progress(cfg, infos, maskless)
     finally:
         if bar is not None:
             bar.close()
@@ -568,6 +571,7 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
         for writer in writers.values():
             writer.abort()
     manifest = None
+    without_masks = len(maskless)
     packed = sum(per_split.values())
     if packed:
         extra = {
