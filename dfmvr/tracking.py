@@ -155,6 +155,11 @@ def start_run(c, experiment_id: str, run_name: str, tags: dict[str, Any] | None 
     return run.info.run_id
 
 
+def reopen_run(c, run_id: str) -> None:
+    """Mark an ended run ``RUNNING`` again: a resumed job, sweep or trial logs on into its run."""
+    c.update_run(run_id, status="RUNNING")
+
+
 def end_run(c, run_id: str, status: str = "FINISHED") -> None:
     """Mark a run ``FINISHED``, ``FAILED`` or ``KILLED``."""
     c.set_terminated(run_id, status=status)

@@ -122,7 +122,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     mlc = tracking.client(tracking_uri)
     if continuing:  # a resumed run goes on logging where it left off
         run_id = earlier_run
-        mlc.update_run(run_id, status="RUNNING")
+        tracking.reopen_run(mlc, run_id)
         # params cannot change in MLflow; the step budget may have
         tracking.set_tags(mlc, run_id, {"dfmvr.resumed_to_steps": cfg.train.steps})
     else:

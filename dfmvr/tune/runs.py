@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from dfmvr.tracking import end_run, log_metrics, log_params, start_run
+from dfmvr.tracking import end_run, log_metrics, log_params, reopen_run, start_run
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def open_child(c, experiment_id: str, parent_run_id: str, *, trial_id: str, name
     found = find_child(c, experiment_id, parent_run_id, trial_id)
     if found is not None:
         if found.info.status != "RUNNING":
-            c.update_run(found.info.run_id, status="RUNNING")
+            reopen_run(c, found.info.run_id)
         c.set_tag(found.info.run_id, TAG_STATUS, "running")
         _logger.info("trial %s: continuing MLflow run %s", trial_id, found.info.run_id)
         return found.info.run_id

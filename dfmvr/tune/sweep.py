@@ -183,7 +183,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     client = tracking.client(tracking_uri)
     if resume:
         parent_run_id = state["parent_run_id"]
-        client.update_run(parent_run_id, status="RUNNING")
+        tracking.reopen_run(client, parent_run_id)
     else:
         parent_run_id = runs.start_parent(
             client, experiment_id, tcfg.name, flatten(cfg),
