@@ -73,7 +73,8 @@ def stale_reason(manifest, settings) -> str | None:
 def ensure_data(cfg: Config) -> str:
     """The shard root to train on: ``data.url``, else ``$DFMVR_DATA_URL``, else ``<work_dir>/shards``.
 
-    The last is the embedded default: synthetic triplets at the config's size, seed and face
+    A local path comes back absolute (the training workers run in other directories). The last
+    is the embedded default: synthetic triplets at the config's size, seed and face
     model, made when it has no manifest and remade when its manifest says it was made otherwise
     (another ``seed``, face model or image size at the default dataset size; the face model's
     code changed), so a run never trains silently on shards another configuration made. Shards
@@ -83,6 +84,9 @@ def ensure_data(cfg: Config) -> str:
     from dfmvr.data.shards import read_manifest
 
     user_url = cfg.data.url or os.environ.get(DATA_URL_ENV)
+    if user_url and not storage.is_s3(user_url):
+        # Ray's workers run in another directory: a relative path must not reach them as such
+        user_url = str(Path(user_url).expanduser().resolve())
     url = user_url or default_data_url(cfg)
     manifest = storage.join(url, "manifest.json")
     if storage.exists(manifest, endpoint=cfg.data.s3_endpoint or None):

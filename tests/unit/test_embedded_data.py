@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 
 def test_another_size_is_made_in_its_own_folder_and_then_reused(tmp_path):
     from dfmvr.config import apply_overrides
@@ -60,3 +62,21 @@ def test_shards_another_configuration_made_are_made_again_and_user_shards_are_le
     stamp = path.stat().st_mtime_ns
     assert ensure_data(apply_overrides(cfg, {"seed": 0, "data.url": url})) == url
     assert path.stat().st_mtime_ns == stamp
+
+
+def test_a_relative_data_url_comes_back_absolute(tmp_path, monkeypatch):
+    # the driver checks the manifest from its directory; Ray's workers open the shards from theirs
+    from dfmvr.config import apply_overrides
+    from dfmvr.data.embedded import DATA_URL_ENV, ensure_data
+    from dfmvr.presets import tiny
+
+    monkeypatch.delenv(DATA_URL_ENV, raising=False)
+    cfg = apply_overrides(tiny(), {"work_dir": str(tmp_path), "data.image_size": 32, "render.image_size": 32,
+                                   "data.synth_subjects": 4, "data.synth_captures": 1})
+    made = ensure_data(cfg)
+    monkeypatch.chdir(tmp_path)
+    assert ensure_data(apply_overrides(cfg, {"data.url": Path(made).name})) == made
+    monkeypatch.setenv(DATA_URL_ENV, Path(made).name)
+    assert ensure_data(cfg) == made
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        ensure_data(apply_overrides(cfg, {"data.url": "nowhere"}))
