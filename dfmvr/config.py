@@ -207,14 +207,21 @@ class LossConfig:
     into the shape coefficients (identity, expression). 1: plain backpropagation (the paper);
     0: the shape learns from the 3D landmarks only while pose, texture and light still learn
     from the pictures. Loss values are the same either way (``docs/training.md``)."""
+    backbone_grad_2d: float = 1.0
+    """Scale of the gradient that the coefficients other than the shape (per-view pose, texture,
+    light: what the picture terms and the small regularisers train) send into the network below
+    the head. The head's rows for them learn at full rate either way. With ``shape_grad_2d=0`` as
+    well, the picture terms reach the shared network at this scale only, and the 3D landmarks
+    shape its features. 1: plain backpropagation (the paper)."""
 
     def __post_init__(self) -> None:
         for name in ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect"):
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
         if self.mask_loss_start_step < 0:
             raise ValueError(f"loss.mask_loss_start_step: expected >= 0, got {self.mask_loss_start_step}")
-        if not 0.0 <= self.shape_grad_2d <= 1.0:
-            raise ValueError(f"loss.shape_grad_2d: expected a number in [0, 1], got {self.shape_grad_2d}")
+        for name in ("shape_grad_2d", "backbone_grad_2d"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"loss.{name}: expected a number in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True, slots=True)

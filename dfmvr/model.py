@@ -104,8 +104,12 @@ class DFMVR(nn.Module):
                                           involution_norm=model_cfg.involution_norm)
         self.renderer = create_renderer(render_cfg)
 
-    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """``images [B, V, 3, S, S]`` in [-1, 1] (+ ``masks [B, V, S, S]``) -> coefficients ``[B, 269]``."""
+    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None, *,
+               backbone_grad_2d: float = 1.0) -> torch.Tensor:
+        """``images [B, V, 3, S, S]`` in [-1, 1] (+ ``masks [B, V, S, S]``) -> coefficients ``[B, 269]``.
+
+        ``backbone_grad_2d`` scales the gradient the coefficients other than the shape send into
+        the network below the head (``loss.backbone_grad_2d``)."""
         b, v, c, h, w = images.shape
         if (v, c, h, w) != (self.n_views, 3, self.image_size, self.image_size):
             raise ValueError(
@@ -117,7 +121,7 @@ class DFMVR(nn.Module):
             if masks is None:
                 raise ValueError("model.mask_input is on but no masks were given (run the parse net first)")
             x = torch.cat([images, mask_channel(masks).to(images.dtype)], dim=2)
-        return self.regressor(self.backbone(x))
+        return self.regressor(self.backbone(x), other_grad=backbone_grad_2d)
 
     def decode(self, coeffs: torch.Tensor, *, render: bool = True, shape_grad_2d: float = 1.0) -> ReconOutput:
         """Coefficients ``[B, 269]`` -> meshes, per-view poses, shading, renders and landmarks.
@@ -145,8 +149,8 @@ class DFMVR(nn.Module):
     renderer always run in float32 (depth tests and barycentrics need the precision)."""
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = True,
-                shape_grad_2d: float = 1.0) -> ReconOutput:
+                shape_grad_2d: float = 1.0, backbone_grad_2d: float = 1.0) -> ReconOutput:
         use_amp = self.amp_dtype is not None
         with torch.autocast(device_type=images.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=use_amp):
-            coeffs = self.encode(images, masks)
+            coeffs = self.encode(images, masks, backbone_grad_2d=backbone_grad_2d)
         return self.decode(coeffs.float(), render=render, shape_grad_2d=shape_grad_2d)

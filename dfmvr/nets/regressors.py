@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from dfmvr.facemodel.decode import scale_grad
 from dfmvr.facemodel.layout import CoeffLayout, Coeffs
 from dfmvr.nets.blocks import ConvBNReLU, init_weights
 from dfmvr.nets.involution import Involution2d
@@ -171,9 +172,20 @@ class CoefficientRegressor(nn.Module):
             )
         return torch.flatten(self.pool(self.layers(self.stem(feat))), 1)
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        """Args: ``feat [B, C, h, w]``. Returns ``coeffs [B, layout.size]``."""
-        return self.head(self.features(feat))
+    def forward(self, feat: torch.Tensor, *, other_grad: float = 1.0) -> torch.Tensor:
+        """Args: ``feat [B, C, h, w]``. Returns ``coeffs [B, layout.size]``.
+
+        ``other_grad`` scales the gradient that every coefficient but the shape's (identity,
+        expression) sends into the features below the head; the head's own rows learn at full
+        rate either way, and the values are the same (``loss.backbone_grad_2d``).
+        """
+        f = self.features(feat)
+        coeffs = self.head(f)
+        if other_grad == 1.0 or not f.requires_grad:
+            return coeffs
+        rows = torch.zeros(self.layout.size, dtype=torch.bool, device=f.device)
+        rows[self.layout.id] = rows[self.layout.exp] = True
+        return torch.where(rows, coeffs, self.head(scale_grad(f, other_grad)))
 
 
 @register_regressor

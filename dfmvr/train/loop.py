@@ -293,7 +293,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
         batch = batch.to(device)
         norm_stats = _norm_stats(core)  # a skipped step must not leave its batch in BN statistics
-        out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d)
+        out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d,
+                    backbone_grad_2d=cfg.loss.backbone_grad_2d)
         total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, frozen_parse_net)
         finite = torch.isfinite(total).all()
         if world > 1 and dist.is_initialized():

@@ -77,3 +77,33 @@ def test_shape_grad_2d_scales_only_the_picture_terms_gradient_into_the_shape(bat
     torch.testing.assert_close(g_scaled[:, ids], scale * g_plain[:, ids])
     torch.testing.assert_close(g_scaled[:, pose], g_plain[:, pose])
     torch.testing.assert_close(grad(scaled.lm3d), grad(plain.lm3d))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_backbone_grad_2d_scales_only_the_non_shape_rows_gradient_into_the_network(batch, scale):
+    """``loss.backbone_grad_2d``: the coefficients are the same; what the pose rows send into the
+    network below the head is scaled, what the identity rows send is not, and the head's own
+    weights get their whole gradient either way."""
+    model = _model()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking head: a zero weight sends nothing down
+        model.regressor.head.weight.normal_(0, 0.05)
+    images, masks = batch.images, batch.masks
+    ids, pose = model.layout.id, slice(model.layout.n_shared, None)
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    head = model.regressor.head.weight
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [head, *backbone], retain_graph=True, allow_unused=True)
+
+    plain = model.encode(images, masks)
+    scaled = model.encode(images, masks, backbone_grad_2d=scale)
+    torch.testing.assert_close(scaled, plain, rtol=0, atol=0)
+    for rows, factor in ((pose, scale), (ids, 1.0)):
+        g_plain = grads(plain[:, rows].square().sum())
+        g_scaled = grads(scaled[:, rows].square().sum())
+        torch.testing.assert_close(g_scaled[0], g_plain[0])
+        flat_plain = torch.cat([g.flatten() for g in g_plain[1:] if g is not None])
+        flat_scaled = torch.cat([g.flatten() for g in g_scaled[1:] if g is not None])
+        assert flat_plain.abs().max() > 0
+        torch.testing.assert_close(flat_scaled, factor * flat_plain)
