@@ -1,7 +1,8 @@
 """Learning curves: validation gain over the mean face against triplets seen, side by side.
 
     .venv/bin/python benchmarks/learning_curve.py --data work/shards [--triplets 16000] [--every 2000]
-        [--curves ceiling,full,lm3d] [--seeds 1] [--grad-split] [--json]
+        [--curves ceiling,full,lm3d] [--seeds 1] [--grad-split] [--replicas 1] [--device cpu]
+        [--parse-net FILE] [--parallel 1] [--progress-dir DIR] [--json]
 
 Every curve trains in this one process on the same data (the shard root's train split held in
 memory) from the same seeds, and validates on the same first ``--val`` triplets of the val
@@ -20,6 +21,13 @@ Curves (``--curves``, comma-separated):
   involution kernel generators).
 - ``v1`` ... ``v6``: the ablation variants (``dfmvr.tune.presets.ablation``) on the tiny preset.
 - ``KEY=VALUE[;KEY=VALUE...]``: any other overrides on the tiny preset (label = the text).
+
+``--replicas 2`` takes ``make train``'s step (two workers' batches of 8, BatchNorm over each,
+gradients averaged; :func:`dfmvr.train.curve.learning_curve`) instead of one batch of 8, so
+``--replicas 2 --triplets 25600 --every 6400`` is the job's optimisation without Ray, the
+loader or MLflow. ``--parallel P`` trains up to P curves (each curve and seed) at once in
+their own processes, for a machine with cores or a GPU to spare; ``--progress-dir`` gets each
+one's points as JSON lines while they run.
 
 ``--json`` prints one JSON object as the last line with ``full_val_gain_pct_16k``,
 ``ceiling_val_gain_pct_16k`` (gains at 16k triplets, or at the last point when shorter; the
@@ -93,6 +101,42 @@ def gain_at(points: list[dict], triplets: int) -> float:
     return points[-1]["gain_pct"]
 
 
+_SPLITS: dict = {}
+
+
+def _load_splits(path: str, threads: int) -> None:
+    """Process initialiser of ``--parallel``: the splits the parent saved, and the thread count."""
+    torch.set_num_threads(threads)
+    _SPLITS.update(torch.load(path, weights_only=False))
+
+
+def run_curve(name: str, seed: int, base, args, train=None, val=None) -> list[dict]:
+    """The points of curve ``name`` under ``seed`` (in a ``--parallel`` worker: on its loaded splits)."""
+    train, val = (train, val) if train is not None else (_SPLITS["train"], _SPLITS["val"])
+    overrides = curve_overrides(name)
+    progress = None
+    if args.progress_dir:
+        path = Path(args.progress_dir) / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', name)}-seed{seed}.jsonl"
+
+        def progress(p) -> None:
+            with open(path, "a") as f:
+                f.write(json.dumps({k: v for k, v in p.to_dict().items() if k != "grad_split"}) + "\n")
+    t0 = time.perf_counter()
+    if overrides is None:
+        pts = ceiling_curve(base, train, val, triplets=args.triplets, every=args.every, seed=seed)
+    else:
+        cfg = apply_overrides(base, overrides)
+        pts = [p.to_dict() for p in learning_curve(cfg, train, val, triplets=args.triplets, every=args.every,
+                                                   seed=seed, with_grad_split=args.grad_split,
+                                                   device=args.device, replicas=args.replicas,
+                                                   on_point=progress)]
+        if args.grad_split:
+            print_grad_split(name, seed, pts)
+    print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"{p['triplets'] / 1000:g}k {p['gain_pct']:.1f}%" for p in pts), flush=True)
+    return pts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="work/shards", help="shard root with a manifest (made by make train)")
@@ -109,8 +153,20 @@ def main() -> None:
     ap.add_argument("--grad-split", action="store_true",
                     help="print each term's gradient on the head's identity and pose rows and on the backbone "
                          "(and its cosine with lm3d's) at every point (dfmvr.train.curve.gradient_split)")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="batches of 8 per step, each normalised on its own and their gradients averaged: "
+                         "2 is make train's step of two DDP workers")
+    ap.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
+    ap.add_argument("--parse-net", help="frozen parse-net file for every curve's mask loss, as make train's "
+                                        "(work/parsenet/parsenet.pt after it)")
+    ap.add_argument("--parallel", type=int, default=1, help="curves trained at once, each in its own process")
+    ap.add_argument("--progress-dir", help="folder for each curve's points as JSON lines while it runs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.replicas < 1 or args.parallel < 1:
+        raise SystemExit(f"--replicas {args.replicas} / --parallel {args.parallel}: expected >= 1")
+    if args.progress_dir:
+        Path(args.progress_dir).mkdir(parents=True, exist_ok=True)
     if not (Path(args.data) / "manifest.json").exists() and not args.data.startswith("s3://"):
         raise SystemExit(f"--data {args.data}: no manifest.json (run `make train` or `python -m sharding.synth` first)")
     if args.val_data and not (Path(args.val_data) / "manifest.json").exists() and not args.val_data.startswith("s3://"):
@@ -123,30 +179,33 @@ def main() -> None:
 
     # batch 8 per step in this one process (make train's 2 workers take 8 each, 16 per step; in one
     # process batch 8 learned more per triplet than 16: docs/training.md)
-    base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8})
+    base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8,
+                                    "model.parse_net": args.parse_net or ""})
     t0 = time.perf_counter()
     val_base = apply_overrides(base, {"data.url": str(args.val_data)}) if args.val_data else base
     train, val = load_split(base, "train"), load_split(val_base, "val", limit=args.val, with_gt=True)
     print(f"loaded {len(train)} train and {len(val)} val triplets in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    tasks = [(name, seed) for seed in range(args.seeds) for name in names]
+    if args.parallel > 1:
+        import tempfile
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with tempfile.TemporaryDirectory(prefix="dfmvr-curves-") as tmp:
+            saved = str(Path(tmp) / "splits.pt")
+            torch.save({"train": train, "val": val}, saved)
+            with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), initializer=_load_splits,
+                                     initargs=(saved, args.threads)) as pool:
+                futures = {task: pool.submit(run_curve, *task, base, args) for task in tasks}
+                done = {task: f.result() for task, f in futures.items()}
+    else:
+        done = {task: run_curve(*task, base, args, train, val) for task in tasks}
+
     curves: dict[str, dict] = {}
     for name in names:
         overrides = curve_overrides(name)
-        runs = []
-        for seed in range(args.seeds):
-            t0 = time.perf_counter()
-            if overrides is None:
-                pts = ceiling_curve(base, train, val, triplets=args.triplets, every=args.every, seed=seed)
-            else:
-                cfg = apply_overrides(base, overrides)
-                pts = [p.to_dict() for p in learning_curve(cfg, train, val, triplets=args.triplets,
-                                                           every=args.every, seed=seed,
-                                                           with_grad_split=args.grad_split)]
-                if args.grad_split:
-                    print_grad_split(name, seed, pts)
-            runs.append(pts)
-            print(f"{name} seed {seed} ({time.perf_counter() - t0:.0f} s): "
-                  + ", ".join(f"{p['triplets'] // 1000}k {p['gain_pct']:.1f}%" for p in pts), flush=True)
+        runs = [done[(name, seed)] for seed in range(args.seeds)]
         mean_pts = [{"triplets": p["triplets"], "gain_pct": float(np.mean([r[i]["gain_pct"] for r in runs])),
                      "gain_pct_std": float(np.std([r[i]["gain_pct"] for r in runs])),
                      "nonfinite": int(sum(r[i].get("nonfinite", 0) for r in runs)),
@@ -171,6 +230,7 @@ def main() -> None:
         print(json.dumps({
             "benchmark": "learning_curve", "results": results, "units": units,
             "settings": {"triplets": args.triplets, "every": args.every, "val": args.val, "seeds": args.seeds,
+                         "replicas": args.replicas, "device": args.device, "parallel": args.parallel,
                          "data": str(args.data), "val_data": str(args.val_data or args.data),
                          "train_triplets": len(train)},
             "curves": curves,

@@ -148,7 +148,8 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int,
     head = model.regressor.head.weight
     n_shared = layout.n_shared
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    out = model(batch.images, batch.masks if model.cfg.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
+    out = model(batch.images, batch.masks if model.cfg.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d,
+                backbone_grad_2d=loss_cfg.backbone_grad_2d)
     _, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
     grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     names = [k for k in terms if k != "total"]
@@ -172,7 +173,7 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int,
 def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplets: int, every: int,
                    seed: int = 0, on_point: Callable[[CurvePoint], None] | None = None,
                    with_grad_split: bool = False, device: torch.device | str = "cpu", amp: bool = False,
-                   max_seconds: float | None = None) -> list[CurvePoint]:
+                   max_seconds: float | None = None, replicas: int = 1) -> list[CurvePoint]:
     """Train ``cfg``'s model on ``train`` for ``triplets`` triplets, validating every ``every``.
 
     Batches of ``cfg.data.batch_size`` are drawn uniformly without replacement within a batch;
@@ -187,7 +188,15 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     runs the forward pass in bfloat16 on CUDA as ``train.amp`` does, and ``max_seconds`` ends
     the curve (with a last point) once that many seconds of training steps are spent, before
     ``triplets`` when the device is slower than planned.
+
+    ``replicas`` takes the step of a data-parallel job in this one process: each step draws
+    ``replicas`` batches of ``cfg.data.batch_size``, runs them through the model one after the
+    other (BatchNorm normalises each on its own, as on separate workers) and averages their
+    gradients, as DDP's all-reduce does; BatchNorm's running statistics follow the first batch
+    only, as DDP broadcasts rank 0's. ``make train``'s step is ``replicas=2``.
     """
+    if replicas < 1:
+        raise ValueError(f"replicas: expected >= 1, got {replicas}")
     device = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -195,7 +204,11 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     if amp and device.type == "cuda":
         model.amp_dtype = torch.bfloat16
     bs = cfg.data.batch_size
-    total_steps = max(1, triplets // bs)
+    per_step = bs * replicas
+    if per_step > len(train):
+        raise ValueError(f"a step draws {per_step} distinct triplets ({replicas} x batch {bs}) but there are "
+                         f"{len(train)} training triplets")
+    total_steps = max(1, triplets // per_step)
     # the schedule keeps its shape: the decay starts at the same fraction of the run
     stretch = total_steps / max(1, cfg.train.steps)
     optim_cfg = replace(cfg.optim, cosine_after=round(cfg.optim.cosine_after * stretch),
@@ -212,14 +225,20 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     train_s, seen, step = 0.0, 0, 0
     model.train()
     while step < total_steps:
-        batch = train.batch(torch.from_numpy(rng.choice(len(train), bs, replace=False)))
+        drawn = torch.from_numpy(rng.choice(len(train), per_step, replace=False))
         _sync(device)
         t0 = time.perf_counter()
-        batch = batch.to(device, non_blocking=True)
-        out = model(batch.images, batch.masks if cfg.model.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d)
-        total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        for r in range(replicas):
+            batch = train.batch(drawn[r * bs:(r + 1) * bs]).to(device, non_blocking=True)
+            if r == 1:
+                stats = _batchnorm_stats(model)
+            out = model(batch.images, batch.masks if cfg.model.mask_input else None,
+                        shape_grad_2d=loss_cfg.shape_grad_2d, backbone_grad_2d=loss_cfg.backbone_grad_2d)
+            total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
+            (total / replicas).backward()
+        if replicas > 1:
+            _restore(stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
         opt.step()
         sched.step()
@@ -228,9 +247,9 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         _sync(device)
         train_s += time.perf_counter() - t0
         step += 1
-        seen += bs
+        seen += per_step
         out_of_time = max_seconds is not None and train_s >= max_seconds
-        if seen // every > (seen - bs) // every or step == total_steps or out_of_time:
+        if seen // every > (seen - per_step) // every or step == total_steps or out_of_time:
             rmse, mean, nonfinite = val_gain(average.model if average else model, val)
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
@@ -245,6 +264,17 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         if out_of_time:
             break
     return points
+
+
+def _batchnorm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` for every BatchNorm buffer of ``model`` (running mean, variance, count)."""
+    return [(b, b.clone()) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()]
+
+
+def _restore(stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for buf, saved in stats:
+        buf.copy_(saved)
 
 
 def _sync(device: torch.device) -> None:

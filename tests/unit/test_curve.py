@@ -127,3 +127,37 @@ def test_gpu_presets_benchmark_runs_the_tiny_preset_on_the_cpu():
     last = curve["points"][-1]
     assert last["triplets"] == curve["planned_triplets"] or last["train_s"] >= 0.65
     assert result["machine"]["device"] == "cpu"
+
+
+def test_replicas_take_the_data_parallel_step(splits):
+    """``replicas=2``: two batches per step, so the same triplets in half the steps, and BatchNorm's
+    running statistics are those of the first batch alone (DDP keeps rank 0's)."""
+    import torch
+
+    from dfmvr.train import curve
+
+    cfg, train, val = splits
+    points = curve.learning_curve(cfg, train, val, triplets=8, every=4, seed=0, replicas=2)
+    assert [(p.triplets, p.step) for p in points] == [(4, 1), (8, 2)]
+    with pytest.raises(ValueError, match="replicas"):
+        curve.learning_curve(cfg, train, val, triplets=8, every=4, replicas=0)
+    with pytest.raises(ValueError, match=f"{len(train)} training triplets"):
+        curve.learning_curve(cfg, train, val, triplets=8, every=4, replicas=len(train))
+    bn = torch.nn.BatchNorm1d(3)
+    stats = curve._batchnorm_stats(torch.nn.Sequential(bn))
+    bn(torch.randn(4, 3) + 5)
+    assert bn.running_mean.abs().min() > 0.1
+    curve._restore(stats)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+def test_learning_curve_benchmark_runs_curves_in_parallel_processes(bench_root, tmp_path):
+    progress = tmp_path / "progress"
+    _, result = _run_benchmark("learning_curve.py", "--data", str(bench_root), "--curves",
+                               "full,loss.shape_grad_2d=0;loss.backbone_grad_2d=0", "--triplets", "16", "--every",
+                               "8", "--val", "4", "--parallel", "2", "--progress-dir", str(progress))
+    assert result["settings"]["parallel"] == 2
+    for name, c in result["curves"].items():
+        assert [(p["triplets"], p["step"]) for p in c["seeds"][0]] == [(8, 1), (16, 2)], name
+    files = sorted(p.name for p in progress.iterdir())
+    assert files == ["full-seed0.jsonl", "loss.shape_grad_2d=0_loss.backbone_grad_2d=0-seed0.jsonl"]
