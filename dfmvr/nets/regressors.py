@@ -149,6 +149,10 @@ class CoefficientRegressor(nn.Module):
         self.feature_channels = c_in
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(c_in, layout.size)
+        shape_rows = torch.zeros(layout.size, dtype=torch.bool)
+        shape_rows[layout.id] = shape_rows[layout.exp] = True
+        self.register_buffer("shape_rows", shape_rows, persistent=False)
+        """The head's rows that emit the shape (identity, expression) coefficients."""
         init_weights(self)
         for block in self.layers:
             # Zero-init residual (Goyal et al. 2017; the reference RedNet's default): every block
@@ -183,9 +187,7 @@ class CoefficientRegressor(nn.Module):
         coeffs = self.head(f)
         if other_grad == 1.0 or not f.requires_grad:
             return coeffs
-        rows = torch.zeros(self.layout.size, dtype=torch.bool, device=f.device)
-        rows[self.layout.id] = rows[self.layout.exp] = True
-        return torch.where(rows, coeffs, self.head(scale_grad(f, other_grad)))
+        return torch.where(self.shape_rows, coeffs, self.head(scale_grad(f, other_grad)))
 
 
 @register_regressor

@@ -32,7 +32,7 @@ from dfmvr.model import DFMVR
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer
-from dfmvr.train.weights import WeightAverage
+from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
 
@@ -232,13 +232,13 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         for r in range(replicas):
             batch = train.batch(drawn[r * bs:(r + 1) * bs]).to(device, non_blocking=True)
             if r == 1:
-                stats = _batchnorm_stats(model)
+                stats = snapshot_norm_stats(model)
             out = model(batch.images, batch.masks if cfg.model.mask_input else None,
                         shape_grad_2d=loss_cfg.shape_grad_2d, backbone_grad_2d=loss_cfg.backbone_grad_2d)
             total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
             (total / replicas).backward()
         if replicas > 1:
-            _restore(stats)
+            restore_norm_stats(stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
         opt.step()
         sched.step()
@@ -264,17 +264,6 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         if out_of_time:
             break
     return points
-
-
-def _batchnorm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(buffer, copy)`` for every BatchNorm buffer of ``model`` (running mean, variance, count)."""
-    return [(b, b.clone()) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-            for b in m.buffers()]
-
-
-def _restore(stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for buf, saved in stats:
-        buf.copy_(saved)
 
 
 def _sync(device: torch.device) -> None:

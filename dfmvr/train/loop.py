@@ -34,7 +34,7 @@ from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_c
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer
-from dfmvr.train.weights import WeightAverage
+from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
 
@@ -77,23 +77,6 @@ class LocalSession:
 def unwrap(model: torch.nn.Module) -> DFMVR:
     """The DF-MVR module inside a DDP wrapper (or the module itself)."""
     return getattr(model, "module", model)
-
-
-def _norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(buffer, copy)`` for every normalisation running statistic (small: no face-model buffers)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if b is not None:
-                    out.append((b, b.detach().clone()))
-    return out
-
-
-def _restore_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buf, copy in saved:
-            buf.copy_(copy)
 
 
 def _broadcast(obj: Any, world_size: int) -> Any:
@@ -292,7 +275,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             continue
         counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
         batch = batch.to(device)
-        norm_stats = _norm_stats(core)  # a skipped step must not leave its batch in BN statistics
+        norm_stats = snapshot_norm_stats(core)  # a skipped step must not leave its batch in BN statistics
         out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d,
                     backbone_grad_2d=cfg.loss.backbone_grad_2d)
         total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, frozen_parse_net)
@@ -313,7 +296,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             nan_streak += 1
             counters["nan_steps"] += 1
             opt.zero_grad(set_to_none=True)
-            _restore_norm_stats(norm_stats)
+            restore_norm_stats(norm_stats)
             _logger.warning("rank %d step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
                             rank, step, {k: float(v.detach()) for k, v in terms.items()}, nan_streak)
             if tracker:

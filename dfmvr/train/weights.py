@@ -6,6 +6,10 @@ iterate at no extra training cost. BatchNorm running statistics are copied from 
 (they are already averages of the recent batches). Early on the decay is
 ``min(decay, (1 + t) / (10 + t))`` (t = optimiser steps), so the average is not dominated by
 the random initialisation.
+
+Also here: :func:`snapshot_norm_stats` and :func:`restore_norm_stats`, which put BatchNorm's
+running statistics back after a step the training loop skips, and after the batches of
+:func:`dfmvr.train.curve.learning_curve`'s data-parallel step that are not rank 0's.
 """
 
 from __future__ import annotations
@@ -49,3 +53,21 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+def snapshot_norm_stats(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` for every normalisation running statistic (small: no face-model buffers):
+    what :func:`restore_norm_stats` puts back after a skipped step or a second data-parallel batch."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if b is not None:
+                    out.append((b, b.detach().clone()))
+    return out
+
+
+def restore_norm_stats(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, value in saved:
+            buf.copy_(value)

@@ -44,6 +44,8 @@ def test_unknown_key_names_the_key_and_valid_fields():
         ("model.regressor_blocks", "[3,0,6,3]", "model.regressor_blocks"),
         ("model.involution_norm", "layer", "['group', 'batch']"),
         ("optim.ema_decay", "1.0", "optim.ema_decay"),
+        ("loss.shape_grad_2d", "1.5", "loss.shape_grad_2d: expected a number in [0, 1], got 1.5"),
+        ("loss.backbone_grad_2d", "-0.1", "loss.backbone_grad_2d: expected a number in [0, 1], got -0.1"),
         ("optim.warmup_steps", "-5", "optim.warmup_steps"),
         ("data.max_bad_shards_in_a_row", "0", "data.max_bad_shards_in_a_row"),
         # the tune section (dfmvr/tune/settings.py) checks its fields the same way

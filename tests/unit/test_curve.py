@@ -143,11 +143,14 @@ def test_replicas_take_the_data_parallel_step(splits):
         curve.learning_curve(cfg, train, val, triplets=8, every=4, replicas=0)
     with pytest.raises(ValueError, match=f"{len(train)} training triplets"):
         curve.learning_curve(cfg, train, val, triplets=8, every=4, replicas=len(train))
+    # what puts the running statistics back to the first batch's after the second
+    from dfmvr.train.weights import restore_norm_stats, snapshot_norm_stats
+
     bn = torch.nn.BatchNorm1d(3)
-    stats = curve._batchnorm_stats(torch.nn.Sequential(bn))
+    stats = snapshot_norm_stats(torch.nn.Sequential(bn))
     bn(torch.randn(4, 3) + 5)
     assert bn.running_mean.abs().min() > 0.1
-    curve._restore(stats)
+    restore_norm_stats(stats)
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
 
 
@@ -157,6 +160,7 @@ def test_learning_curve_benchmark_runs_curves_in_parallel_processes(bench_root, 
                                "full,loss.shape_grad_2d=0;loss.backbone_grad_2d=0", "--triplets", "16", "--every",
                                "8", "--val", "4", "--parallel", "2", "--progress-dir", str(progress))
     assert result["settings"]["parallel"] == 2
+    assert {"full_val_gain_pct_16k", "tiny_triplets_per_s"} <= set(result["results"])
     for name, c in result["curves"].items():
         assert [(p["triplets"], p["step"]) for p in c["seeds"][0]] == [(8, 1), (16, 2)], name
     files = sorted(p.name for p in progress.iterdir())
