@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learning_curve.py --data work/shards [--triplets 16000] [--every 2000]
         [--curves ceiling,full,lm3d] [--seeds 1] [--grad-split] [--replicas 1] [--device cpu]
-        [--parse-net FILE] [--parallel 1] [--progress-dir DIR] [--json]
+        [--parse-net FILE] [--image-size PX] [--parallel 1] [--progress-dir DIR] [--json]
 
 Every curve trains in this one process on the same data (the shard root's train split held in
 memory) from the same seeds, and validates on the same first ``--val`` triplets of the val
@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1,
                     help="batches of 8 per step, each normalised on its own and their gradients averaged: "
                          "2 is make train's step of two DDP workers")
+    ap.add_argument("--image-size", type=int, default=0,
+                    help="views and renders at this many px for every curve (0: the tiny preset's 64); the "
+                         "shards are resized as the loader does")
     ap.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     ap.add_argument("--parse-net", help="frozen parse-net file for every curve's mask loss, as make train's "
                                         "(work/parsenet/parsenet.pt after it)")
@@ -181,6 +184,8 @@ def main() -> None:
     # process batch 8 learned more per triplet than 16: docs/training.md)
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8,
                                     "model.parse_net": args.parse_net or ""})
+    if args.image_size:
+        base = apply_overrides(base, {"data.image_size": args.image_size, "render.image_size": args.image_size})
     t0 = time.perf_counter()
     val_base = apply_overrides(base, {"data.url": str(args.val_data)}) if args.val_data else base
     train, val = load_split(base, "train"), load_split(val_base, "val", limit=args.val, with_gt=True)

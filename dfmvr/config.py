@@ -288,6 +288,9 @@ class TrainConfig:
     after a node is lost), ``STRICT_SPREAD`` one per node or wait for nodes."""
     amp: bool = True
     """bf16/fp16 autocast on GPU (ignored on CPU)."""
+    cpu_amp: bool = False
+    """bf16 autocast of the network part on CPU workers whose CPU has native bf16 (oneDNN's
+    AVX512-BF16/AMX path); float32 on other CPUs. The face model, renderer and losses stay float32."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm under DDP."""
     max_failures: int = 2

@@ -78,6 +78,19 @@ def mask_channel(masks: torch.Tensor) -> torch.Tensor:
     return (masks.float() / (N_PARSE_CLASSES - 1) * 2 - 1).unsqueeze(-3)
 
 
+def autocast_dtype(device: torch.device, *, amp: bool, cpu_amp: bool = False) -> torch.dtype | None:
+    """The network part's autocast dtype for ``train.amp`` / ``train.cpu_amp`` on ``device``.
+
+    bf16 on CUDA when ``amp`` and the GPU has it (no loss scaling needed; older GPUs train in
+    float32); bf16 on CPU when ``cpu_amp`` and the CPU has native bf16 (oneDNN), else float32.
+    """
+    if device.type == "cuda" and amp:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and cpu_amp and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 class DFMVR(nn.Module):
     """Deep-fusion multi-view reconstruction network with its differentiable decoder.
 

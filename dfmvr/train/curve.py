@@ -28,7 +28,7 @@ import torch
 from dfmvr.config import Config
 from dfmvr.data.batch import Batch
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR
+from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer
@@ -201,8 +201,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel)).to(device)
-    if amp and device.type == "cuda":
-        model.amp_dtype = torch.bfloat16
+    model.amp_dtype = autocast_dtype(device, amp=amp, cpu_amp=cfg.train.cpu_amp)
     bs = cfg.data.batch_size
     per_step = bs * replicas
     if per_step > len(train):

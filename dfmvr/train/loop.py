@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR
+from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.tracking import VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
@@ -192,9 +192,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     torch.manual_seed(cfg.seed + rank)
     face_model = build_face_model(cfg.facemodel)
     core = DFMVR(cfg.model, cfg.render, face_model).to(device)
-    if cfg.train.amp and device.type == "cuda":
-        # bf16 needs no loss scaling; GPUs without it (pre-Ampere) train in float32
-        core.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
     model = prepare_model(core) if prepare_model else core
     core = unwrap(model)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, cfg.train.steps)

@@ -11,7 +11,7 @@ from dfmvr.config import apply_overrides
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.transforms import weight_map
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR
+from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.nets import BiSeNet
 from dfmvr.presets import tiny
 from dfmvr.train.objective import reconstruction_losses
@@ -102,3 +102,27 @@ def test_mask_loss_gradient_reaches_the_coefficients_through_the_parse_net(setup
     assert set(terms) == {"mask", "total"}
     total.backward()
     assert coeffs.grad.abs().sum() > 0
+
+
+def test_cpu_bf16_autocast_only_where_asked_and_supported(setup):
+    cfg, fm = setup
+    cpu = torch.device("cpu")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert autocast_dtype(cpu, amp=True, cpu_amp=False) is None  # train.amp alone is a GPU switch
+    assert autocast_dtype(cpu, amp=False, cpu_amp=True) == (torch.bfloat16 if native else None)
+    if not native:
+        pytest.skip("this CPU has no native bf16")
+    model = DFMVR(cfg.model, cfg.render, fm).train()
+    model.amp_dtype = autocast_dtype(cpu, amp=False, cpu_amp=True)
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = _batch(fm)
+    out = model(batch.images, batch.masks)
+    # the network runs in bf16; the coefficients and everything after them are float32
+    assert seen == [torch.bfloat16]
+    assert out.coeffs.dtype == torch.float32 and out.image.dtype == torch.float32
+    total, _ = reconstruction_losses(model, out, batch, cfg.loss, step=0, parse_net=None)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
