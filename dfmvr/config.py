@@ -242,12 +242,16 @@ class OptimConfig:
     """Max global gradient norm (0 = no clipping)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from ``lr / warmup_steps`` over this many steps (0 = none)."""
+    pose_lr_scale: float = 1.0
+    """Multiple of the learning rate for the regressor head's per-view pose rows (rotation and
+    translation of each view; 1 = the same rate as every other weight)."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights for validation, checkpoints' exported model and
     inference (0 = off; e.g. 0.999). The average warms up as ``min(decay, (1 + t) / (10 + t))``."""
 
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
+        _check_positive("optim.pose_lr_scale", self.pose_lr_scale)
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if not 0 <= self.ema_decay < 1:

@@ -31,7 +31,7 @@ from dfmvr.facemodel import build_face_model
 from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
-from dfmvr.train.schedule import build_optimizer
+from dfmvr.train.schedule import build_optimizer, pose_row_rates
 from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
                         warmup_steps=round(cfg.optim.warmup_steps * stretch))
     loss_cfg = replace(cfg.loss, mask_loss_start_step=round(cfg.loss.mask_loss_start_step * stretch))
     opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
+    row_rates = pose_row_rates(model, optim_cfg)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
     parse_net = None
     if cfg.model.parse_net and cfg.loss.mask_loss:
@@ -239,7 +240,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         if replicas > 1:
             restore_norm_stats(stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        opt.step()
+        row_rates.step(opt)
         sched.step()
         if average:
             average.update(model, step + 1)

@@ -33,7 +33,7 @@ from dfmvr.tracking import VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
-from dfmvr.train.schedule import build_optimizer
+from dfmvr.train.schedule import build_optimizer, pose_row_rates
 from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     model = prepare_model(core) if prepare_model else core
     core = unwrap(model)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, cfg.train.steps)
+    row_rates = pose_row_rates(core, cfg.optim)
     # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
     # could serve it; only rank 0 validates and saves it
     average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
@@ -309,7 +310,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
                 )
             continue
         nan_streak = 0
-        opt.step()
+        row_rates.step(opt)
         sched.step()
         step += 1
         if average:

@@ -4,6 +4,7 @@ after an optional linear warm-up."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -28,3 +29,35 @@ def build_optimizer(params, optim_cfg, total_steps: int):
                             min_lr_ratio=optim_cfg.min_lr_ratio, warmup_steps=optim_cfg.warmup_steps),
     )
     return opt, sched
+
+
+class RowRates:
+    """Scale the optimiser's update of some rows of some parameters: a learning rate per row.
+
+    Adam's step does not grow with the gradient, so scaling a row's gradient does not change its
+    rate; this scales the step itself. ``step(opt)`` runs ``opt.step()`` and then moves each
+    ``(parameter, rows)`` pair ``scale`` times as far as the optimiser did (weight decay and
+    momentum included), so ``scale=3`` is three times the learning rate for those rows.
+    """
+
+    def __init__(self, rows: Sequence[tuple[torch.Tensor, slice]], scale: float) -> None:
+        if scale <= 0:
+            raise ValueError(f"row learning-rate scale: expected a number > 0, got {scale}")
+        self.rows = list(rows)
+        self.scale = scale
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        if self.scale == 1.0 or not self.rows:
+            opt.step()
+            return
+        before = [p.detach()[rows].clone() for p, rows in self.rows]
+        opt.step()
+        with torch.no_grad():
+            for (p, rows), old in zip(self.rows, before):
+                p[rows].sub_(old).mul_(self.scale).add_(old)
+
+
+def pose_row_rates(model, optim_cfg) -> RowRates:
+    """:class:`RowRates` for the regressor head's pose rows at ``optim.pose_lr_scale``."""
+    head, pose = model.regressor.head, model.regressor.layout.pose
+    return RowRates([(head.weight, pose), (head.bias, pose)], optim_cfg.pose_lr_scale)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dfmvr.config import OptimConfig
-from dfmvr.train.schedule import build_optimizer, lr_factor
+from dfmvr.train.schedule import RowRates, build_optimizer, lr_factor
 from dfmvr.train.weights import WeightAverage
 
 
@@ -56,7 +56,26 @@ def test_weight_average_blends_parameters_and_copies_buffers():
     torch.testing.assert_close(average2.model[0].weight, live[0].weight - 1.0 + 9 / 11)
 
 
-@pytest.mark.parametrize("key,value", [("warmup_steps", -1), ("ema_decay", 1.0), ("ema_decay", -0.1)])
+def test_row_rates_scale_adams_step_of_the_chosen_rows_only():
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3) for _ in range(5)]
+    plain, scaled = (nn.Parameter(torch.ones(4, 3)) for _ in range(2))
+    opt_plain = torch.optim.Adam([plain], lr=1e-2)
+    opt_scaled = torch.optim.Adam([scaled], lr=1e-2)
+    rates = RowRates([(scaled, slice(2, 4))], scale=3.0)
+    for g in grads:
+        plain.grad, scaled.grad = g.clone(), g.clone()
+        opt_plain.step()
+        rates.step(opt_scaled)
+    # Adam's moments see the same gradients, so the chosen rows moved three times as far
+    torch.testing.assert_close(scaled[:2], plain[:2])
+    torch.testing.assert_close(scaled[2:] - 1, 3 * (plain[2:] - 1))
+    with pytest.raises(ValueError, match="> 0"):
+        RowRates([(scaled, slice(0, 1))], scale=0.0)
+
+
+@pytest.mark.parametrize("key,value", [("warmup_steps", -1), ("ema_decay", 1.0), ("ema_decay", -0.1),
+                                       ("pose_lr_scale", 0.0)])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"optim.{key}"):
         OptimConfig(**{key: value})
