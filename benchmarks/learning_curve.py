@@ -182,10 +182,9 @@ def main() -> None:
 
     # batch 8 per step in this one process (make train's 2 workers take 8 each, 16 per step; in one
     # process batch 8 learned more per triplet than 16: docs/training.md)
+    size = {"data.image_size": args.image_size, "render.image_size": args.image_size} if args.image_size else {}
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8,
-                                    "model.parse_net": args.parse_net or ""})
-    if args.image_size:
-        base = apply_overrides(base, {"data.image_size": args.image_size, "render.image_size": args.image_size})
+                                    "model.parse_net": args.parse_net or "", **size})
     t0 = time.perf_counter()
     val_base = apply_overrides(base, {"data.url": str(args.val_data)}) if args.val_data else base
     train, val = load_split(base, "train"), load_split(val_base, "val", limit=args.val, with_gt=True)

@@ -38,6 +38,9 @@ class RowRates:
     rate; this scales the step itself. ``step(opt)`` runs ``opt.step()`` and then moves each
     ``(parameter, rows)`` pair ``scale`` times as far as the optimiser did (weight decay and
     momentum included), so ``scale=3`` is three times the learning rate for those rows.
+
+    Why not a parameter group: Adam's groups hold whole tensors, and the pose rows are 18 of the
+    head's rows; splitting the head into two parameters would change every checkpoint's keys.
     """
 
     def __init__(self, rows: Sequence[tuple[torch.Tensor, slice]], scale: float) -> None:
@@ -47,7 +50,7 @@ class RowRates:
         self.scale = scale
 
     def step(self, opt: torch.optim.Optimizer) -> None:
-        if self.scale == 1.0 or not self.rows:
+        if self.scale == 1.0:
             opt.step()
             return
         before = [p.detach()[rows].clone() for p, rows in self.rows]
