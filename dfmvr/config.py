@@ -213,6 +213,11 @@ class LossConfig:
     the head. The head's rows for them learn at full rate either way. With ``shape_grad_2d=0`` as
     well, the picture terms reach the shared network at this scale only, and the 3D landmarks
     shape its features. 1: plain backpropagation (the paper)."""
+    picture_every: int = 1
+    """Training steps per render: the terms that need the render (photometric, mask) count on
+    every ``picture_every``-th step at ``picture_every`` times their weight, and the steps between
+    skip rasterising and the parse net (lazy terms, as StyleGAN2's lazy regularisation). 1: every
+    term on every step (the paper). Validation always renders and weighs every term once."""
 
     def __post_init__(self) -> None:
         for name in ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect"):
@@ -222,6 +227,8 @@ class LossConfig:
         for name in ("shape_grad_2d", "backbone_grad_2d"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss.{name}: expected a number in [0, 1], got {getattr(self, name)}")
+        if isinstance(self.picture_every, bool) or not isinstance(self.picture_every, int) or self.picture_every < 1:
+            raise ValueError(f"loss.picture_every: expected an integer >= 1, got {self.picture_every!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -28,6 +28,7 @@ import torch
 from dfmvr.config import Config
 from dfmvr.data.batch import Batch
 from dfmvr.facemodel import build_face_model
+from dfmvr.losses import picture_step
 from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
@@ -102,7 +103,8 @@ class CurvePoint:
     train_s: float
     """Seconds spent in training steps so far (validation excluded)."""
     loss: dict[str, float]
-    """The last step's loss terms (unweighted) and total."""
+    """Each loss term (unweighted) at the last step that computed it (``loss.picture_every`` leaves
+    the picture terms out of the steps between), and the last step's total."""
     grad_split: dict[str, dict[str, float]] | None = None
     """Per weighted loss term, on the last batch: the gradient norm on the head's identity rows,
     pose rows and on the backbone, and the cosine between its backbone gradient and lm3d's
@@ -150,7 +152,7 @@ def gradient_split(model: DFMVR, batch: Batch, loss_cfg, step: int,
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     out = model(batch.images, batch.masks if model.cfg.mask_input else None, shape_grad_2d=loss_cfg.shape_grad_2d,
                 backbone_grad_2d=loss_cfg.backbone_grad_2d)
-    _, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
+    _, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net, lazy=False)
     grads: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     names = [k for k in terms if k != "total"]
     for i, name in enumerate(names):
@@ -223,6 +225,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device)
     points: list[CurvePoint] = []
     train_s, seen, step = 0.0, 0, 0
+    latest: dict[str, float] = {}
     model.train()
     while step < total_steps:
         drawn = torch.from_numpy(rng.choice(len(train), per_step, replace=False))
@@ -234,9 +237,11 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
             if r == 1:
                 stats = snapshot_norm_stats(model)
             out = model(batch.images, batch.masks if cfg.model.mask_input else None,
-                        shape_grad_2d=loss_cfg.shape_grad_2d, backbone_grad_2d=loss_cfg.backbone_grad_2d)
+                        shape_grad_2d=loss_cfg.shape_grad_2d, backbone_grad_2d=loss_cfg.backbone_grad_2d,
+                        render=picture_step(loss_cfg, step))
             total, terms = reconstruction_losses(model, out, batch, loss_cfg, step, parse_net)
             (total / replicas).backward()
+        latest.update({k: float(v.detach()) for k, v in terms.items()})
         if replicas > 1:
             restore_norm_stats(stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -253,7 +258,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
             rmse, mean, nonfinite = val_gain(average.model if average else model, val)
             point = CurvePoint(triplets=seen, step=step, rmse_mm=rmse, mean_face_rmse_mm=mean,
                                gain_pct=100 * (1 - rmse / mean), nonfinite=nonfinite, train_s=train_s,
-                               loss={k: float(v.detach()) for k, v in terms.items()},
+                               loss=dict(latest),
                                grad_split=(gradient_split(model, batch, loss_cfg, step, parse_net)
                                            if with_grad_split else None))
             points.append(point)

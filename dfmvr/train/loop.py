@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
+from dfmvr.losses import picture_step
 from dfmvr.model import DFMVR, autocast_dtype
 from dfmvr.tracking import VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
@@ -118,7 +119,7 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
                 break
             batch = batch.to(next(model.parameters()).device)
             out = model(batch.images, batch.masks if model.cfg.mask_input else None)
-            _, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net)
+            _, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net, lazy=False)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_batches += 1
@@ -238,8 +239,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     last_val: dict[str, float] = {}
     nan_streak = 0
     t_last, samples_since = time.perf_counter(), 0
-    window: dict[str, float] = {}
-    window_n = 0
+    window: dict[str, list[float]] = {}  # term -> [sum, steps that computed it] (lazy terms skip steps)
     metrics: dict[str, float] = {}
 
     def checkpoint_dir(metrics_now: dict[str, float]) -> tempfile.TemporaryDirectory | None:
@@ -276,7 +276,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         batch = batch.to(device)
         norm_stats = snapshot_norm_stats(core)  # a skipped step must not leave its batch in BN statistics
         out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d,
-                    backbone_grad_2d=cfg.loss.backbone_grad_2d)
+                    backbone_grad_2d=cfg.loss.backbone_grad_2d, render=picture_step(cfg.loss, step))
         total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, frozen_parse_net)
         finite = torch.isfinite(total).all()
         if world > 1 and dist.is_initialized():
@@ -319,20 +319,21 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             on_step(step)
         samples_since += batch.images.shape[0]
         for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v.detach())
-        window_n += 1
+            acc = window.setdefault(k, [0.0, 0])
+            acc[0] += float(v.detach())
+            acc[1] += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             now = time.perf_counter()
             local_rate = samples_since / max(now - t_last, 1e-9)
             rate = _all_reduce_sum(local_rate, world, device)
             t_last, samples_since = now, 0
-            metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v / window_n for k, v in window.items()}
+            metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v / n for k, (v, n) in window.items()}
             metrics.update({"train/lr": sched.get_last_lr()[0], "train/triplets_per_s": rate,
                             "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
                             "train/nan_steps": counters["nan_steps"]})
             metrics["train/grad_norm"] = float(grad_norm)
-            window, window_n = {}, 0
+            window = {}
             if tracker:
                 tracker.log_metrics(metrics, step)
             eta = (cfg.train.steps - step) * batch.images.shape[0] * world / max(rate, 1e-9)

@@ -26,7 +26,8 @@ def composite(out: ReconOutput, images: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_losses(model: DFMVR, out: ReconOutput, batch, loss_cfg, step: int,
-                          parse_net: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          parse_net: torch.nn.Module | None = None, *,
+                          lazy: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """All active loss terms for ``out = model(batch...)``.
 
     Args:
@@ -36,17 +37,23 @@ def reconstruction_losses(model: DFMVR, out: ReconOutput, batch, loss_cfg, step:
         loss_cfg: :class:`dfmvr.config.LossConfig`.
         step: optimiser step (the mask loss starts at ``loss_cfg.mask_loss_start_step``).
         parse_net: the frozen parse net; without it the mask loss is off.
+        lazy: follow ``loss.picture_every`` (training: ``out`` is rendered only where
+            :func:`dfmvr.losses.picture_step` says so); False counts every term once (validation).
 
     Returns:
         ``(total, terms)``: weighted total and the unweighted terms plus ``total``.
     """
     has_lm3d = batch.lmk3d is not None and bool(batch.has_lmk3d.any())
-    active = losses.active_terms(loss_cfg, step, has_lm3d=has_lm3d, has_parse_net=parse_net is not None)
+    active = losses.active_terms(loss_cfg, step, has_lm3d=has_lm3d, has_parse_net=parse_net is not None,
+                                 lazy=lazy)
     fm = model.face.model
     s = model.image_size
     values: dict[str, torch.Tensor] = {}
-    face_mask = (batch.masks > 0).unsqueeze(2).to(out.image.dtype)  # [B, V, 1, S, S]
+    if any(t in active for t in losses.PICTURE_TERMS) and out.image is None:
+        raise ValueError(f"step {step}: the {[t for t in losses.PICTURE_TERMS if t in active]} term(s) need "
+                         "the render; call the model with render=True on this step")
     if "photo" in active:
+        face_mask = (batch.masks > 0).unsqueeze(2).to(out.image.dtype)  # [B, V, 1, S, S]
         values["photo"] = losses.photo_loss(
             _flat(out.image), _flat((batch.images + 1) / 2), _flat(out.render_mask), _flat(face_mask),
             _flat(batch.weights),
@@ -70,4 +77,4 @@ def reconstruction_losses(model: DFMVR, out: ReconOutput, batch, loss_cfg, step:
         values["gamma"] = losses.gamma_loss(out.parts.gamma)
     if "reflect" in active:
         values["reflect"] = losses.reflect_loss(out.albedo, fm.skinmask)
-    return losses.combine(values, loss_cfg)
+    return losses.combine(values, loss_cfg, lazy=lazy)

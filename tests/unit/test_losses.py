@@ -119,3 +119,20 @@ def test_active_terms_and_combine_follow_switches():
     assert vals["total"] is total
     with pytest.raises(KeyError, match="bogus"):
         losses.combine({"bogus": torch.tensor(1.0)}, cfg)
+
+
+def test_picture_terms_follow_picture_every():
+    cfg = LossConfig(picture_every=3)
+    with_pictures = [step for step in range(7) if {"photo", "mask"} <= set(losses.active_terms(cfg, step))]
+    assert with_pictures == [0, 3, 6]
+    assert [s for s in range(7) if losses.picture_step(cfg, s)] == [0, 3, 6]
+    assert "lm2d" in losses.active_terms(cfg, 1) and "photo" in losses.active_terms(cfg, 1, lazy=False)
+    values = {"photo": torch.tensor(2.0), "mask": torch.tensor(0.5), "reg": torch.tensor(1.0)}
+    assert float(losses.combine(values, cfg, lazy=True)[0]) == pytest.approx(3 * (24 * 2 + 0.5) + 3e-4)
+    assert float(losses.combine(values, cfg)[0]) == pytest.approx(24 * 2 + 0.5 + 3e-4)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_bad_picture_every_names_the_key(value):
+    with pytest.raises(ValueError, match="loss.picture_every: expected an integer >= 1"):
+        LossConfig(picture_every=value)

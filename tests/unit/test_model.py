@@ -78,7 +78,7 @@ def test_gradients_reach_the_model_and_never_the_frozen_parse_net(setup):
     seen = set()
     for step in range(3):  # zero-initialised head and residual scales: gradients arrive in waves
         out = model(batch.images, batch.masks)
-        total, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net)
+        total, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net, lazy=False)
         assert set(terms) == {"photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect", "total"}
         opt.zero_grad()
         total.backward()
@@ -126,3 +126,30 @@ def test_cpu_bf16_autocast_only_where_asked_and_supported(setup):
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_lazy_picture_terms_render_every_nth_step_at_n_times_the_weight(setup):
+    cfg, fm = setup
+    model = DFMVR(cfg.model, cfg.render, fm)
+    parse_net = BiSeNet(width=8).freeze()
+    batch = _batch(fm)
+    lazy = apply_overrides(cfg, {"loss.picture_every": 3}).loss
+    every = apply_overrides(cfg, {"loss.picture_every": 1}).loss
+    rendered = model(batch.images, batch.masks)
+    plain = model(batch.images, batch.masks, render=False)
+    assert plain.image is None
+    # a picture step (0, 3, ...) counts photo and mask at three times their weight
+    total, terms = reconstruction_losses(model, rendered, batch, lazy, 3, parse_net)
+    assert {"photo", "mask"} <= set(terms)
+    _, once = reconstruction_losses(model, rendered, batch, every, 3, parse_net)
+    extra = 2 * (lazy.photo * terms["photo"] + lazy.mask * terms["mask"])
+    torch.testing.assert_close(total, once["total"] + extra)
+    # the steps between need no render and count every other term as usual
+    total, terms = reconstruction_losses(model, plain, batch, lazy, 4, parse_net)
+    assert set(terms) == {"lm2d", "lm3d", "reg", "gamma", "reflect", "total"}
+    # validation (lazy=False) counts every term once on any step
+    _, val_terms = reconstruction_losses(model, rendered, batch, lazy, 4, parse_net, lazy=False)
+    torch.testing.assert_close(val_terms["total"], once["total"])
+    # a picture step without the render is a caller's mistake, named
+    with pytest.raises(ValueError, match=r"step 6: the \['photo', 'mask'\] term\(s\) need the render"):
+        reconstruction_losses(model, plain, batch, lazy, 6, parse_net)
