@@ -18,8 +18,8 @@ from dfmvr.losses.terms import (
 )
 
 __all__ = [
-    "LOSS_TERMS", "PICTURE_TERMS", "active_terms", "combine", "picture_step", "gamma_loss", "landmark_weights", "lm2d_loss", "lm3d_loss",
-    "mask_loss", "photo_loss", "reflect_loss", "reg_loss",
+    "LOSS_TERMS", "PICTURE_TERMS", "active_terms", "combine", "picture_step", "gamma_loss", "landmark_weights",
+    "lm2d_loss", "lm3d_loss", "mask_loss", "photo_loss", "reflect_loss", "reg_loss",
 ]
 
 LOSS_TERMS = ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect")
