@@ -11,6 +11,7 @@ and into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,7 +279,14 @@ class TrainConfig:
     """The training run: length, cadence, scaling, fault tolerance."""
 
     steps: int = 2000
-    """Optimiser steps in the whole run."""
+    """Optimiser steps in the whole run (with ``time_budget_s``: the most it may train)."""
+    time_budget_s: float = 0.0
+    """Wall-clock seconds from the start of the training job (``jobs/train.py``, before its data
+    and parse net) by which its training steps end; 0: no budget. With a budget rank 0 times the
+    steps and fits the run's length to the time left, at most ``steps``, moving
+    ``optim.cosine_after`` with it (:class:`dfmvr.train.schedule.StepBudget`); registering the
+    model comes after. The run's length then follows the machine's speed, so a rerun is not
+    step-for-step the same. Ray Tune trials ignore it: a sweep compares trials at equal steps."""
     val_every: int = 200
     """Validate (and checkpoint) every this many steps, and at the end."""
     ckpt_every: int = 100
@@ -335,6 +343,8 @@ class TrainConfig:
                       ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         if self.max_nan_steps < 1:
             raise ValueError(f"train.max_nan_steps: expected >= 1, got {self.max_nan_steps}")
+        if not (self.time_budget_s >= 0 and math.isfinite(self.time_budget_s)):
+            raise ValueError(f"train.time_budget_s: expected seconds >= 0 (0 = no budget), got {self.time_budget_s}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.time()  # train.time_budget_s counts from here, imports included
 
 # idle OpenMP threads sleep instead of spinning: with DataLoader workers and Ray workers sharing
 # a few cores, spinning threads cost up to 10x (docs/benchmarks.md, "Renderer")
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from dfmvr.train.resume import ResumeMismatchError
 
     try:
-        summary = train(cfg, overrides_note=note)
+        summary = train(cfg, overrides_note=note, started=STARTED)
     except (PreflightError, ResumeMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

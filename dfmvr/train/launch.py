@@ -68,13 +68,14 @@ def preflight(cfg: Config) -> tuple[Config, str]:
 
 
 def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage_path: str, scaling,
-                  callbacks: Sequence[Any] = (), parse_net: dict | None = None):
+                  callbacks: Sequence[Any] = (), parse_net: dict | None = None, deadline: float | None = None):
     """The ``TorchTrainer`` that trains ``cfg``: :func:`train_func_per_worker` on every worker, rank 0
     logging into MLflow run ``run_id``, checkpoints under ``storage_path/train.run_name`` (the best
     ``train.keep_checkpoints`` by validation RMSE). ``jobs/train.py`` and every Ray Tune trial
     (``dfmvr.tune``, which passes Tune's report callback) fit this same trainer. ``parse_net`` is the
     frozen parse net's checkpoint dict, shipped to the workers (which may be on nodes without the
-    file) and embedded in every checkpoint."""
+    file) and embedded in every checkpoint. ``deadline``: ``time.time()`` by which the training
+    steps end (``train.time_budget_s``; the job passes it, Tune trials do not), or None."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -83,7 +84,7 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage
     return TorchTrainer(
         train_func_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "parse_net": parse_net},
+                           "parse_net": parse_net, "deadline": deadline},
         scaling_config=scaling,
         run_config=RunConfig(
             name=cfg.train.run_name,
@@ -97,12 +98,17 @@ def build_trainer(cfg: Config, *, tracking_uri: str, run_id: str | None, storage
     )
 
 
-def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
-    """Run one training job; returns the summary (also what ``--summary-json`` holds)."""
+def train(cfg: Config, *, overrides_note: str = "", started: float | None = None) -> dict[str, Any]:
+    """Run one training job; returns the summary (also what ``--summary-json`` holds).
+    ``started``: the job's ``time.time()`` at its start (``train.time_budget_s`` counts from it;
+    default now)."""
     import ray
 
     from dfmvr import tracking
 
+    # the budget counts from here: the data and the parse net spend it too
+    started = time.time() if started is None else started
+    deadline = started + cfg.train.time_budget_s if cfg.train.time_budget_s > 0 else None
     cfg, tracking_uri = preflight(cfg)
     work = Path(cfg.work_dir)
     storage_path = cfg.train.storage_path or str(work / "ray_results")
@@ -136,7 +142,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
-                            scaling=scaling, parse_net=parse_net)
+                            scaling=scaling, parse_net=parse_net, deadline=deadline)
     t0 = time.perf_counter()
     status = "FAILED"
     try:
@@ -153,6 +159,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": status,
         "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
+        "time_budget_s": cfg.train.time_budget_s or None,
         "train_seconds": elapsed,
         "shards": data_url,
         "mlflow_tracking_uri": tracking_uri,
@@ -195,6 +202,7 @@ def train(cfg: Config, *, overrides_note: str = "") -> dict[str, Any]:
             summary.update({"model_uri": reg["model_uri"], "registered_model_uri": reg["registered_uri"],
                             "champion": reg["champion"], "champion_uri": reg["champion_uri"],
                             "previous_champion": reg["previous_champion"]})
+    summary["job_seconds"] = time.time() - started  # data and parse net included, as the budget counts
     return tracking.redact_all(summary)
 
 

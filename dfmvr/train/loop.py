@@ -34,7 +34,7 @@ from dfmvr.tracking import VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
-from dfmvr.train.schedule import build_optimizer, pose_row_rates
+from dfmvr.train.schedule import StepBudget, StepPlan, build_optimizer, pose_row_rates
 from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _val_batches(cfg: Config) -> Callable[[], Iterator]:
 
 def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = None, prepare_model=None,
              on_step: Callable[[int], None] | None = None,
-             on_resume: Callable[[dict], None] | None = None) -> dict[str, float]:
+             on_resume: Callable[[dict], None] | None = None, deadline: float | None = None) -> dict[str, float]:
     """Train ``cfg`` in ``session``; returns the last metrics.
 
     Args:
@@ -183,6 +183,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         on_resume: called once after a restore with ``{"checkpoint", "step", "model", "optimizer"}``,
             the last two the :func:`dfmvr.train.checkpoint.state_digest` of the weights and the
             optimizer state this rank now holds (the resume record).
+        deadline: ``time.time()`` by which the training steps end (``train.time_budget_s`` from the
+            job's start; the driver passes the same to every rank and to restarted workers), or
+            None: train ``train.steps``. Rank 0 fits the run's length to it and broadcasts the plan.
 
     Raises:
         NonFiniteLossError: after ``train.max_nan_steps`` non-finite losses in a row (the last
@@ -196,7 +199,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
     model = prepare_model(core) if prepare_model else core
     core = unwrap(model)
-    opt, sched = build_optimizer(model.parameters(), cfg.optim, cfg.train.steps)
+    plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
+    opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
     row_rates = pose_row_rates(core, cfg.optim)
     # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
     # could serve it; only rank 0 validates and saves it
@@ -225,12 +229,17 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         if payload.get("scheduler"):
             sched.load_state_dict(payload["scheduler"])
         step = int(payload["step"])
+        saved_plan = payload.get("extra", {}).get("plan")
+        if deadline is not None and saved_plan:  # a budgeted run goes on from the plan it had fitted
+            plan.steps, plan.cosine_after = min(int(saved_plan[0]), cfg.train.steps), int(saved_plan[1])
         counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
         _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
         if on_resume:
             on_resume({"checkpoint": str(restore), "step": step, "model": state_digest(core.state_dict()),
                        "optimizer": state_digest(opt.state_dict())})
 
+    budget = (StepBudget(plan, deadline=deadline, max_steps=cfg.train.steps, cosine_after=cfg.optim.cosine_after)
+              if deadline is not None else None)
     loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step)
     val_iter = _val_batches(cfg)
     it = iter(loader)
@@ -252,6 +261,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
             face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net,
             extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
+                   "plan": [plan.steps, plan.cosine_after],
                    # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
                    "mlflow_run_id": getattr(tracker, "run_id", None)},
         )
@@ -266,7 +276,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
                 tmp.cleanup()
 
     model.train()
-    while step < cfg.train.steps:
+    while step < plan.steps:
         try:
             batch = next(it)
         except StopIteration:
@@ -323,7 +333,9 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             acc[0] += float(v.detach())
             acc[1] += 1
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if budget is not None and step % cfg.train.log_every == 0:
+            _refit(budget, step, rank, world, device)
+        if step % cfg.train.log_every == 0 or step == plan.steps:
             now = time.perf_counter()
             local_rate = samples_since / max(now - t_last, 1e-9)
             rate = _all_reduce_sum(local_rate, world, device)
@@ -333,14 +345,16 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
                             "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
                             "train/nan_steps": counters["nan_steps"]})
             metrics["train/grad_norm"] = float(grad_norm)
+            if budget is not None:
+                metrics["train/steps_planned"] = float(plan.steps)
             window = {}
             if tracker:
                 tracker.log_metrics(metrics, step)
-            eta = (cfg.train.steps - step) * batch.images.shape[0] * world / max(rate, 1e-9)
-            _logger.info("step %d/%d loss %.4f %.1f triplets/s ETA %dm%02ds", step, cfg.train.steps,
+            eta = (plan.steps - step) * batch.images.shape[0] * world / max(rate, 1e-9)
+            _logger.info("step %d/%d loss %.4f %.1f triplets/s ETA %dm%02ds", step, plan.steps,
                          metrics.get("train/loss", float("nan")), rate, eta // 60, eta % 60)
 
-        is_val = step % cfg.train.val_every == 0 or step == cfg.train.steps
+        is_val = step % cfg.train.val_every == 0 or step == plan.steps
         is_ckpt = is_val or step % cfg.train.ckpt_every == 0
         if is_val:
             scored = average.model if average else core
@@ -362,6 +376,21 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             report({"step": float(step), **{k: v for k, v in metrics.items()}, **last_val,
                     VAL_METRIC: last_val.get(VAL_METRIC, math.inf)}, with_checkpoint=True)
     return {"step": float(step), **metrics, **last_val}
+
+
+def _refit(budget: StepBudget, step: int, rank: int, world: int, device: torch.device) -> None:
+    """Rank 0 refits the plan to the deadline by its own clock; every rank takes rank 0's plan."""
+    plan = budget.plan
+    before = (plan.steps, plan.cosine_after)
+    if rank == 0:
+        budget.update(step, time.time())
+    if world > 1 and dist.is_initialized():
+        box = torch.tensor([plan.steps, plan.cosine_after], dtype=torch.int64, device=device)
+        dist.broadcast(box, src=0)
+        plan.steps, plan.cosine_after = (int(v) for v in box.tolist())
+    if (plan.steps, plan.cosine_after) != before:
+        _logger.info("step %d: the time budget fits %d steps, cosine decay from step %d", step, plan.steps,
+                     plan.cosine_after)
 
 
 def write_step_journal(path: Path) -> Callable[[int], None]:

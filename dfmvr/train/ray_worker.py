@@ -147,8 +147,9 @@ def _node_id() -> str | None:
 def train_func_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker.
 
-    ``config``: ``{"cfg": to_dict(Config), "tracking_uri": str, "run_id": str | None, "parse_net": dict | None}``
-    (``parse_net``: the frozen parse net's checkpoint dict, read by the driver).
+    ``config``: ``{"cfg": to_dict(Config), "tracking_uri": str, "run_id": str | None, "parse_net": dict | None,
+    "deadline": float | None}`` (``parse_net``: the frozen parse net's checkpoint dict, read by the
+    driver; ``deadline``: when the training steps end, from ``train.time_budget_s``).
     """
     import ray.train.torch
 
@@ -183,4 +184,4 @@ def train_func_per_worker(config: dict) -> None:
     if session.rank == 0:
         journal = write_step_journal(Path(cfg.work_dir) / "runs" / cfg.train.run_name / "steps.jsonl")
     run_loop(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare, on_step=journal,
-             on_resume=lambda record: _record_resume(cfg, session.rank, record))
+             on_resume=lambda record: _record_resume(cfg, session.rank, record), deadline=config.get("deadline"))

@@ -18,7 +18,7 @@ from dfmvr.config import Config, flatten
 from dfmvr.train.checkpoint import CHECKPOINT_FILE
 
 MAY_DIFFER = (
-    "train.steps", "optim.cosine_after",  # the step budget (and where its decay starts)
+    "train.steps", "optim.cosine_after", "train.time_budget_s",  # the step budget (and where its decay starts)
     "train.resume_from", "train.run_name", "train.max_failures", "train.storage_path", "work_dir",
     "model.parse_net",  # a file path: a resume reuses the parse net its checkpoint bundles
     "tracking.",  # where the run is logged

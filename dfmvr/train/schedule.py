@@ -1,10 +1,11 @@
 """The reference learning-rate schedule: constant, then cosine decay to ``lr * min_lr_ratio``,
-after an optional linear warm-up."""
+after an optional linear warm-up; and a run's length fitted to a wall-clock budget."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,15 +21,79 @@ def lr_factor(step: int, *, total_steps: int, cosine_after: int, min_lr_ratio: f
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params, optim_cfg, total_steps: int):
-    """Adam plus the schedule as a ``LambdaLR``: ``(optimizer, scheduler)``."""
+@dataclass(slots=True)
+class StepPlan:
+    """How many steps a run trains and the step where its cosine decay begins. The schedule reads
+    it at every step, so a :class:`StepBudget` may refit both while the run trains."""
+
+    steps: int
+    cosine_after: int
+
+
+def build_optimizer(params, optim_cfg, total_steps: int | StepPlan):
+    """Adam plus the schedule as a ``LambdaLR``: ``(optimizer, scheduler)``. ``total_steps``: the
+    run's length, or a :class:`StepPlan` whose later changes the schedule follows."""
+    plan = total_steps if isinstance(total_steps, StepPlan) else StepPlan(total_steps, optim_cfg.cosine_after)
     opt = torch.optim.Adam(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: lr_factor(s, total_steps=total_steps, cosine_after=optim_cfg.cosine_after,
+        lambda s: lr_factor(s, total_steps=plan.steps, cosine_after=plan.cosine_after,
                             min_lr_ratio=optim_cfg.min_lr_ratio, warmup_steps=optim_cfg.warmup_steps),
     )
     return opt, sched
+
+
+class StepBudget:
+    """Fit a run's length to a wall-clock deadline (``train.time_budget_s``).
+
+    ``train.steps`` is the most the run may train. From the steps' measured pace (the mean over
+    every step since the first :meth:`update`, validations and checkpoints included), each
+    :meth:`update` before the cosine decay begins sets the run's length to the steps that end by
+    the deadline, at most the maximum, and moves the decay's start with it so that the decay
+    keeps its share of the run (``optim.cosine_after / train.steps``). Once the decay has begun
+    the length only shrinks, and only when the pace says the run would end after the deadline:
+    the decay then ends sooner (the rate falls faster) instead of being cut off. A run that fits
+    its maximum trains exactly the plan it would train without a budget.
+
+    Like Lightning's ``Trainer(max_time=...)``, but the run still ends on a decayed rate, and every
+    rank must apply the same plan: the caller broadcasts rank 0's.
+    """
+
+    def __init__(self, plan: StepPlan, *, deadline: float, max_steps: int, cosine_after: int,
+                 min_pace_steps: int = 20) -> None:
+        if max_steps < 1:
+            raise ValueError(f"train.steps: expected >= 1, got {max_steps}")
+        self.plan = plan
+        self.deadline = deadline
+        self.max_steps = max_steps
+        self.decay_share = cosine_after / max_steps
+        self.min_pace_steps = min_pace_steps
+        self._anchor: tuple[int, float] | None = None
+
+    def pace(self, step: int, now: float) -> float | None:
+        """Seconds per step since the first update, or None while fewer than ``min_pace_steps``."""
+        if self._anchor is None or step - self._anchor[0] < self.min_pace_steps:
+            return None
+        return (now - self._anchor[1]) / (step - self._anchor[0])
+
+    def update(self, step: int, now: float) -> bool:
+        """Refit the plan after ``step`` completed steps at time ``now`` (the deadline's clock);
+        True when it changed."""
+        if self._anchor is None:  # the first steps pay one-off costs: the pace starts after them
+            self._anchor = (step, now)
+            return False
+        pace = self.pace(step, now)
+        if pace is None:
+            return False
+        fits = step + max(0, math.floor((self.deadline - now) / max(pace, 1e-9)))
+        before = (self.plan.steps, self.plan.cosine_after)
+        if step < self.plan.cosine_after:  # the decay has not begun: the run may grow or shrink
+            steps = max(step + 1, min(self.max_steps, fits))
+            self.plan.steps = steps
+            self.plan.cosine_after = max(step, round(self.decay_share * steps))
+        elif fits < self.plan.steps:  # decaying: only an overrun changes the plan
+            self.plan.steps = max(step, fits)
+        return (self.plan.steps, self.plan.cosine_after) != before
 
 
 class RowRates:

@@ -55,6 +55,24 @@ def test_local_loop_checkpoints_and_resumes(shards, tmp_path):
     assert steps == [5, 6]
 
 
+def test_time_budget_ends_the_run_on_a_decayed_rate(shards, tmp_path):
+    """A maximum far beyond what the deadline allows: rank 0 fits the run to the time left, the
+    decay moves with it, and the run ends validated and checkpointed on the schedule's floor."""
+    cfg = _cfg(shards, **{"train.steps": 100_000, "optim.cosine_after": 60_000, "train.val_every": 100_000,
+                          "train.ckpt_every": 100_000, "train.log_every": 2, "optim.min_lr_ratio": 0.01})
+    session = LocalSession(tmp_path / "budget")
+    steps: list[int] = []
+    last = run_loop(cfg, session, on_step=steps.append, deadline=time.time() + 12.0)
+    final = steps[-1]
+    assert 22 < final < 100_000 and steps == list(range(1, final + 1))
+    assert last["step"] == final and last["train/steps_planned"] == final
+    assert last["train/lr"] == pytest.approx(cfg.optim.lr * 0.01)  # the decay ran to its end
+    assert "val/rmse_mm" in last
+    payload = load_checkpoint(session.checkpoints[-1])
+    plan_steps, plan_decay = payload["extra"]["plan"]
+    assert payload["step"] == plan_steps == final and 0 < plan_decay < final
+
+
 def test_non_finite_losses_stop_with_the_last_good_state(shards, tmp_path, caplog):
     good = LocalSession(tmp_path / "good")
     run_loop(_cfg(shards, **{"train.steps": 2}), good)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dfmvr.config import OptimConfig
-from dfmvr.train.schedule import RowRates, build_optimizer, lr_factor
+from dfmvr.train.schedule import RowRates, StepBudget, StepPlan, build_optimizer, lr_factor
 from dfmvr.train.weights import WeightAverage
 
 
@@ -79,3 +79,59 @@ def test_row_rates_scale_adams_step_of_the_chosen_rows_only():
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"optim.{key}"):
         OptimConfig(**{key: value})
+
+
+def _budget(deadline: float = 100.0, max_steps: int = 1000, cosine_after: int = 600):
+    plan = StepPlan(max_steps, cosine_after)
+    return plan, StepBudget(plan, deadline=deadline, max_steps=max_steps, cosine_after=cosine_after)
+
+
+def test_step_budget_fits_the_run_and_its_decay_to_the_deadline():
+    plan, budget = _budget()
+    assert not budget.update(0, 0.0)  # the first call only anchors the pace
+    assert not budget.update(10, 5.0) and plan == StepPlan(1000, 600)  # too few steps to time
+    # 0.5 s per step with 80 s left: 160 more steps; the decay keeps its 60% share
+    assert budget.update(40, 20.0) and plan == StepPlan(200, 120)
+    assert not budget.update(40, 20.0)  # on pace: unchanged
+    # slower before the decay: the run shrinks, and may grow again while the decay has not begun
+    assert budget.update(60, 36.0) and plan == StepPlan(60 + math.floor(64 / 0.6), 100)
+    assert budget.update(80, 44.0) and plan == StepPlan(80 + math.floor(56 / 0.55), 109)
+    # shrunk past its decay's share: the decay begins at once
+    assert budget.update(100, 70.0) and plan == StepPlan(100 + math.floor(30 / 0.7), 100)
+
+
+def test_step_budget_never_exceeds_the_step_maximum():
+    plan, budget = _budget(deadline=1e6)
+    budget.update(0, 0.0)
+    assert not budget.update(50, 1.0) and plan == StepPlan(1000, 600)  # the run without a budget
+
+
+def test_step_budget_only_shrinks_a_decaying_run():
+    plan, budget = _budget()
+    budget.update(0, 0.0)
+    budget.update(40, 20.0)
+    assert plan == StepPlan(200, 120)
+    assert not budget.update(150, 40.0)  # faster than planned: the decay is not stretched
+    assert budget.update(150, 90.0) and plan == StepPlan(150 + math.floor(10 / 0.6), 120)
+    assert budget.update(160, 101.0) and plan.steps == 160  # past the deadline: stop now
+
+
+def test_schedule_follows_a_refitted_plan():
+    plan = StepPlan(100, 60)
+    opt, sched = build_optimizer([nn.Parameter(torch.zeros(1))], OptimConfig(lr=1.0, min_lr_ratio=0.0), plan)
+    for _ in range(50):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1.0
+    plan.steps, plan.cosine_after = 60, 40  # the budget moved the decay before the current step
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+
+
+def test_time_budget_must_be_seconds():
+    from dfmvr.config import TrainConfig
+
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="train.time_budget_s"):
+            TrainConfig(time_budget_s=bad)
