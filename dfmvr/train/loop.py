@@ -388,7 +388,12 @@ def _refit(budget: StepBudget, step: int, rank: int, world: int, device: torch.d
         box = torch.tensor([plan.steps, plan.cosine_after], dtype=torch.int64, device=device)
         dist.broadcast(box, src=0)
         plan.steps, plan.cosine_after = (int(v) for v in box.tolist())
-    if (plan.steps, plan.cosine_after) != before:
+    # the plan moves a little at every refit: say so when it first fits, moves by 2% or more, or
+    # has to stop the run sooner
+    logged = budget.logged_steps
+    if rank == 0 and (plan.steps, plan.cosine_after) != before and (
+            logged is None or abs(plan.steps - logged) >= 0.02 * logged or step >= plan.cosine_after):
+        budget.logged_steps = plan.steps
         _logger.info("step %d: the time budget fits %d steps, cosine decay from step %d", step, plan.steps,
                      plan.cosine_after)
 

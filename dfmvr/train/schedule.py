@@ -69,6 +69,7 @@ class StepBudget:
         self.decay_share = cosine_after / max_steps
         self.min_pace_steps = min_pace_steps
         self._anchor: tuple[int, float] | None = None
+        self.logged_steps: int | None = None  # the length last reported in the log
 
     def pace(self, step: int, now: float) -> float | None:
         """Seconds per step since the first update, or None while fewer than ``min_pace_steps``."""
