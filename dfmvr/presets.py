@@ -53,12 +53,14 @@ def tiny() -> Config:
         # steps against the old 1600-step preset's 19.4 / 22.6 / 20.6% in more time (reading 26)
         "loss.picture_every": 2,
         "optim.lr": 1e-3,
-        # sized for `make train`'s 13 minutes: 2 CPU workers x batch 8 for 1800 steps (28.8k
-        # triplets) at 45-55 triplets/s, after the data (30-40 s) and the parse net (60-100 s):
-        # the 1600-step preset's training time before the lazy picture terms (docs/training.md);
-        # cosine decay over the last 40%
-        "optim.cosine_after": 1080,
-        "train.steps": 1800,
+        # sized for `make train`'s 13 minutes on whatever 2 cores it gets: the training steps end
+        # 12 min 15 s after the job starts (data and parse net included), so the job ends within
+        # 13 minutes; 2 CPU workers x batch 8 train as many steps as fit, at most 2400, with the
+        # cosine decay over the last 40% of them (1800 steps in 10-12 minutes of job on the
+        # machines measured, 35-57 triplets/s; docs/training.md, reading 28)
+        "train.time_budget_s": 735.0,
+        "optim.cosine_after": 1440,
+        "train.steps": 2400,
         "train.val_every": 450,
         "train.ckpt_every": 450,
         "train.log_every": 25,
