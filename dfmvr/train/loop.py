@@ -230,8 +230,10 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             sched.load_state_dict(payload["scheduler"])
         step = int(payload["step"])
         saved_plan = payload.get("extra", {}).get("plan")
-        if deadline is not None and saved_plan:  # a budgeted run goes on from the plan it had fitted
-            plan.steps, plan.cosine_after = min(int(saved_plan[0]), cfg.train.steps), int(saved_plan[1])
+        if deadline is not None and saved_plan and saved_plan.get("deadline") == deadline:
+            # a worker group restarted within the job goes on with the plan it had fitted; a resume
+            # by a later job starts from its own train.steps and fits them to its own budget
+            plan.steps, plan.cosine_after = int(saved_plan["steps"]), int(saved_plan["cosine_after"])
         counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
         _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
         if on_resume:
@@ -261,7 +263,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             scheduler_state=sched.state_dict(), step=step, config=config_dict,
             face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net,
             extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
-                   "plan": [plan.steps, plan.cosine_after],
+                   "plan": {"steps": plan.steps, "cosine_after": plan.cosine_after, "deadline": deadline},
                    # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
                    "mlflow_run_id": getattr(tracker, "run_id", None)},
         )

@@ -89,7 +89,7 @@ class StepBudget:
         fits = step + max(0, math.floor((self.deadline - now) / max(pace, 1e-9)))
         before = (self.plan.steps, self.plan.cosine_after)
         if step < self.plan.cosine_after:  # the decay has not begun: the run may grow or shrink
-            steps = max(step + 1, min(self.max_steps, fits))
+            steps = min(self.max_steps, max(step, fits))  # never past the maximum nor before now
             self.plan.steps = steps
             self.plan.cosine_after = max(step, round(self.decay_share * steps))
         elif fits < self.plan.steps:  # decaying: only an overrun changes the plan

@@ -69,8 +69,15 @@ def test_time_budget_ends_the_run_on_a_decayed_rate(shards, tmp_path):
     assert last["train/lr"] == pytest.approx(cfg.optim.lr * 0.01)  # the decay ran to its end
     assert "val/rmse_mm" in last
     payload = load_checkpoint(session.checkpoints[-1])
-    plan_steps, plan_decay = payload["extra"]["plan"]
-    assert payload["step"] == plan_steps == final and 0 < plan_decay < final
+    plan = payload["extra"]["plan"]
+    assert payload["step"] == plan["steps"] == final and 0 < plan["cosine_after"] < final
+
+    # a later job resumes it with a budget of its own: it trains its own train.steps, not the plan
+    steps.clear()
+    resumed = LocalSession(tmp_path / "resumed", restore_from=str(session.checkpoints[-1]))
+    run_loop(_cfg(shards, **{"train.steps": final + 2}), resumed, on_step=steps.append,
+             deadline=time.time() + 600.0)
+    assert steps == [final + 1, final + 2]
 
 
 def test_non_finite_losses_stop_with_the_last_good_state(shards, tmp_path, caplog):

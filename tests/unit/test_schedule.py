@@ -104,6 +104,11 @@ def test_step_budget_never_exceeds_the_step_maximum():
     plan, budget = _budget(deadline=1e6)
     budget.update(0, 0.0)
     assert not budget.update(50, 1.0) and plan == StepPlan(1000, 600)  # the run without a budget
+    # a run whose decay never begins (cosine_after beyond the run) reaches its maximum and stops
+    plan, budget = _budget(deadline=1e6, max_steps=30, cosine_after=1440)
+    budget.update(3, 0.0)
+    for step in (24, 27, 30):
+        assert not budget.update(step, 0.1 * step) and plan == StepPlan(30, 1440)
 
 
 def test_step_budget_only_shrinks_a_decaying_run():
