@@ -57,12 +57,14 @@ def test_local_loop_checkpoints_and_resumes(shards, tmp_path):
 
 def test_time_budget_ends_the_run_on_a_decayed_rate(shards, tmp_path):
     """A maximum far beyond what the deadline allows: rank 0 fits the run to the time left, the
-    decay moves with it, and the run ends validated and checkpointed on the schedule's floor."""
+    decay moves with it, and the run ends validated and checkpointed on the schedule's floor; its
+    checkpoint keeps the fitted plan for a restart within the job, not for a later job's resume."""
     cfg = _cfg(shards, **{"train.steps": 100_000, "optim.cosine_after": 60_000, "train.val_every": 100_000,
                           "train.ckpt_every": 100_000, "train.log_every": 2, "optim.min_lr_ratio": 0.01})
     session = LocalSession(tmp_path / "budget")
     steps: list[int] = []
-    last = run_loop(cfg, session, on_step=steps.append, deadline=time.time() + 12.0)
+    deadline = time.time() + 12.0
+    last = run_loop(cfg, session, on_step=steps.append, deadline=deadline)
     final = steps[-1]
     assert 22 < final < 100_000 and steps == list(range(1, final + 1))
     assert last["step"] == final and last["train/steps_planned"] == final
@@ -72,8 +74,12 @@ def test_time_budget_ends_the_run_on_a_decayed_rate(shards, tmp_path):
     plan = payload["extra"]["plan"]
     assert payload["step"] == plan["steps"] == final and 0 < plan["cosine_after"] < final
 
-    # a later job resumes it with a budget of its own: it trains its own train.steps, not the plan
+    # a worker group restarted within the job (the same deadline) keeps the plan: nothing is left
     steps.clear()
+    run_loop(cfg, LocalSession(tmp_path / "restarted", restore_from=str(session.checkpoints[-1])),
+             on_step=steps.append, deadline=deadline)
+    assert steps == []
+    # a later job resumes it with a budget of its own: it trains its own train.steps, not the plan
     resumed = LocalSession(tmp_path / "resumed", restore_from=str(session.checkpoints[-1]))
     run_loop(_cfg(shards, **{"train.steps": final + 2}), resumed, on_step=steps.append,
              deadline=time.time() + 600.0)
