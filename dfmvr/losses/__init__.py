@@ -52,14 +52,15 @@ def active_terms(cfg, step: int, *, has_lm3d: bool = True, has_parse_net: bool =
     return tuple(out)
 
 
-def combine(values: dict[str, torch.Tensor], cfg, *, lazy: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def combine(values: dict[str, torch.Tensor], cfg, *, lazy: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the computed terms.
 
     Args:
         values: unweighted term values by name (only the active ones).
         cfg: :class:`dfmvr.config.LossConfig` with the weights.
-        lazy: the picture terms count ``loss.picture_every`` times (they were computed on one
-            step in that many).
+        lazy: the picture terms count ``loss.picture_every`` times (training: they were computed
+            on one step in that many, as :func:`active_terms` with ``lazy`` says); False counts
+            every term once (validation).
 
     Returns:
         ``(total, values)``; ``values`` gains ``"total"``.

@@ -229,12 +229,13 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         if payload.get("scheduler"):
             sched.load_state_dict(payload["scheduler"])
         step = int(payload["step"])
-        saved_plan = payload.get("extra", {}).get("plan")
+        extra = payload.get("extra", {})
+        saved_plan = extra.get("plan")
         if deadline is not None and saved_plan and saved_plan.get("deadline") == deadline:
             # a worker group restarted within the job goes on with the plan it had fitted; a resume
             # by a later job starts from its own train.steps and fits them to its own budget
             plan.steps, plan.cosine_after = int(saved_plan["steps"]), int(saved_plan["cosine_after"])
-        counters.update({k: float(v) for k, v in payload.get("extra", {}).get("counters", {}).items()})
+        counters.update({k: float(v) for k, v in extra.get("counters", {}).items()})
         _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
         if on_resume:
             on_resume({"checkpoint": str(restore), "step": step, "model": state_digest(core.state_dict()),
@@ -383,9 +384,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
 def _refit(budget: StepBudget, step: int, rank: int, world: int, device: torch.device) -> None:
     """Rank 0 refits the plan to the deadline by its own clock; every rank takes rank 0's plan."""
     plan = budget.plan
-    before = (plan.steps, plan.cosine_after)
-    if rank == 0:
-        budget.update(step, time.time())
+    changed = rank == 0 and budget.update(step, time.time())
     if world > 1 and dist.is_initialized():
         box = torch.tensor([plan.steps, plan.cosine_after], dtype=torch.int64, device=device)
         dist.broadcast(box, src=0)
@@ -393,8 +392,7 @@ def _refit(budget: StepBudget, step: int, rank: int, world: int, device: torch.d
     # the plan moves a little at every refit: say so when it first fits, moves by 2% or more, or
     # has to stop the run sooner
     logged = budget.logged_steps
-    if rank == 0 and (plan.steps, plan.cosine_after) != before and (
-            logged is None or abs(plan.steps - logged) >= 0.02 * logged or step >= plan.cosine_after):
+    if changed and (logged is None or abs(plan.steps - logged) >= 0.02 * logged or step >= plan.cosine_after):
         budget.logged_steps = plan.steps
         _logger.info("step %d: the time budget fits %d steps, cosine decay from step %d", step, plan.steps,
                      plan.cosine_after)

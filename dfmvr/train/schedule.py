@@ -61,8 +61,6 @@ class StepBudget:
 
     def __init__(self, plan: StepPlan, *, deadline: float, max_steps: int, cosine_after: int,
                  min_pace_steps: int = 20) -> None:
-        if max_steps < 1:
-            raise ValueError(f"train.steps: expected >= 1, got {max_steps}")
         self.plan = plan
         self.deadline = deadline
         self.max_steps = max_steps
