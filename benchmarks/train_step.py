@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfmvr.config import Config  # noqa: E402
 from dfmvr.data.batch import Batch  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
-from dfmvr.model import DFMVR  # noqa: E402
+from dfmvr.model import DFMVR, input_channels  # noqa: E402
 from dfmvr.facemodel.layout import CoeffLayout  # noqa: E402
 from dfmvr.nets import create_backbone, create_regressor  # noqa: E402
 from dfmvr.nets.involution import Involution2d  # noqa: E402
@@ -286,7 +286,7 @@ def batch_one_trains(cfg: Config) -> bool:
     """Whether a training step at batch 1 works: not when the regressor's last map is 1 x 1
     (e.g. after the ``cnn`` backbone, which hands it ``H / 16`` pixels), where training-mode
     BatchNorm sees one value per channel. Checked on the meta device (shapes only)."""
-    in_channels = 4 if cfg.model.mask_input else 3
+    in_channels = input_channels(cfg.model)
     views, size = len(cfg.model.view_yaw_deg), cfg.render.image_size
     with torch.device("meta"):
         backbone = create_backbone(cfg.model.backbone, in_channels=in_channels, width=cfg.model.width,

@@ -160,6 +160,10 @@ class ModelConfig:
     training, docs/training.md)."""
     mask_input: bool = True
     """Concatenate each view's parsing mask to its image (paper: yes)."""
+    mask_encoding: Literal["ids", "onehot"] = "ids"
+    """How the mask joins the image: ``ids`` (one channel of class ids scaled to [-1, 1]) or
+    ``onehot`` (one channel per parsing class, each part's silhouette on its own; DESIGN.md allows
+    both)."""
     parse_net: str = ""
     """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
     view_yaw_deg: tuple[float, ...] = (-45.0, 0.0, 45.0)
@@ -170,6 +174,7 @@ class ModelConfig:
         if self.width < 1 or self.regressor_width < 1:
             raise ValueError(f"model.width/regressor_width: expected >= 1, got {self.width}, {self.regressor_width}")
         _check_choice("model.involution_norm", self.involution_norm, ("group", "batch"))
+        _check_choice("model.mask_encoding", self.mask_encoding, ("ids", "onehot"))
         if not self.regressor_blocks or any(n < 1 for n in self.regressor_blocks):
             raise ValueError(f"model.regressor_blocks: expected one or more stages of >= 1 block, "
                              f"got {self.regressor_blocks!r}")

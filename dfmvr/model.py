@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfmvr.facemodel.decode import decode_faces
@@ -73,9 +74,19 @@ class FaceModelBuffers(nn.Module):
         return FaceModel(**{k: getattr(self, k) for k in self._keys}, name=self._name)
 
 
-def mask_channel(masks: torch.Tensor) -> torch.Tensor:
-    """``[..., S, S]`` class ids -> ``[..., 1, S, S]`` in [-1, 1], the mask channel of the input."""
+def mask_channels(masks: torch.Tensor, encoding: str = "ids") -> torch.Tensor:
+    """``[..., S, S]`` class ids -> the mask's input channels, in [-1, 1]: ``[..., 1, S, S]`` for
+    ``ids`` (``model.mask_encoding``), ``[..., 10, S, S]`` (one per parsing class) for ``onehot``."""
+    if encoding == "onehot":
+        return (F.one_hot(masks.long(), N_PARSE_CLASSES).movedim(-1, -3).float() * 2 - 1)
     return (masks.float() / (N_PARSE_CLASSES - 1) * 2 - 1).unsqueeze(-3)
+
+
+def input_channels(model_cfg) -> int:
+    """Channels per view the backbone takes: RGB, plus the mask's (``model.mask_input``, ``model.mask_encoding``)."""
+    if not model_cfg.mask_input:
+        return 3
+    return 3 + (N_PARSE_CLASSES if model_cfg.mask_encoding == "onehot" else 1)
 
 
 def autocast_dtype(device: torch.device, *, amp: bool, cpu_amp: bool = False) -> torch.dtype | None:
@@ -107,8 +118,7 @@ class DFMVR(nn.Module):
         self.n_views = len(model_cfg.view_yaw_deg)
         self.layout = face_model.layout(self.n_views)
         self.face = FaceModelBuffers(face_model)
-        in_channels = 4 if model_cfg.mask_input else 3
-        self.backbone = create_backbone(model_cfg.backbone, in_channels=in_channels, width=model_cfg.width,
+        self.backbone = create_backbone(model_cfg.backbone, in_channels=input_channels(model_cfg), width=model_cfg.width,
                                         levels=model_cfg.levels, n_views=self.n_views)
         self.regressor = create_regressor(model_cfg.regressor, in_channels=self.backbone.out_channels,
                                           width=model_cfg.regressor_width, layout=self.layout,
@@ -133,7 +143,7 @@ class DFMVR(nn.Module):
         if self.cfg.mask_input:
             if masks is None:
                 raise ValueError("model.mask_input is on but no masks were given (run the parse net first)")
-            x = torch.cat([images, mask_channel(masks).to(images.dtype)], dim=2)
+            x = torch.cat([images, mask_channels(masks, self.cfg.mask_encoding).to(images.dtype)], dim=2)
         return self.regressor(self.backbone(x), other_grad=backbone_grad_2d)
 
     def decode(self, coeffs: torch.Tensor, *, render: bool = True, shape_grad_2d: float = 1.0) -> ReconOutput:

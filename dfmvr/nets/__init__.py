@@ -2,7 +2,7 @@
 
 Variants are registered by name (timm style) and built from the config::
 
-    backbone = create_backbone(cfg.model.backbone, in_channels=4 if cfg.model.mask_input else 3,
+    backbone = create_backbone(cfg.model.backbone, in_channels=input_channels(cfg.model),
                                width=cfg.model.width, levels=cfg.model.levels)
     regressor = create_regressor(cfg.model.regressor, in_channels=backbone.out_channels,
                                  width=cfg.model.regressor_width, layout=CoeffLayout(),

@@ -11,7 +11,7 @@ from dfmvr.config import apply_overrides
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.transforms import weight_map
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR, autocast_dtype
+from dfmvr.model import DFMVR, autocast_dtype, input_channels, mask_channels
 from dfmvr.nets import BiSeNet
 from dfmvr.presets import tiny
 from dfmvr.train.objective import reconstruction_losses
@@ -66,6 +66,35 @@ def test_mask_input_needs_masks_and_image_size_is_checked(setup):
         model(torch.zeros(1, 3, 3, 64, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, 3, 64, 64\); got \(1, 3, 3, 32, 32\)"):
         model(torch.zeros(1, 3, 3, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.long))
+
+
+def test_mask_encodings_give_the_class_map_as_one_channel_or_one_per_class(setup):
+    cfg, fm = setup
+    masks = torch.tensor([[[0, 1], [4, 9]]])  # [1, 2, 2] class ids
+    ids = mask_channels(masks, "ids")
+    assert ids.shape == (1, 1, 2, 2)
+    assert torch.allclose(ids[0, 0], torch.tensor([[-1.0, -1 + 2 / 9], [-1 + 8 / 9, 1.0]]))
+    onehot = mask_channels(masks, "onehot")
+    assert onehot.shape == (1, 10, 2, 2)
+    assert (onehot == 1).sum(1).eq(1).all()  # exactly one class channel is on at every pixel
+    assert onehot[0, :, 1, 0].argmax() == 4 and onehot[0, :, 1, 1].argmax() == 9
+    assert input_channels(apply_overrides(cfg, {"model.mask_encoding": "ids"}).model) == 4
+    onehot_cfg = apply_overrides(cfg, {"model.mask_encoding": "onehot"})
+    assert input_channels(onehot_cfg.model) == 13
+    assert input_channels(apply_overrides(onehot_cfg, {"model.mask_input": False}).model) == 3
+    model = DFMVR(onehot_cfg.model, onehot_cfg.render, fm).eval()
+    with torch.no_grad():  # the head starts at zero (the mean face for any input): give it weights
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.01)
+    images = torch.zeros(2, 3, 3, 64, 64)
+    parts = torch.zeros(2, 3, 64, 64, dtype=torch.long)
+    moved = parts.clone()
+    moved[..., 20:40, 20:40] = 6  # a nose where the other has skin: the one-hot input sees it
+    with torch.no_grad():
+        assert not torch.equal(model(images, parts, render=False).coeffs, model(images, moved, render=False).coeffs)
+    with pytest.raises(ValueError, match="model.mask_encoding"):
+        apply_overrides(cfg, {"model.mask_encoding": "rgb"})
 
 
 def test_gradients_reach_the_model_and_never_the_frozen_parse_net(setup):
