@@ -164,6 +164,12 @@ class ModelConfig:
     """How the mask joins the image: ``ids`` (one channel of class ids scaled to [-1, 1]) or
     ``onehot`` (one channel per parsing class, each part's silhouette on its own; DESIGN.md allows
     both)."""
+    input_masks: Literal["given", "parse_net"] = "given"
+    """Which masks the network reads (with ``mask_input``): ``given`` (the sample's own, e.g. the
+    shards' exact masks in training, the parse net's only where a capture has none) or
+    ``parse_net`` (the frozen parse net's on the input images, always: in training, validation and
+    reconstruction alike, as the paper's pipeline makes them; the given masks still weight the
+    photometric loss and are the mask loss's target)."""
     parse_net: str = ""
     """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
     view_yaw_deg: tuple[float, ...] = (-45.0, 0.0, 45.0)
@@ -175,6 +181,7 @@ class ModelConfig:
             raise ValueError(f"model.width/regressor_width: expected >= 1, got {self.width}, {self.regressor_width}")
         _check_choice("model.involution_norm", self.involution_norm, ("group", "batch"))
         _check_choice("model.mask_encoding", self.mask_encoding, ("ids", "onehot"))
+        _check_choice("model.input_masks", self.input_masks, ("given", "parse_net"))
         if not self.regressor_blocks or any(n < 1 for n in self.regressor_blocks):
             raise ValueError(f"model.regressor_blocks: expected one or more stages of >= 1 block, "
                              f"got {self.regressor_blocks!r}")

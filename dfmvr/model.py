@@ -82,6 +82,13 @@ def mask_channels(masks: torch.Tensor, encoding: str = "ids") -> torch.Tensor:
     return (masks.float() / (N_PARSE_CLASSES - 1) * 2 - 1).unsqueeze(-3)
 
 
+@torch.no_grad()
+def parsed_masks(parse_net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The parse net's class map of every view: ``images [B, V, 3, S, S]`` in [-1, 1] -> ``[B, V, S, S]``."""
+    b, v = images.shape[:2]
+    return parse_net(images.flatten(0, 1).float()).argmax(1).view(b, v, *images.shape[-2:])
+
+
 def input_channels(model_cfg) -> int:
     """Channels per view the backbone takes: RGB, plus the mask's (``model.mask_input``, ``model.mask_encoding``)."""
     if not model_cfg.mask_input:
@@ -118,14 +125,22 @@ class DFMVR(nn.Module):
         self.n_views = len(model_cfg.view_yaw_deg)
         self.layout = face_model.layout(self.n_views)
         self.face = FaceModelBuffers(face_model)
-        self.backbone = create_backbone(model_cfg.backbone, in_channels=input_channels(model_cfg), width=model_cfg.width,
-                                        levels=model_cfg.levels, n_views=self.n_views)
+        self.backbone = create_backbone(model_cfg.backbone, in_channels=input_channels(model_cfg),
+                                        width=model_cfg.width, levels=model_cfg.levels, n_views=self.n_views)
         self.regressor = create_regressor(model_cfg.regressor, in_channels=self.backbone.out_channels,
                                           width=model_cfg.regressor_width, layout=self.layout,
                                           view_yaw_deg=tuple(model_cfg.view_yaw_deg),
                                           stages=tuple(model_cfg.regressor_blocks),
                                           involution_norm=model_cfg.involution_norm)
         self.renderer = create_renderer(render_cfg)
+        # kept out of the module tree: not in the state dict (a checkpoint bundles the parse net
+        # on its own) and not among the parameters DDP and the optimiser see
+        object.__setattr__(self, "input_parse_net", None)
+
+    def set_input_parse_net(self, parse_net: nn.Module | None) -> None:
+        """The frozen parse net whose masks the network reads when ``model.input_masks`` is
+        ``parse_net`` (training and :class:`dfmvr.serving.Reconstructor` set it)."""
+        object.__setattr__(self, "input_parse_net", parse_net)
 
     def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None, *,
                backbone_grad_2d: float = 1.0) -> torch.Tensor:
@@ -140,6 +155,11 @@ class DFMVR(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         x = images
+        if self.cfg.mask_input and self.cfg.input_masks == "parse_net":
+            if self.input_parse_net is None:
+                raise ValueError("model.input_masks is parse_net but no parse net is loaded (model.parse_net): "
+                                 "the network reads the frozen parse net's masks")
+            masks = parsed_masks(self.input_parse_net, images)
         if self.cfg.mask_input:
             if masks is None:
                 raise ValueError("model.mask_input is on but no masks were given (run the parse net first)")

@@ -19,7 +19,7 @@ import torch
 from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.inputs import prepare_capture, to_model_tensor
-from dfmvr.model import DFMVR
+from dfmvr.model import DFMVR, parsed_masks
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
 
 _logger = logging.getLogger(__name__)
@@ -81,7 +81,13 @@ class Reconstructor:
             raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
                              f"({detail:.400})") from e
         model.to(device)
-        return cls(model, cfg, _bundled_parse_net(payload, cfg, source, device, overrides), payload, source)
+        parse_net = _bundled_parse_net(payload, cfg, source, device, overrides)
+        if cfg.model.mask_input and cfg.model.input_masks == "parse_net":
+            if parse_net is None:
+                raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
+                                 "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
+            model.set_input_parse_net(parse_net)
+        return cls(model, cfg, parse_net, payload, source)
 
     def photo_aligner(self, *, largest: bool = False):
         """A :class:`dfmvr.detect.PhotoAligner` for this model's crops (its face model's mean face
@@ -111,15 +117,13 @@ class Reconstructor:
         if self.parse_net is None:
             raise ValueError(f"model {self.source}: takes masks (model.mask_input) and has no parse net (none "
                              "bundled, model.parse_net not found): pass masks")
-        b, v = images.shape[:2]
-        images = images.to(self.device)
-        return self.parse_net(images.flatten(0, 1)).argmax(1).view(b, v, *images.shape[-2:])
+        return parsed_masks(self.parse_net, images.to(self.device))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = False):
         """``images [B, V, 3, S, S]`` in [-1, 1] (+ masks) -> :class:`dfmvr.model.ReconOutput`."""
         images = images.to(self.device)
-        if masks is None and self.cfg.model.mask_input:
+        if masks is None and self.cfg.model.mask_input and self.cfg.model.input_masks == "given":
             masks = self.make_masks(images)
         if masks is not None:
             masks = masks.to(self.device)

@@ -202,6 +202,9 @@ CHAMPION_ALIAS = "champion"
 """Registry alias of the best version so far (lowest ``VAL_METRIC``); ``models:/NAME@champion``."""
 VAL_METRIC = "val/rmse_mm"
 """The validation metric that ranks checkpoints and registered versions (lower is better)."""
+PARSED_MASKS_METRIC = "val/rmse_mm_parse_net_masks"
+"""``VAL_METRIC`` with the frozen parse net's masks as the network's input instead of the samples'
+own: what views without mask files (photos) get; logged for models that read the given masks."""
 
 
 def dfmvr_requirement() -> str:

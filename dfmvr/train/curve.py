@@ -182,7 +182,8 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     the learning-rate schedule (and the mask loss's start) are ``cfg``'s stretched from ``cfg.train.steps`` to this
     run's ``triplets / batch`` steps (warm-up and decay start at the same fractions of the run);
     clipping and weight averaging as in training; the mask loss runs when ``cfg.model.parse_net``
-    names a parse-net file (frozen, as in training). Validation
+    names a parse-net file (frozen, as in training; with ``model.input_masks=parse_net`` the network
+    reads its masks, and then one must be named). Validation
     uses the averaged weights when ``cfg.optim.ema_decay`` is set, as training's does;
     ``with_grad_split`` adds :func:`gradient_split` on the last batch to every point.
 
@@ -217,12 +218,15 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     loss_cfg = replace(cfg.loss, mask_loss_start_step=round(cfg.loss.mask_loss_start_step * stretch))
     opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
     row_rates = pose_row_rates(model, optim_cfg)
-    average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
+    reads_parse_net = cfg.model.mask_input and cfg.model.input_masks == "parse_net"
     parse_net = None
-    if cfg.model.parse_net and cfg.loss.mask_loss:
+    if cfg.model.parse_net and (cfg.loss.mask_loss or reads_parse_net):
         from dfmvr.nets import parsenet_from_dict, read_parsenet_file
 
         parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device)
+    if reads_parse_net:
+        model.set_input_parse_net(parse_net)
+    average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None
     points: list[CurvePoint] = []
     train_s, seen, step = 0.0, 0, 0
     latest: dict[str, float] = {}

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
 from dfmvr.data.embedded import ensure_data
-from dfmvr.tracking import VAL_METRIC
+from dfmvr.tracking import PARSED_MASKS_METRIC, VAL_METRIC
 from dfmvr.train.resume import check_resumable, previous_checkpoint, unique_run_name
 
 _logger = logging.getLogger(__name__)
@@ -187,6 +187,11 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         if summary["val_rmse_mm"] is not None and summary["mean_face_rmse_mm"]:
             # how far below the mean face's error the model is, in percent (the headline number)
             summary["val_gain_pct"] = 100 * (1 - float(summary["val_rmse_mm"]) / float(summary["mean_face_rmse_mm"]))
+            parsed = metrics.get(PARSED_MASKS_METRIC)
+            if parsed is not None and math.isfinite(float(parsed)):
+                # the same, with the parse net's masks as input: what photos without mask files get
+                mean_face = float(summary["mean_face_rmse_mm"])
+                summary["val_gain_pct_parse_net_masks"] = 100 * (1 - float(parsed) / mean_face)
         val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
         try:
             with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:

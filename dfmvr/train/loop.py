@@ -29,8 +29,8 @@ import torch.distributed as dist
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype
-from dfmvr.tracking import VAL_METRIC, redact_all
+from dfmvr.model import DFMVR, autocast_dtype, parsed_masks
+from dfmvr.tracking import PARSED_MASKS_METRIC, VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
@@ -110,9 +110,12 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     model.eval()
     sums: dict[str, float] = {}
     n_batches = n_samples = 0
-    rmse, mean_rmse = [], []
+    rmse, mean_rmse, parsed_rmse = [], [], []
     first = None
     fm = model.face.model
+    # a model that reads the given masks also meets views without any (photos), where the parse
+    # net makes them: score that too, on the same triplets
+    also_parsed = model.cfg.mask_input and model.cfg.input_masks == "given" and parse_net is not None
     try:
         for batch in batches:
             if max_samples is not None and n_samples >= max_samples:
@@ -133,6 +136,12 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
                 gt = torch.stack([batch.gt_vertices[i] for i in same_topology])
                 rmse.append(aligned_vertex_rmse_mm(out.shape[same_topology], gt))
                 mean_rmse.append(aligned_vertex_rmse_mm(fm.mean_shape.unsqueeze(0).expand_as(gt), gt))
+                if also_parsed:
+                    parsed = model(batch.images, parsed_masks(parse_net, batch.images), render=False).shape
+                    finite_parsed = [i for i in same_topology if bool(torch.isfinite(parsed[i]).all())]
+                    if finite_parsed:
+                        parsed_rmse.append(aligned_vertex_rmse_mm(
+                            parsed[finite_parsed], torch.stack([batch.gt_vertices[i] for i in finite_parsed])))
             if first is None:
                 first = {"images": batch.images[:4].cpu(), "render": out.image[:4].cpu(),
                          "render_mask": out.render_mask[:4].cpu(), "lm_pred": out.lm2d[:4].cpu(),
@@ -144,6 +153,8 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     if rmse:
         metrics[VAL_METRIC] = float(torch.cat(rmse).mean())
         metrics["val/mean_face_rmse_mm"] = float(torch.cat(mean_rmse).mean())
+    if parsed_rmse:
+        metrics[PARSED_MASKS_METRIC] = float(torch.cat(parsed_rmse).mean())
     return metrics, first
 
 
@@ -202,15 +213,19 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
     row_rates = pose_row_rates(core, cfg.optim)
-    # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
-    # could serve it; only rank 0 validates and saves it
-    average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
-
+    reads_parse_net = cfg.model.mask_input and cfg.model.input_masks == "parse_net"
     frozen_parse_net = None
-    if parse_net is not None and cfg.loss.mask_loss:
+    # frozen for the mask loss, for the network's input masks, and to score a model that reads the
+    # given masks on the parse net's too (validate)
+    if parse_net is not None and (cfg.loss.mask_loss or cfg.model.mask_input):
         from dfmvr.nets import parsenet_from_dict
 
         frozen_parse_net = parsenet_from_dict(parse_net, cfg.model.parse_net or "the job's parse net", device)
+    if reads_parse_net:
+        core.set_input_parse_net(frozen_parse_net)
+    # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
+    # could serve it; only rank 0 validates and saves it
+    average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
 
     step = 0
     counters = {"skipped_samples": 0.0, "nan_steps": 0.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -163,3 +164,35 @@ def test_validation_grids_follow_tracking_log_images(shards, tmp_path, log_image
     grids = [a.path for a in client.list_artifacts(run_id, "val_images")]
     assert grids == (["val_images/val_step0000004.png"] if log_images else [])
     assert "val/loss" in client.get_run(run_id).data.metrics, "metrics are logged either way"
+
+
+@pytest.mark.parametrize("input_masks", ["given", "parse_net"])
+def test_validation_scores_the_parse_nets_masks_beside_the_given_ones(shards, tmp_path, input_masks):
+    """A model that reads the samples' own masks is also scored with the parse net's as input
+    (what photos without mask files get); one that reads the parse net's gets one score, and its
+    checkpoint loads with the parse net it needs."""
+    from dfmvr.nets import BiSeNet, read_parsenet_file, save_parsenet
+    from dfmvr.serving import Reconstructor
+    from dfmvr.tracking import PARSED_MASKS_METRIC
+
+    torch.manual_seed(0)
+    net = save_parsenet(tmp_path / "parsenet.pt", BiSeNet(width=8), {"image_size": 64})
+    cfg = _cfg(shards, **{"train.steps": 2, "train.val_every": 2, "model.input_masks": input_masks,
+                          "model.parse_net": str(net)})
+    session = LocalSession(tmp_path / "run")
+    last = run_loop(cfg, session, parse_net=read_parsenet_file(net))
+    assert math.isfinite(last["val/rmse_mm"])
+    if input_masks == "given":
+        # an untrained parse net's masks are nothing like the shards': another score
+        assert math.isfinite(last[PARSED_MASKS_METRIC]) and last[PARSED_MASKS_METRIC] != last["val/rmse_mm"]
+    else:
+        assert PARSED_MASKS_METRIC not in last
+        recon = Reconstructor.from_checkpoint(session.checkpoints[-1])
+        assert recon.model.input_parse_net is recon.parse_net is not None
+        images = torch.rand(1, 3, 3, 64, 64) * 2 - 1
+        given = torch.ones(1, 3, 64, 64, dtype=torch.long)
+        assert torch.equal(recon.predict(images, given).shape, recon.predict(images).shape)
+        payload = load_checkpoint(session.checkpoints[-1])
+        payload.pop("parse_net")
+        with pytest.raises(ValueError, match=r"ckpt: the network reads the parse net's masks \(model.input_masks"):
+            Reconstructor.from_payload(payload, "ckpt", overrides={"model.parse_net": ""})

@@ -11,7 +11,7 @@ from dfmvr.config import apply_overrides
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.transforms import weight_map
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR, autocast_dtype, input_channels, mask_channels
+from dfmvr.model import DFMVR, autocast_dtype, input_channels, mask_channels, parsed_masks
 from dfmvr.nets import BiSeNet
 from dfmvr.presets import tiny
 from dfmvr.train.objective import reconstruction_losses
@@ -95,6 +95,35 @@ def test_mask_encodings_give_the_class_map_as_one_channel_or_one_per_class(setup
         assert not torch.equal(model(images, parts, render=False).coeffs, model(images, moved, render=False).coeffs)
     with pytest.raises(ValueError, match="model.mask_encoding"):
         apply_overrides(cfg, {"model.mask_encoding": "rgb"})
+
+
+def test_input_masks_from_the_parse_net_replace_the_given_ones(setup):
+    cfg, fm = setup
+    reads = apply_overrides(cfg, {"model.input_masks": "parse_net"})
+    torch.manual_seed(0)
+    model = DFMVR(reads.model, reads.render, fm).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the head starts at zero: give it weights
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.01)
+    images = torch.rand(2, 3, 3, 64, 64) * 2 - 1
+    with pytest.raises(ValueError, match="model.input_masks is parse_net but no parse net"):
+        model(images, render=False)
+    parse_net = BiSeNet(width=8).freeze()
+    model.set_input_parse_net(parse_net)
+    assert not any(k.startswith("input_parse_net") for k in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in DFMVR(reads.model, reads.render, fm).parameters())
+    ones = torch.ones(2, 3, 64, 64, dtype=torch.long)
+    with torch.no_grad():
+        read = model(images, render=False).coeffs
+        assert torch.equal(model(images, ones, render=False).coeffs, read)  # the given masks are not read
+        given = DFMVR(cfg.model, cfg.render, fm).eval()
+        given.load_state_dict(model.state_dict())
+        # the same as handing the parse net's masks in
+        assert torch.allclose(given(images, parsed_masks(parse_net, images), render=False).coeffs, read)
+        assert not torch.allclose(given(images, ones, render=False).coeffs, read)
+    with pytest.raises(ValueError, match="model.input_masks"):
+        apply_overrides(cfg, {"model.input_masks": "shards"})
 
 
 def test_gradients_reach_the_model_and_never_the_frozen_parse_net(setup):
