@@ -89,6 +89,12 @@ def parsed_masks(parse_net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return parse_net(images.flatten(0, 1).float()).argmax(1).view(b, v, *images.shape[-2:])
 
 
+def reads_parse_net_masks(model_cfg) -> bool:
+    """Whether the network reads the frozen parse net's masks instead of the given ones
+    (``model.mask_input`` with ``model.input_masks=parse_net``)."""
+    return model_cfg.mask_input and model_cfg.input_masks == "parse_net"
+
+
 def input_channels(model_cfg) -> int:
     """Channels per view the backbone takes: RGB, plus the mask's (``model.mask_input``, ``model.mask_encoding``)."""
     if not model_cfg.mask_input:
@@ -155,7 +161,7 @@ class DFMVR(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         x = images
-        if self.cfg.mask_input and self.cfg.input_masks == "parse_net":
+        if reads_parse_net_masks(self.cfg):
             if self.input_parse_net is None:
                 raise ValueError("model.input_masks is parse_net but no parse net is loaded (model.parse_net): "
                                  "the network reads the frozen parse net's masks")

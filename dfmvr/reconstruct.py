@@ -51,6 +51,7 @@ from dfmvr.data.shards import VIEWS
 from dfmvr.evaluate.samples import Skipped
 from dfmvr.facemodel.model import MM_PER_UNIT
 from dfmvr.inputs import CaptureError, prepare_view, to_model_tensor, to_uint8
+from dfmvr.model import reads_parse_net_masks
 from dfmvr.visualize import blend_render, contact_sheet, overlay_row, photo_overlay, write_png
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ReconstructSummary(checkpoint=recon.source, out=str(out_dir))
-    needs_masks = recon.cfg.model.mask_input
+    needs_masks = recon.cfg.model.mask_input and not reads_parse_net_masks(recon.cfg.model)
     if needs_masks and recon.parse_net is None:
         _logger.warning("model takes masks and no parse net is loaded (model.parse_net): captures without "
                         "masks will be skipped")

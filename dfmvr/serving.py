@@ -19,7 +19,7 @@ import torch
 from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.inputs import prepare_capture, to_model_tensor
-from dfmvr.model import DFMVR, parsed_masks
+from dfmvr.model import DFMVR, parsed_masks, reads_parse_net_masks
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
 
 _logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Reconstructor:
                              f"({detail:.400})") from e
         model.to(device)
         parse_net = _bundled_parse_net(payload, cfg, source, device, overrides)
-        if cfg.model.mask_input and cfg.model.input_masks == "parse_net":
+        if reads_parse_net_masks(cfg.model):
             if parse_net is None:
                 raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
                                  "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
@@ -123,7 +123,7 @@ class Reconstructor:
     def predict(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = False):
         """``images [B, V, 3, S, S]`` in [-1, 1] (+ masks) -> :class:`dfmvr.model.ReconOutput`."""
         images = images.to(self.device)
-        if masks is None and self.cfg.model.mask_input and self.cfg.model.input_masks == "given":
+        if masks is None and self.cfg.model.mask_input and not reads_parse_net_masks(self.cfg.model):
             masks = self.make_masks(images)
         if masks is not None:
             masks = masks.to(self.device)

@@ -44,6 +44,7 @@ from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.shards import VIEWS, read_manifest
 from dfmvr.evaluate.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
 from dfmvr.inputs import to_uint8
+from dfmvr.model import reads_parse_net_masks
 
 if TYPE_CHECKING:
     from dfmvr.serving import Reconstructor
@@ -207,8 +208,8 @@ class ChunkResult:
 def _masks_for(recon: "Reconstructor", batch, result: ChunkResult, sources: list[str]) -> tuple[list[int], Any]:
     """Indices of the samples that can run, and the masks tensor (None for a mask-free model)."""
     keep = list(range(len(batch)))
-    if not recon.cfg.model.mask_input:
-        return keep, None
+    if not recon.cfg.model.mask_input or reads_parse_net_masks(recon.cfg.model):
+        return keep, None  # no masks read, or the network makes its own from the parse net
     masks = batch.masks.clone()
     missing = [i for i in keep if not bool(batch.has_masks[i])]
     if missing and recon.parse_net is not None:

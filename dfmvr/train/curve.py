@@ -29,7 +29,7 @@ from dfmvr.config import Config
 from dfmvr.data.batch import Batch
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype
+from dfmvr.model import DFMVR, autocast_dtype, reads_parse_net_masks
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer, pose_row_rates
@@ -218,7 +218,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     loss_cfg = replace(cfg.loss, mask_loss_start_step=round(cfg.loss.mask_loss_start_step * stretch))
     opt, sched = build_optimizer(model.parameters(), optim_cfg, total_steps)
     row_rates = pose_row_rates(model, optim_cfg)
-    reads_parse_net = cfg.model.mask_input and cfg.model.input_masks == "parse_net"
+    reads_parse_net = reads_parse_net_masks(cfg.model)
     parse_net = None
     if cfg.model.parse_net and (cfg.loss.mask_loss or reads_parse_net):
         from dfmvr.nets import parsenet_from_dict, read_parsenet_file

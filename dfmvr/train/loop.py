@@ -29,7 +29,7 @@ import torch.distributed as dist
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype, parsed_masks
+from dfmvr.model import DFMVR, autocast_dtype, parsed_masks, reads_parse_net_masks
 from dfmvr.tracking import PARSED_MASKS_METRIC, VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
@@ -115,7 +115,7 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     fm = model.face.model
     # a model that reads the given masks also meets views without any (photos), where the parse
     # net makes them: score that too, on the same triplets
-    also_parsed = model.cfg.mask_input and model.cfg.input_masks == "given" and parse_net is not None
+    also_parsed = model.cfg.mask_input and not reads_parse_net_masks(model.cfg) and parse_net is not None
     try:
         for batch in batches:
             if max_samples is not None and n_samples >= max_samples:
@@ -213,7 +213,6 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
     row_rates = pose_row_rates(core, cfg.optim)
-    reads_parse_net = cfg.model.mask_input and cfg.model.input_masks == "parse_net"
     frozen_parse_net = None
     # frozen for the mask loss, for the network's input masks, and to score a model that reads the
     # given masks on the parse net's too (validate)
@@ -221,7 +220,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         from dfmvr.nets import parsenet_from_dict
 
         frozen_parse_net = parsenet_from_dict(parse_net, cfg.model.parse_net or "the job's parse net", device)
-    if reads_parse_net:
+    if reads_parse_net_masks(cfg.model):
         core.set_input_parse_net(frozen_parse_net)
     # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
     # could serve it; only rank 0 validates and saves it

@@ -68,6 +68,15 @@ def test_mask_input_needs_masks_and_image_size_is_checked(setup):
         model(torch.zeros(1, 3, 3, 32, 32), torch.zeros(1, 3, 32, 32, dtype=torch.long))
 
 
+def _with_head_weights(model):
+    """The head starts at zero (the mean face for any input): give every all-zero weight a little."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.01)
+    return model
+
+
 def test_mask_encodings_give_the_class_map_as_one_channel_or_one_per_class(setup):
     cfg, fm = setup
     masks = torch.tensor([[[0, 1], [4, 9]]])  # [1, 2, 2] class ids
@@ -82,11 +91,7 @@ def test_mask_encodings_give_the_class_map_as_one_channel_or_one_per_class(setup
     onehot_cfg = apply_overrides(cfg, {"model.mask_encoding": "onehot"})
     assert input_channels(onehot_cfg.model) == 13
     assert input_channels(apply_overrides(onehot_cfg, {"model.mask_input": False}).model) == 3
-    model = DFMVR(onehot_cfg.model, onehot_cfg.render, fm).eval()
-    with torch.no_grad():  # the head starts at zero (the mean face for any input): give it weights
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(std=0.01)
+    model = _with_head_weights(DFMVR(onehot_cfg.model, onehot_cfg.render, fm).eval())
     images = torch.zeros(2, 3, 3, 64, 64)
     parts = torch.zeros(2, 3, 64, 64, dtype=torch.long)
     moved = parts.clone()
@@ -101,11 +106,7 @@ def test_input_masks_from_the_parse_net_replace_the_given_ones(setup):
     cfg, fm = setup
     reads = apply_overrides(cfg, {"model.input_masks": "parse_net"})
     torch.manual_seed(0)
-    model = DFMVR(reads.model, reads.render, fm).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # the head starts at zero: give it weights
-            if p.dim() > 1 and not p.any():
-                p.normal_(std=0.01)
+    model = _with_head_weights(DFMVR(reads.model, reads.render, fm).eval())
     images = torch.rand(2, 3, 3, 64, 64) * 2 - 1
     with pytest.raises(ValueError, match="model.input_masks is parse_net but no parse net"):
         model(images, render=False)
