@@ -28,8 +28,26 @@ def build_config(overrides: Sequence[str], yaml_files: Sequence[str] = (), *,
     for path in yaml_files:
         cfg = apply_overrides(cfg, load_yaml(path))
     cfg = apply_overrides(cfg, flat)
+    check_registered(cfg)
     note = " ".join([f"preset={preset}", *(f"--config {p}" for p in yaml_files), *overrides])
     return cfg, note
+
+
+def check_registered(cfg: Config) -> None:
+    """The config's registry names (``model.backbone``, ``model.regressor``, ``parsenet.arch``) are
+    registered; checked with the other values, before anything starts (the config module sits
+    below the networks and cannot ask their registries itself).
+
+    Raises:
+        ValueError: naming the key, the value and the registered names.
+    """
+    from dfmvr.nets import list_backbones, list_parsenets, list_regressors
+
+    for key, value, known in (("model.backbone", cfg.model.backbone, list_backbones()),
+                              ("model.regressor", cfg.model.regressor, list_regressors()),
+                              ("parsenet.arch", cfg.parsenet.arch, list_parsenets())):
+        if value not in known:
+            raise ValueError(f"{key}: expected one of {known}, got {value!r}")
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:

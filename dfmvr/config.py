@@ -117,6 +117,10 @@ class DataConfig:
     """Photometric weight map: the paper's 254/128/32 levels or the reference code's variant."""
     s3_endpoint: str = ""
     """S3 endpoint URL; empty means ``AWS_ENDPOINT_URL`` or the AWS default."""
+    parsed_masks_root: str = ""
+    """Where the parse net's masks of the shards are cached (``parsed-masks/<parse-net digest>/``
+    beneath it; :mod:`dfmvr.data.parsed_masks`): a local directory or ``s3://`` prefix; empty means
+    the shard root itself (``data.url``)."""
     max_bad_shards_in_a_row: int = 16
     """A reader that opens this many shards in a row without one good sample stops with an
     error naming them and the last error (an outage, a role without rights, a corrupt root)
@@ -164,12 +168,13 @@ class ModelConfig:
     """How the mask joins the image: ``ids`` (one channel of class ids scaled to [-1, 1]) or
     ``onehot`` (one channel per parsing class, each part's silhouette on its own; DESIGN.md allows
     both)."""
-    input_masks: Literal["given", "parse_net"] = "given"
-    """Which masks the network reads (with ``mask_input``): ``given`` (the sample's own, e.g. the
-    shards' exact masks in training, the parse net's only where a capture has none) or
-    ``parse_net`` (the frozen parse net's on the input images, always: in training, validation and
-    reconstruction alike, as the paper's pipeline makes them; the given masks still weight the
-    photometric loss and are the mask loss's target)."""
+    input_masks: Literal["given", "parse_net"] = "parse_net"
+    """Whose parsing masks the pipeline uses: the network's input (with ``mask_input``), the
+    photometric weight map and the mask loss's target. ``parse_net`` (the paper's pipeline, every
+    preset): the frozen parse net's masks of the views, in training (computed once per sample,
+    the mask cache), validation, evaluation and reconstruction alike: what every real input meets.
+    ``given``: the samples' own masks (the synthetic shards' exact ones), an upper bound that no
+    real input has (docs/parsenet.md); the parse net's only where a capture has none."""
     parse_net: str = ""
     """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
     view_yaw_deg: tuple[float, ...] = (-45.0, 0.0, 45.0)
@@ -338,6 +343,16 @@ class TrainConfig:
     """Ray Train run name. Empty: a new unique name (``dfmvr-train-DATE-TIME-XXXX``), so a rerun
     starts a new run. Naming an existing run resumes it (its config may differ only in the step
     budget and where things are stored and logged: :mod:`dfmvr.train.resume`)."""
+    parse_net_amp: bool = True
+    """The frozen parse net's pass inside the mask loss (forward and backward to the render) runs in
+    bfloat16 autocast where the device computes bf16 natively (CUDA with bf16; CPUs with
+    AVX512-BF16 or AMX), else in float32. The parse net's masks (the network's input, the weights
+    and the mask loss's target) are always made in float32."""
+    holdout_report: bool = True
+    """Validate during training (and so pick the checkpoint) on every other subject of the
+    validation split in sorted order, and report the picked checkpoint on the others: the job's
+    headline (``val_gain_pct``) is then not inflated by the selection. False: pick and report on
+    the same triplets."""
     parse_net_first: bool = True
     """When ``model.parse_net`` is empty and the model takes masks or the mask loss is on, the
     training job first trains a parse net on the same shards (``parsenet.*``, its own MLflow run)
@@ -380,8 +395,26 @@ class ParseNetConfig:
     It trains on the ``data`` section's shards (samples with masks; its splits and image size).
     """
 
+    arch: str = "bisenet"
+    """Registered parse-net architecture (:func:`dfmvr.nets.list_parsenets`): ``bisenet`` (the
+    paper's, for large inputs) or ``unet`` (full-resolution decoder, for small ones)."""
     width: int = 64
-    """BiSeNet base width (64 = ResNet-18 context path; 8-16 train on CPU)."""
+    """Base width (BiSeNet: 64 = ResNet-18 context path; 8-16 train on CPU)."""
+    class_weights: tuple[float, ...] = ()
+    """Cross-entropy weight of each of the 10 parsing classes (background, skin, brows, eyes, nose,
+    mouth, lips); empty: unweighted. The small parts cover a few percent of the pixels, so an
+    unweighted loss is nearly satisfied without them (docs/parsenet.md)."""
+    dice_weight: float = 0.0
+    """Weight of a soft Dice term beside the cross-entropy (every class counts alike, as in IoU)."""
+    augment: float = 0.0
+    """Strength in [0, 1] of the photo augmentation of the training views (framing, background,
+    colour, blur, noise, JPEG; :mod:`dfmvr.data.augment`); 0: off."""
+    robustness: bool = True
+    """Also validate on the validation views degraded by that augmentation at full strength, the
+    same way every time: ``val_photo/miou`` and ``val_photo/iou_<class>`` beside the clean ones."""
+    amp: bool = True
+    """Train in bfloat16 autocast (float32 weights) where the device computes bf16 natively (CUDA
+    with bf16; CPUs with AVX512-BF16 or AMX); elsewhere float32. The loss is taken in float32."""
     steps: int = 20000
     """Optimiser steps."""
     batch_size: int = 8
@@ -411,9 +444,18 @@ class ParseNetConfig:
         for name in ("width", "steps", "batch_size", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parsenet.{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.arch:
+            raise ValueError("parsenet.arch: expected a registered parse-net architecture, got ''")
+        if self.class_weights and (len(self.class_weights) != 10
+                                   or not all(math.isfinite(w) and w > 0 for w in self.class_weights)):
+            raise ValueError(f"parsenet.class_weights: expected empty (unweighted) or 10 numbers > 0, one per "
+                             f"parsing class, got {self.class_weights!r}")
         _check_positive("parsenet.lr", self.lr)
         _check_positive("parsenet.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("parsenet.aux_weight", self.aux_weight, allow_zero=True)
+        _check_positive("parsenet.dice_weight", self.dice_weight, allow_zero=True)
+        if not 0.0 <= self.augment <= 1.0:
+            raise ValueError(f"parsenet.augment: expected a strength in [0, 1], got {self.augment}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"parsenet.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
         if self.val_samples < 0:

@@ -1,7 +1,7 @@
-"""Face parsing: training the BiSeNet parse net on masked shards, its IoU metrics, mask prediction.
+"""Face parsing: training a parse net on masked shards, its IoU metrics, mask prediction.
 
-The parse net (:class:`dfmvr.nets.parsenet.BiSeNet`, 10 classes, DESIGN.md "Face-parsing
-classes") is trained here, apart from the reconstruction network, then used frozen by it
+The parse net (a registered :class:`dfmvr.nets.parsenet.ParseNet`, ``parsenet.arch``; 10 classes,
+docs/design.md "Face-parsing classes") is trained here, apart from the reconstruction network, then used frozen by it
 (``model.parse_net=<checkpoint>``: the mask loss, and masks for inputs that have none) and by
 ``python -m sharding.fill_masks`` (masks for shards packed without them).
 
@@ -13,7 +13,8 @@ checkpoint's ``meta["image_size"]``); :func:`predict_masks` resizes other sizes 
 Training (:func:`train_parsenet`): one process, plain PyTorch (no DDP: a ResNet-18-sized net on
 a few thousand masked views trains on one GPU or a few CPU cores). Every view of every triplet
 that has masks is one training image; cross-entropy on the main head plus ``aux_weight`` times
-each auxiliary head (BiSeNet's deep supervision); Adam with a cosine decay; random horizontal
+each auxiliary head (BiSeNet's deep supervision), each pixel weighted by its class
+(``parsenet.class_weights``); Adam with a cosine decay; random horizontal
 flips that swap the left/right brow and eye classes so the labels stay the subject's own.
 
 Metrics (:func:`confusion_matrix`, :func:`class_iou`, :func:`mean_iou`): per-class IoU
@@ -40,8 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
+from dfmvr.data.augment import AugmentSettings, PhotoAugment, augment_views
 from dfmvr.facemodel.model import N_PARSE_CLASSES, PARSE_CLASSES
-from dfmvr.nets.parsenet import BiSeNet, save_parsenet
+from dfmvr.model import autocast_dtype
+from dfmvr.nets.parsenet import ParseNet, create_parsenet, save_parsenet
 from dfmvr.train.schedule import lr_factor
 
 _logger = logging.getLogger(__name__)
@@ -128,8 +131,26 @@ def iou_metrics(confusion: torch.Tensor, prefix: str = "val/") -> dict[str, floa
 # --------------------------------------------------------------------------------- training pieces
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - mean_c (2 |P_c Y_c| + 1) / (|P_c| + |Y_c| + 1)`` over the classes present in ``target``:
+    softmax probabilities ``P`` against one-hot truth ``Y``, summed over the batch's pixels. Every
+    class counts alike however few pixels it has, which is what IoU rewards.
+
+    Args:
+        logits: ``[N, C, H, W]``; target: int64 ``[N, H, W]``.
+    """
+    prob = logits.float().softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(prob.dtype)
+    inter = (prob * onehot).sum((0, 2, 3))
+    sizes = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = (2 * inter + 1) / (sizes + 1)
+    return 1 - dice[present].mean()
+
+
 def parse_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor,
-               aux_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               aux_weight: float = 1.0, class_weights: torch.Tensor | None = None, dice_weight: float = 0.0,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of the main head plus ``aux_weight`` times each auxiliary head's.
 
     Args:
@@ -137,15 +158,23 @@ def parse_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.T
             with ``return_aux=True`` in training mode.
         target: int64 ``[N, H, W]`` classes.
         aux_weight: weight of each auxiliary term.
+        class_weights: ``[C]`` weight of each class's pixels (``parsenet.class_weights``), or None;
+            the weighted mean divides by the summed weights of the pixels, as PyTorch's does.
+        dice_weight: weight of :func:`soft_dice_loss` on the main head (``parsenet.dice_weight``).
 
     Returns:
-        ``(total, terms)`` with terms ``loss_main`` (and ``loss_aux16``, ``loss_aux32``), detached.
+        ``(total, terms)`` with terms ``loss_main`` (and ``loss_aux16``, ``loss_aux32``, ``loss_dice``), detached.
     """
     heads = outputs if isinstance(outputs, tuple) else (outputs,)
     names = ("loss_main", "loss_aux16", "loss_aux32")[: len(heads)]
-    values = [F.cross_entropy(logits, target) for logits in heads]
+    values = [F.cross_entropy(logits, target, weight=class_weights) for logits in heads]
     total = values[0] + aux_weight * sum(values[1:], torch.zeros((), device=target.device))
-    return total, {name: v.detach() for name, v in zip(names, values)}
+    terms = {name: v.detach() for name, v in zip(names, values)}
+    if dice_weight > 0:
+        dice = soft_dice_loss(heads[0], target)
+        total = total + dice_weight * dice
+        terms["loss_dice"] = dice.detach()
+    return total, terms
 
 
 def masked_views(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +206,9 @@ def random_hflip(images: torch.Tensor, masks: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = "cpu",
-             max_samples: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(model: ParseNet, batches: Iterable, *, device: torch.device | str = "cpu",
+             max_samples: int = 0, perturb: PhotoAugment | None = None, seed: int = 0,
+             prefix: str = "val/") -> tuple[dict[str, float], torch.Tensor]:
     """Per-class IoU of ``model`` over the masked samples of ``batches``.
 
     Args:
@@ -186,15 +216,19 @@ def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = 
         batches: :class:`dfmvr.data.batch.Batch` iterable (one pass).
         device: where to run.
         max_samples: stop after this many masked triplets (0: all).
+        perturb: degrade every view (and move its mask) with this augmentation first, drawn from
+            ``seed``: the same perturbed views on every call (the robustness figure).
+        prefix: of the metric names.
 
     Returns:
-        ``(metrics, confusion)``: :func:`iou_metrics` plus ``val/samples`` (masked triplets seen)
-        and ``val/unmasked`` (triplets without masks, not scored); the ``[C, C]`` counts.
+        ``(metrics, confusion)``: :func:`iou_metrics` plus ``{prefix}samples`` (masked triplets
+        seen) and ``{prefix}unmasked`` (triplets without masks, not scored); the ``[C, C]`` counts.
     """
     was_training = model.training
     model.eval()
     confusion = torch.zeros((model.n_classes, model.n_classes), dtype=torch.int64)
     samples = unmasked = 0
+    rng = np.random.default_rng(seed)
     try:
         for batch in batches:
             unmasked += int((~batch.has_masks).sum())
@@ -205,6 +239,8 @@ def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = 
             if max_samples and samples + n_masked > max_samples:
                 keep = (max_samples - samples) * images.shape[0] // n_masked
                 images, masks, n_masked = images[:keep], masks[:keep], max_samples - samples
+            if perturb is not None:
+                images, masks = augment_views(images, masks, perturb, rng)
             pred = model(images.to(device)).argmax(1).cpu()
             confusion += confusion_matrix(pred, masks, model.n_classes)
             samples += n_masked
@@ -212,8 +248,8 @@ def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = 
                 break
     finally:
         model.train(was_training)
-    metrics = iou_metrics(confusion)
-    metrics.update({"val/samples": float(samples), "val/unmasked": float(unmasked)})
+    metrics = iou_metrics(confusion, prefix)
+    metrics.update({f"{prefix}samples": float(samples), f"{prefix}unmasked": float(unmasked)})
     return metrics, confusion
 
 
@@ -224,7 +260,7 @@ def evaluate(model: BiSeNet, batches: Iterable, *, device: torch.device | str = 
 class ParseTrainResult:
     """What :func:`train_parsenet` returns."""
 
-    model: BiSeNet
+    model: ParseNet
     """The trained net (training mode, on the training device)."""
     steps: int
     """Optimiser steps taken (non-finite steps are skipped and not counted)."""
@@ -280,13 +316,19 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
 
     pcfg = cfg.parsenet
     device = torch.device(device) if device is not None else default_device()
+    amp_dtype = autocast_dtype(device, amp=pcfg.amp, cpu_amp=pcfg.amp)
     manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint or None)
     manifest.split(cfg.data.split)
     manifest.split(cfg.data.val_split)  # fail now, not after training
     torch.manual_seed(cfg.seed)
     flip_rng = torch.Generator().manual_seed(cfg.seed)
+    augment = PhotoAugment(AugmentSettings(strength=pcfg.augment)) if pcfg.augment > 0 else None
+    augment_rng = np.random.default_rng(cfg.seed)
+    # the robustness figure: the validation views degraded the same way every time, at full strength
+    perturb = PhotoAugment(AugmentSettings(strength=1.0)) if pcfg.robustness else None
 
-    model = BiSeNet(n_classes=N_PARSE_CLASSES, width=pcfg.width).to(device)
+    model = create_parsenet(pcfg.arch, n_classes=N_PARSE_CLASSES, width=pcfg.width).to(device)
+    class_weights = torch.tensor(pcfg.class_weights, device=device) if pcfg.class_weights else None
     opt = torch.optim.Adam(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps=pcfg.steps, cosine_after=0, min_lr_ratio=pcfg.min_lr_ratio))
@@ -295,13 +337,14 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
     val_data = dataclasses.replace(cfg.data, color_jitter=0.0)
     val_loader = make_loader(val_data, cfg.data.val_split, rank=0, world_size=1, resampled=False, shuffle=False,
                              batch_size=pcfg.batch_size, seed=cfg.seed)
-    _logger.info("parse net: width %d, %d parameters, %d steps of %d triplets on %s",
-                 pcfg.width, sum(p.numel() for p in model.parameters()), pcfg.steps, pcfg.batch_size, device)
+    _logger.info("parse net: %s width %d, %d parameters, %d steps of %d triplets on %s",
+                 pcfg.arch, pcfg.width, sum(p.numel() for p in model.parameters()), pcfg.steps, pcfg.batch_size, device)
 
     result = ParseTrainResult(model=model, steps=0)
     window: dict[str, float] = {}
     window_n = unmasked_streak = nonfinite_streak = 0
     t0 = t_window = time.perf_counter()
+    val_seconds = 0.0  # spent validating: left out of the training time each validation reports
     images_since = 0
     model.train()
     batches = _batches(train_loader)
@@ -320,8 +363,13 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
         images, masks = masked_views(batch)
         if pcfg.hflip:
             images, masks = random_hflip(images, masks, flip_rng)
+        if augment is not None:
+            images, masks = augment_views(images, masks, augment, augment_rng)
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        total, terms = parse_loss(model(images, return_aux=True), masks, pcfg.aux_weight)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            heads = model(images, return_aux=True)
+        heads = tuple(h.float() for h in heads) if isinstance(heads, tuple) else heads.float()
+        total, terms = parse_loss(heads, masks, pcfg.aux_weight, class_weights, pcfg.dice_weight)
         if not torch.isfinite(total):
             nonfinite_streak += 1
             _logger.warning("parse net: non-finite loss at step %d (%d in a row); step skipped",
@@ -353,7 +401,14 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
                 log_metrics(metrics, step)
             window, window_n, images_since, t_window = {}, 0, 0, now
         if step % pcfg.val_every == 0 or step == pcfg.steps:
+            t_val = time.perf_counter()
             val, _ = evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples)
+            if perturb is not None:
+                val.update(evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples, perturb=perturb,
+                                    seed=cfg.seed, prefix="val_photo/")[0])
+            # training seconds so far, validations left out: what a curve of mIoU against time plots
+            val["val/train_seconds"] = t_val - t0 - val_seconds
+            val_seconds += time.perf_counter() - t_val
             result.val = val
             result.val_history.append((step, val))
             _logger.info("parse net step %d: val mIoU %.4f (%d triplets)", step, val["val/miou"],
@@ -369,7 +424,7 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
 
 
 @torch.no_grad()
-def predict_masks(model: BiSeNet, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+def predict_masks(model: ParseNet, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
     """Argmax class maps for uint8 RGB images.
 
     Images are scaled to [-1, 1]; when their side differs from the size the net was trained
@@ -483,6 +538,9 @@ def run_job(cfg: Config, *, overrides_note: str = "", device: torch.device | str
         "miou": _or_none(result.val.get("val/miou", math.nan)),
         "pixel_acc": _or_none(result.val.get("val/pixel_acc", math.nan)),
         "iou": {k: _or_none(v) for k, v in iou.items()},
+        # the same views degraded as photos are (parsenet.robustness): the robustness figure
+        "miou_photo": _or_none(result.val.get("val_photo/miou", math.nan)),
+        "iou_photo": {k: _or_none(result.val.get(f"val_photo/iou_{k}", math.nan)) for k in PARSE_CLASSES},
         "val_samples": int(result.val.get("val/samples", 0)),
         "skipped_samples": result.skipped_samples,
         "checkpoint": str(out.resolve()),

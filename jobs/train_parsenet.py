@@ -1,4 +1,4 @@
-"""Train the BiSeNet face parse net (10 classes) on shards with masks, tracked in MLflow.
+"""Train the face parse net (10 classes; ``parsenet.arch``) on shards with masks, tracked in MLflow.
 
 Cluster:   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
                python jobs/train_parsenet.py preset=paper data.url=s3://BUCKET/dfmvr/synth
@@ -11,8 +11,8 @@ Overrides are dotted config keys (dfmvr/config.py, section ``parsenet``), e.g.
 parsenet.steps=5000 parsenet.width=32; unknown keys and bad values fail here, before any work.
 
 This is one process running a plain PyTorch loop on the driver (GPU when it has one, else
-CPU), not Ray Train: a ResNet-18-sized segmentation net on a few thousand views does not need
-data parallelism, and under ``ray job submit`` the driver runs on the head node. Validation
+CPU), not Ray Train: a ResNet-18-sized segmentation net (BiSeNet, the paper's; the tiny preset's
+is a small U-Net) on a few thousand views does not need data parallelism, and under ``ray job submit`` the driver runs on the head node. Validation
 reports per-class IoU (``val/iou_<class>``) and ``val/miou`` on ``data.val_split``. The
 exported checkpoint goes to ``<work_dir>/parsenet/parsenet.pt`` (or ``parsenet.out``); pass it
 to the reconstruction job as ``model.parse_net=<path>`` or to
@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     from dfmvr.parsing import run_job
 
     summary = run_job(cfg, overrides_note=note)
-    print_summary("parse net", {k: v for k, v in summary.items() if k != "iou"})
+    print_summary("parse net", {k: v for k, v in summary.items() if k not in ("iou", "iou_photo")})
     print("  per-class IoU: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
                                           for k, v in summary["iou"].items()))
+    if summary.get("miou_photo") is not None:
+        print("  the same views degraded as photos (parsenet.robustness): " + ", ".join(
+            f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["iou_photo"].items()))
     print(f"\n{summary['checkpoint']}")
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

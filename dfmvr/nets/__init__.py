@@ -1,4 +1,4 @@
-"""DF-MVR networks: multi-view backbones, coefficient regressors and the BiSeNet parse net.
+"""DF-MVR networks: multi-view backbones, coefficient regressors and the face parse nets.
 
 Variants are registered by name (timm style) and built from the config::
 
@@ -17,7 +17,19 @@ from __future__ import annotations
 from dfmvr.nets import backbones, regressors  # noqa: F401  (registers the variants)
 from dfmvr.nets.backbones import FusionBackbone, LateFusionCNNBackbone, LateFusionUNetBackbone
 from dfmvr.nets.involution import Involution2d
-from dfmvr.nets.parsenet import BiSeNet, load_parsenet, parsenet_from_dict, read_parsenet_file, save_parsenet
+from dfmvr.nets.parsenet import (
+    BiSeNet,
+    ParseNet,
+    ParseUNet,
+    create_parsenet,
+    list_parsenets,
+    load_parsenet,
+    parsenet_digest,
+    parsenet_from_dict,
+    read_parsenet_file,
+    register_parsenet,
+    save_parsenet,
+)
 from dfmvr.nets.registry import (
     create_backbone,
     create_regressor,
@@ -30,7 +42,8 @@ from dfmvr.nets.regressors import CoefficientRegressor, initial_coefficients
 
 __all__ = [
     "BiSeNet", "CoefficientRegressor", "FusionBackbone", "Involution2d", "LateFusionCNNBackbone",
-    "LateFusionUNetBackbone", "create_backbone", "create_regressor", "initial_coefficients",
-    "list_backbones", "list_regressors", "load_parsenet", "parsenet_from_dict", "read_parsenet_file",
-    "register_backbone", "register_regressor", "save_parsenet",
+    "LateFusionUNetBackbone", "ParseNet", "ParseUNet", "create_backbone", "create_parsenet", "create_regressor",
+    "initial_coefficients", "list_backbones", "list_parsenets", "list_regressors", "load_parsenet",
+    "parsenet_digest", "parsenet_from_dict", "read_parsenet_file", "register_backbone", "register_parsenet",
+    "register_regressor", "save_parsenet",
 ]

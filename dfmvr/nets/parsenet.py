@@ -1,10 +1,22 @@
-"""BiSeNet face parse net (Yu et al., ECCV 2018), 10 classes, and its checkpoint format.
+"""Face parse nets (10 classes) in a registry, and their checkpoint format.
 
-DF-MVR uses it frozen: to make the parsing masks concatenated to the input views when a
-dataset has none, and in the mask loss (cross-entropy of its prediction on the rendered
-image against the input mask). It is trained by its own job.
+DF-MVR uses a parse net frozen: it makes the parsing masks the network reads beside each view
+(the paper's pipeline: "by leveraging pre-trained BiSeNet, we could attain the corresponding face
+mask"), the masks that weigh the photometric loss, and the mask loss (cross-entropy of its
+prediction on the rendered image against the input's mask). It is trained by its own job
+(:mod:`dfmvr.parsing`).
 
-Layout at ``width`` w (64 is BiSeNet's ResNet-18 proper):
+Architectures are registered by name (``parsenet.arch``; :func:`create_parsenet`,
+:func:`list_parsenets`), every one a :class:`ParseNet`: ``x [B, C_in, H, W]`` in [-1, 1] ->
+logits ``[B, n_classes, H, W]``.
+
+- ``bisenet`` (:class:`BiSeNet`, Yu et al., ECCV 2018): the paper's net, made for 512 px
+  inputs. Its spatial path and its finest context feature are at 1/8 of the input: at the tiny
+  preset's 64 px that is an 8 x 8 grid, too coarse for brows, eyes and lips (docs/parsenet.md).
+- ``unet`` (:class:`ParseUNet`): a U-Net whose decoder comes back to full resolution, for small
+  inputs; at 64 px width 16 it has 0.48 M parameters and sees every part (docs/parsenet.md).
+
+BiSeNet's layout at ``width`` w (64 is BiSeNet's ResNet-18 proper):
 
 - context path: a ResNet-18-like net (7x7 stride-2 stem, max-pool, four stages of two basic
   blocks, widths w, 2w, 4w, 8w at 1/4..1/32), attention refinement modules (ARM) on the 1/16
@@ -18,34 +30,121 @@ Layout at ``width`` w (64 is BiSeNet's ResNet-18 proper):
   ``cp8`` ("aux16") and ``cp16`` ("aux32"); all up-sampled bilinearly to the input size.
 
 Input: RGB ``[B, 3, H, W]`` normalised to [-1, 1] (``(x - 0.5) / 0.5``, as the reference
-code does). Output: logits ``[B, n_classes, H, W]``; classes as in DESIGN.md (0 background,
+code does). Output: logits ``[B, n_classes, H, W]``; classes as in docs/design.md (0 background,
 1 skin, 2/3 left/right brow, 4/5 left/right eye, 6 nose, 7 mouth, 8/9 upper/lower lip).
-In training mode the global-context branch pools to 1 x 1, so BatchNorm needs batch >= 2.
+In training mode BiSeNet's global-context branch pools to 1 x 1, so BatchNorm needs batch >= 2.
 
 Checkpoints (:func:`save_parsenet`, :func:`load_parsenet`) are plain dicts that
 ``torch.load(weights_only=True)`` reads: ``{"format": "dfmvr.parsenet/1", "meta": {...},
 "state_dict": {name: tensor}}``, with ``meta`` holding at least ``n_classes``, ``width``,
-``in_channels`` and ``image_size``.
+``in_channels`` and ``image_size``, and ``arch`` (``bisenet`` when absent: files written before
+the registry). :func:`parsenet_digest` names a checkpoint's weights (the mask cache's key).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfmvr.facemodel.model import N_PARSE_CLASSES
-from dfmvr.nets.blocks import ConvBNReLU, init_weights
+from dfmvr.nets.blocks import ConvBNReLU, DoubleConv, init_weights
 
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "dfmvr.parsenet/1"
+DEFAULT_ARCH = "bisenet"
+"""The architecture of a checkpoint whose meta names none (written before the registry)."""
+
+_PARSENETS: dict[str, Callable[..., "ParseNet"]] = {}
+_P = TypeVar("_P", bound=Callable[..., "ParseNet"])
+
+
+def register_parsenet(fn: _P) -> _P:
+    """Register ``fn(*, n_classes, width, in_channels) -> ParseNet`` under its name (``parsenet.arch``)."""
+    name = fn.__name__
+    if name in _PARSENETS and _PARSENETS[name] is not fn:
+        raise ValueError(f"parse net {name!r} is already registered (by {_PARSENETS[name].__module__})")
+    _PARSENETS[name] = fn
+    return fn
+
+
+def list_parsenets() -> list[str]:
+    """Registered parse-net architectures, sorted."""
+    return sorted(_PARSENETS)
+
+
+def create_parsenet(arch: str, *, n_classes: int = N_PARSE_CLASSES, width: int = 64,
+                    in_channels: int = 3) -> "ParseNet":
+    """Build a registered parse net.
+
+    Raises:
+        ValueError: an unknown ``arch`` (naming the registered ones) or bad sizes.
+    """
+    if arch not in _PARSENETS:
+        raise ValueError(f"parsenet.arch: unknown parse net {arch!r}; registered: {list_parsenets()}")
+    # channels-last weights (and inputs, ParseNet.forward): its convolutions of 16-128 channels ran
+    # 1.2-1.35x faster so on these CPUs (docs/parsenet.md), and every path (training, the mask cache,
+    # the mask loss, inference) computes alike
+    return _PARSENETS[arch](n_classes=n_classes, width=width, in_channels=in_channels).to(
+        memory_format=torch.channels_last)
+
+
+class ParseNet(nn.Module):
+    """What every parse net shares: its sizes, the input check, the frozen mode and ``meta``.
+
+    Subclasses implement :meth:`logits` (``x [B, C_in, H, W] -> [B, n_classes, H, W]``) and may
+    override :meth:`forward` to add deeply supervised heads in training.
+    """
+
+    arch = ""
+    amp_dtype: torch.dtype | None = None
+    """Autocast dtype of the frozen net's pass inside the mask loss (``train.parse_net_amp``; set by
+    the training code), or None: float32. Masks are made in float32 whatever it says."""
+
+    def __init__(self, n_classes: int, width: int, in_channels: int) -> None:
+        super().__init__()
+        if n_classes < 2 or width < 1 or in_channels < 1:
+            raise ValueError(f"{type(self).__name__}: expected n_classes >= 2, width >= 1, in_channels >= 1; "
+                             f"got {n_classes}, {width}, {in_channels}")
+        self.n_classes = n_classes
+        self.width = width
+        self.in_channels = in_channels
+        self.frozen = False
+        self.meta: dict[str, Any] = {}
+        """Checkpoint metadata (``image_size`` ...) when loaded by :func:`load_parsenet`."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} input must have shape (B, {self.in_channels}, H, W); "
+                             f"got {tuple(x.shape)}")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Args: ``x [B, C, H, W]`` in [-1, 1]. Returns logits ``[B, n_classes, H, W]`` (with
+        ``return_aux`` in training mode: a tuple whose first entry is those logits)."""
+        self.check_input(x)
+        main = self.logits(x.contiguous(memory_format=torch.channels_last))
+        return (main,) if return_aux and self.training else main
+
+    def freeze(self) -> "ParseNet":
+        """Eval mode for good (a parent's ``.train()`` no longer switches it) and no parameter
+        gradients; gradients still flow to the input (the mask loss needs them). Returns self."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "ParseNet":
+        return super().train(mode and not self.frozen)
 
 
 class BasicBlock(nn.Module):
@@ -167,11 +266,11 @@ class SegmentationHead(nn.Sequential):
         super().__init__(ConvBNReLU(in_channels, mid_channels, 3), nn.Conv2d(mid_channels, n_classes, 1, bias=False))
 
 
-class BiSeNet(nn.Module):
-    """Bilateral segmentation network for face parsing.
+class BiSeNet(ParseNet):
+    """Bilateral segmentation network for face parsing (the paper's parse net).
 
     Args:
-        n_classes: output classes (10: DESIGN.md's parsing classes).
+        n_classes: output classes (10: the parsing classes of docs/design.md).
         width: base width of the context path (64 = ResNet-18 proper; 8 or 16 train on CPU).
         in_channels: input channels (3, RGB in [-1, 1]).
 
@@ -179,18 +278,10 @@ class BiSeNet(nn.Module):
     ``return_aux=True`` in training mode, ``(main, aux16, aux32)``, all ``[B, n_classes, H, W]``.
     """
 
+    arch = "bisenet"
+
     def __init__(self, n_classes: int = N_PARSE_CLASSES, width: int = 64, in_channels: int = 3) -> None:
-        super().__init__()
-        if n_classes < 2 or width < 1 or in_channels < 1:
-            raise ValueError(
-                f"BiSeNet: expected n_classes >= 2, width >= 1, in_channels >= 1; got {n_classes}, {width}, {in_channels}"
-            )
-        self.n_classes = n_classes
-        self.width = width
-        self.in_channels = in_channels
-        self.frozen = False
-        self.meta: dict[str, Any] = {}
-        """Checkpoint metadata (``image_size`` ...) when loaded by :func:`load_parsenet`."""
+        super().__init__(n_classes, width, in_channels)
         self.context = ContextPath(in_channels, width)
         self.spatial = SpatialPath(in_channels, width)
         self.fusion = FeatureFusion(4 * width, 4 * width)
@@ -205,8 +296,8 @@ class BiSeNet(nn.Module):
         """Args: ``x [B, C, H, W]`` in [-1, 1]. Returns logits ``[B, n_classes, H, W]``, or
         ``(main, aux16, aux32)`` when ``return_aux`` and in training mode (the auxiliary heads
         are not computed in eval mode)."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"BiSeNet input must have shape (B, {self.in_channels}, H, W); got {tuple(x.shape)}")
+        self.check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
         size = x.shape[-2:]
         cp8, cp16 = self.context(x)
         main = self._upsample(self.head(self.fusion(self.spatial(x), cp8)), size)
@@ -218,15 +309,64 @@ class BiSeNet(nn.Module):
     def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def freeze(self) -> BiSeNet:
-        """Eval mode for good (a parent's ``.train()`` no longer switches it) and no parameter
-        gradients; gradients still flow to the input (the mask loss needs them). Returns self."""
-        self.frozen = True
-        self.requires_grad_(False)
-        return self.eval()
 
-    def train(self, mode: bool = True) -> BiSeNet:
-        return super().train(mode and not self.frozen)
+class ParseUNet(ParseNet):
+    """A U-Net parse net whose decoder returns to the input's resolution.
+
+    ``levels`` encoder levels of :class:`~dfmvr.nets.blocks.DoubleConv` (widths w, 2w, 4w, ...,
+    a 2x2 max-pool between levels), then per level up: a 2x2 transposed convolution, the skip
+    feature of that level concatenated, a DoubleConv; a 1x1 convolution to the class logits.
+    Every part of a 64 px face (a brow is 2-3 px tall there) keeps a full-resolution path to
+    the output, which BiSeNet's 1/8-stride paths do not give it.
+
+    Args:
+        n_classes, width, in_channels: as :class:`BiSeNet`.
+        levels: encoder levels; ``H`` and ``W`` must be multiples of ``2 ** (levels - 1)``.
+
+    Shapes: ``x [B, in_channels, H, W] -> logits [B, n_classes, H, W]``.
+    """
+
+    arch = "unet"
+
+    def __init__(self, n_classes: int = N_PARSE_CLASSES, width: int = 16, in_channels: int = 3,
+                 levels: int = 4) -> None:
+        super().__init__(n_classes, width, in_channels)
+        if levels < 2:
+            raise ValueError(f"ParseUNet: expected levels >= 2, got {levels}")
+        self.levels = levels
+        widths = [width * 2 ** i for i in range(levels)]
+        self.down = nn.ModuleList(DoubleConv(c_in, c_out) for c_in, c_out in zip([in_channels, *widths], widths))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                for i in reversed(range(levels - 1)))
+        self.merge = nn.ModuleList(DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(levels - 1)))
+        self.head = nn.Conv2d(width, n_classes, 1)
+        init_weights(self)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** (self.levels - 1)
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"ParseUNet with {self.levels} levels: H and W must be multiples of {multiple}; "
+                             f"got {tuple(x.shape[-2:])}")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+@register_parsenet
+def bisenet(*, n_classes: int = N_PARSE_CLASSES, width: int = 64, in_channels: int = 3) -> BiSeNet:
+    """The paper's BiSeNet (ResNet-18 context path at width 64)."""
+    return BiSeNet(n_classes=n_classes, width=width, in_channels=in_channels)
+
+
+@register_parsenet
+def unet(*, n_classes: int = N_PARSE_CLASSES, width: int = 16, in_channels: int = 3) -> ParseUNet:
+    """A 4-level U-Net with a full-resolution decoder (small inputs; the tiny preset's)."""
+    return ParseUNet(n_classes=n_classes, width=width, in_channels=in_channels, levels=4)
 
 
 def _plain(key: str, value: Any, path: Path) -> Any:
@@ -242,14 +382,14 @@ def _plain(key: str, value: Any, path: Path) -> Any:
     )
 
 
-def save_parsenet(path: str | os.PathLike, model: BiSeNet, meta: Mapping[str, Any]) -> Path:
+def save_parsenet(path: str | os.PathLike, model: ParseNet, meta: Mapping[str, Any]) -> Path:
     """Write ``model``'s weights and ``meta`` to ``path`` (atomically: temp file, then rename).
 
     Args:
         path: local file path (parent folders are created).
         model: the parse net.
         meta: plain metadata; must hold ``image_size`` (the side it was trained at).
-            ``n_classes``, ``width`` and ``in_channels`` are taken from the model.
+            ``arch``, ``n_classes``, ``width`` and ``in_channels`` are taken from the model.
 
     Returns:
         The path written.
@@ -262,7 +402,7 @@ def save_parsenet(path: str | os.PathLike, model: BiSeNet, meta: Mapping[str, An
     meta = {str(k): _plain(str(k), v, path) for k, v in meta.items()}
     if "image_size" not in meta:
         raise ValueError(f"parse net checkpoint {path}: meta must hold 'image_size'; got keys {sorted(meta)}")
-    for key in ("n_classes", "width", "in_channels"):
+    for key in ("arch", "n_classes", "width", "in_channels"):
         if key in meta and meta[key] != getattr(model, key):
             raise ValueError(
                 f"parse net checkpoint {path}: meta[{key!r}] = {meta[key]!r} contradicts the model's {getattr(model, key)}"
@@ -277,7 +417,7 @@ def save_parsenet(path: str | os.PathLike, model: BiSeNet, meta: Mapping[str, An
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
-    _logger.info("saved parse net (%d classes, width %d) to %s", model.n_classes, model.width, path)
+    _logger.info("saved parse net (%s, %d classes, width %d) to %s", model.arch, model.n_classes, model.width, path)
     return path
 
 
@@ -300,7 +440,7 @@ def read_parsenet_file(path: str | os.PathLike) -> dict:
 
 def load_parsenet(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, n_classes: int | None = N_PARSE_CLASSES
-) -> BiSeNet:
+) -> ParseNet:
     """Load a frozen parse net (eval mode, ``requires_grad`` False) from :func:`save_parsenet`'s file.
 
     Args:
@@ -309,7 +449,7 @@ def load_parsenet(
         n_classes: the class count the caller needs (``None`` accepts any).
 
     Returns:
-        The frozen :class:`BiSeNet`; ``model.meta`` holds the checkpoint's metadata.
+        The frozen :class:`ParseNet` of the checkpoint's ``arch``; ``model.meta`` holds its metadata.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -320,8 +460,8 @@ def load_parsenet(
 
 
 def parsenet_from_dict(ckpt: object, source: str, device: str | torch.device = "cpu", *,
-                       n_classes: int | None = N_PARSE_CLASSES) -> BiSeNet:
-    """The frozen :class:`BiSeNet` in :func:`read_parsenet_file`'s dict; ``source`` names where it
+                       n_classes: int | None = N_PARSE_CLASSES) -> ParseNet:
+    """The frozen :class:`ParseNet` in :func:`read_parsenet_file`'s dict; ``source`` names where it
     came from in every error (a file, or the model bundle that embeds it).
 
     Raises:
@@ -342,7 +482,11 @@ def parsenet_from_dict(ckpt: object, source: str, device: str | torch.device = "
             f"parse net checkpoint {source}: has {meta['n_classes']} classes, expected {n_classes} "
             "(DESIGN.md parsing classes)"
         )
-    model = BiSeNet(n_classes=meta["n_classes"], width=meta["width"], in_channels=meta["in_channels"])
+    arch = meta.get("arch", DEFAULT_ARCH)
+    if arch not in _PARSENETS:
+        raise ValueError(f"parse net checkpoint {source}: architecture {arch!r} is not registered here; "
+                         f"registered: {list_parsenets()}")
+    model = create_parsenet(arch, n_classes=meta["n_classes"], width=meta["width"], in_channels=meta["in_channels"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -355,8 +499,26 @@ def parsenet_from_dict(ckpt: object, source: str, device: str | torch.device = "
         if state[key].shape != value.shape:
             raise ValueError(
                 f"parse net checkpoint {source}: weight {key!r} has shape {tuple(state[key].shape)}, "
-                f"expected {tuple(value.shape)} for n_classes={meta['n_classes']}, width={meta['width']}"
+                f"expected {tuple(value.shape)} for {arch} n_classes={meta['n_classes']}, width={meta['width']}"
             )
     model.load_state_dict(state)
     model.meta = dict(meta)
     return model.to(device).freeze()
+
+
+def parsenet_digest(ckpt: Mapping[str, Any]) -> str:
+    """A short hex digest of a parse net's weights and architecture (:func:`read_parsenet_file`'s
+    dict): two checkpoints with the same digest make the same masks. The mask cache is keyed
+    by it (:mod:`dfmvr.data.parsed_masks`)."""
+    meta = ckpt.get("meta") or {}
+    h = hashlib.sha256()
+    for key in ("arch", "n_classes", "width", "in_channels", "image_size"):
+        h.update(f"{key}={meta.get(key, DEFAULT_ARCH if key == 'arch' else None)};".encode())
+    state = ckpt.get("state_dict") or {}
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return h.hexdigest()[:16]

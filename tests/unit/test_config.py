@@ -48,6 +48,11 @@ def test_unknown_key_names_the_key_and_valid_fields():
         ("loss.backbone_grad_2d", "-0.1", "loss.backbone_grad_2d: expected a number in [0, 1], got -0.1"),
         ("optim.warmup_steps", "-5", "optim.warmup_steps"),
         ("data.max_bad_shards_in_a_row", "0", "data.max_bad_shards_in_a_row"),
+        ("model.input_masks", "exact", "model.input_masks: expected one of ['given', 'parse_net'], got 'exact'"),
+        ("parsenet.arch", "", "parsenet.arch: expected a registered parse-net architecture, got ''"),
+        ("parsenet.class_weights", "1,2,3", "parsenet.class_weights: expected empty (unweighted) or 10 numbers > 0"),
+        ("parsenet.class_weights", "1,1,1,1,1,1,1,1,1,0", "parsenet.class_weights"),
+        ("parsenet.dice_weight", "-1", "parsenet.dice_weight"),
         # the tune section (dfmvr/tune/settings.py) checks its fields the same way
         ("tune.name", "a/b", "tune.name"),
         ("tune.seeds", 0, "tune.seeds: expected >= 1, got 0"),
@@ -90,3 +95,12 @@ def test_yaml_and_cli_forms(tmp_path):
         load_yaml(tmp_path / "list.yaml")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_registry_names_are_checked_with_the_other_values():
+    from dfmvr.cli import build_config
+
+    for key, value in (("parsenet.arch", "segformer"), ("model.backbone", "vit"), ("model.regressor", "vgg")):
+        with pytest.raises(ValueError, match=rf"{key}: expected one of \[.*\], got '{value}'"):
+            build_config([f"{key}={value}"])
+    assert build_config(["parsenet.arch=bisenet"])[0].parsenet.arch == "bisenet"

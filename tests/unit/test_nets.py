@@ -1,5 +1,5 @@
 """dfmvr.nets: every registered backbone x regressor at the tiny preset, involution against a
-brute-force loop, the BiSeNet parse net and its checkpoints."""
+brute-force loop, the parse nets (every registered one) and their checkpoints."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ from dfmvr.nets import (
     BiSeNet,
     Involution2d,
     create_backbone,
+    create_parsenet,
     create_regressor,
     initial_coefficients,
     list_backbones,
+    list_parsenets,
     list_regressors,
     load_parsenet,
+    parsenet_digest,
     save_parsenet,
 )
 from dfmvr.nets.blocks import AttentionGate
+from dfmvr.parsing import parse_loss
 
 # The tiny preset: 64 px, encoder width 8 with 4 levels, regressor stem width 16.
 SIZE, WIDTH, LEVELS, REG_WIDTH = 64, 8, 4, 16
@@ -302,7 +306,7 @@ def test_involution_with_one_hot_kernels_is_a_per_group_shift():
     assert out2.shape == (2, 4, 2, 3)
 
 
-# ---- BiSeNet parse net
+# ---- parse nets
 
 
 def test_bisenet_shapes_in_training_and_eval():
@@ -319,23 +323,56 @@ def test_bisenet_shapes_in_training_and_eval():
         net(torch.randn(1, 4, 64, 64))
 
 
-def _trained_parsenet() -> BiSeNet:
+def test_parsenet_registry_holds_the_papers_net_and_rejects_unknown_names():
+    assert {"bisenet", "unet"} <= set(list_parsenets())
+    assert isinstance(create_parsenet("bisenet", width=8), BiSeNet)
+    with pytest.raises(ValueError, match=r"parsenet.arch: unknown parse net 'segformer'; registered: \["):
+        create_parsenet("segformer")
+
+
+@pytest.mark.parametrize("arch", list_parsenets())
+def test_every_parsenet_gives_logits_at_input_size_and_trains_a_step(arch):
     torch.manual_seed(0)
-    net = BiSeNet(n_classes=10, width=8).train()
+    net = create_parsenet(arch, n_classes=10, width=8).train()
+    assert net.arch == arch and net.n_classes == 10 and net.width == 8
+    x = torch.randn(2, 3, 64, 64)
+    heads = net(x, return_aux=True)
+    assert isinstance(heads, tuple) and all(h.shape == (2, 10, 64, 64) for h in heads)
+    target = torch.randint(0, 10, (2, 64, 64))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, _ = parse_loss(heads, target, class_weights=torch.linspace(0.5, 2, 10), dice_weight=1.0)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, net.parameters())) == len(before)
+    net.eval()
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 10, 64, 64)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\); got \(1, 4, 64, 64\)"):
+        net(torch.randn(1, 4, 64, 64))
+
+
+def _trained_parsenet(arch: str = "bisenet"):
+    torch.manual_seed(0)
+    net = create_parsenet(arch, n_classes=10, width=8).train()
     with torch.no_grad():  # move BatchNorm statistics away from their defaults so buffers matter
         for _ in range(2):
             net(torch.randn(2, 3, 64, 64))
     return net.eval()
 
 
-def test_parsenet_save_load_is_frozen_and_bit_exact(tmp_path):
-    net = _trained_parsenet()
+@pytest.mark.parametrize("arch", list_parsenets())
+def test_parsenet_save_load_is_frozen_and_bit_exact(tmp_path, arch):
+    net = _trained_parsenet(arch)
     path = save_parsenet(tmp_path / "parse" / "net.pt", net, {"image_size": 64, "steps": 2})
     raw = torch.load(path, weights_only=True)
-    assert raw["meta"] == {"image_size": 64, "steps": 2, "n_classes": 10, "width": 8, "in_channels": 3}
+    assert raw["meta"] == {"image_size": 64, "steps": 2, "arch": arch, "n_classes": 10, "width": 8,
+                           "in_channels": 3}
     loaded = load_parsenet(path, "cpu")
+    assert type(loaded) is type(net) and loaded.arch == arch
     assert loaded.meta["image_size"] == 64 and not loaded.training
     assert all(not p.requires_grad for p in loaded.parameters())
+    assert parsenet_digest(raw) == parsenet_digest(torch.load(path, weights_only=True))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
@@ -345,6 +382,27 @@ def test_parsenet_save_load_is_frozen_and_bit_exact(tmp_path):
     F.cross_entropy(loaded(img), torch.randint(0, 10, (2, 64, 64))).backward()
     assert img.grad.abs().sum() > 0, "the mask loss needs gradients through the frozen net to its input"
     assert all(p.grad is None for p in loaded.parameters())
+
+
+def test_parsenet_digest_names_the_weights(tmp_path):
+    a = save_parsenet(tmp_path / "a.pt", _trained_parsenet(), {"image_size": 64, "steps": 2})
+    b = save_parsenet(tmp_path / "b.pt", _trained_parsenet(), {"image_size": 64, "steps": 99})
+    ckpt_a, ckpt_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert parsenet_digest(ckpt_a) == parsenet_digest(ckpt_b)  # other metadata, same net
+    ckpt_b["state_dict"]["head.1.weight"][0, 0] += 1e-3
+    assert parsenet_digest(ckpt_a) != parsenet_digest(ckpt_b)
+
+
+def test_checkpoints_written_before_the_registry_load_as_bisenet(tmp_path):
+    path = save_parsenet(tmp_path / "old.pt", _trained_parsenet(), {"image_size": 64})
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["meta"]["arch"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert isinstance(load_parsenet(tmp_path / "old.pt"), BiSeNet)
+    ckpt["meta"]["arch"] = "segformer"
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match=r"future\.pt: architecture 'segformer' is not registered here"):
+        load_parsenet(tmp_path / "future.pt")
 
 
 def test_parsenet_checkpoint_errors_name_the_file(tmp_path):
