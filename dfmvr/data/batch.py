@@ -21,9 +21,10 @@ class TripletItem:
     images: np.ndarray
     """float32 [V, 3, S, S] in [-1, 1]."""
     masks: np.ndarray | None
-    """uint8 [V, S, S] class ids, or None when the sample has no masks."""
+    """uint8 [V, S, S] class ids (the pipeline's masks: the sample's own, or the parse net's from
+    the mask cache), or None when the sample has none."""
     weights: np.ndarray
-    """float32 [V, 1, S, S] photometric weights (ones when there is no mask)."""
+    """float32 [V, 1, S, S] photometric weights from ``masks`` (ones when there is no mask)."""
     lmk2d: np.ndarray
     """float32 [V, 68, 2] pixels at the model's image size."""
     yaw_deg: np.ndarray
@@ -36,6 +37,9 @@ class TripletItem:
     """float32 [N, 3] ground-truth mesh vertices."""
     gt_faces: np.ndarray | None = None
     """int64 [F, 3] ground-truth mesh faces."""
+    given_masks: np.ndarray | None = None
+    """uint8 [V, S, S] the sample's own masks when ``masks`` are the parse net's and the loader was
+    asked to keep them (validation's given-mask figure)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,11 +57,12 @@ class Batch:
     images: torch.Tensor
     """float32 [B, V, 3, S, S] RGB in [-1, 1]."""
     masks: torch.Tensor
-    """int64 [B, V, S, S] parsing classes 0..9 (zeros where ``has_masks`` is False)."""
+    """int64 [B, V, S, S] parsing classes 0..9 (zeros where ``has_masks`` is False): the masks
+    the network reads and the losses use; whose they are, ``mask_source`` says."""
     has_masks: torch.Tensor
     """bool [B]."""
     weights: torch.Tensor
-    """float32 [B, V, 1, S, S] photometric weight maps in (0, 1]."""
+    """float32 [B, V, 1, S, S] photometric weight maps in (0, 1], from ``masks``."""
     lmk2d: torch.Tensor
     """float32 [B, V, 68, 2] pixels (x right, y down) at size S."""
     yaw_deg: torch.Tensor
@@ -76,6 +81,14 @@ class Batch:
     """Per sample float32 [N_i, 3] (decimetres) or an empty [0, 3]; None unless loaded with ``with_gt``."""
     gt_faces: list[torch.Tensor] | None = None
     """Per sample int64 [F_i, 3] or an empty [0, 3]; None unless loaded with ``with_gt``."""
+    mask_source: str = "given"
+    """Whose ``masks`` are: ``given`` (the samples' own) or ``parse_net:<digest>`` (the parse net's,
+    :mod:`dfmvr.data.parsed_masks`)."""
+    given_masks: torch.Tensor | None = None
+    """int64 [B, V, S, S] the samples' own masks beside the parse net's (zeros where
+    ``has_given_masks`` is False), when the loader keeps them; else None."""
+    has_given_masks: torch.Tensor | None = None
+    """bool [B], with ``given_masks``."""
     skipped: int = 0
     """Bad samples the producing worker skipped since its previous batch (summed by the loader)."""
     extra: dict = field(default_factory=dict)
@@ -98,6 +111,20 @@ class Batch:
             elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
                 value = [fn(v) for v in value]
             values[spec.name] = value
+        return Batch(**values)
+
+    def select(self, index: list[int]) -> "Batch":
+        """The samples at ``index`` (in that order), as a batch of their own."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        values = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, torch.Tensor):  # every tensor field is batch-first
+                value = value[idx]
+            elif isinstance(value, list):
+                value = [value[i] for i in index]
+            values[spec.name] = value
+        values["skipped"] = 0
         return Batch(**values)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
@@ -124,13 +151,24 @@ def _stack_optional(
     return out, valid, torch.tensor(present, dtype=torch.bool)
 
 
-def collate(items: list[TripletItem], *, skipped: int = 0, with_gt: bool = False) -> Batch:
+def _stack_masks(masks: list[np.ndarray | None], views: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.zeros((len(masks), views, size, size), dtype=torch.int64)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            out[i] = torch.from_numpy(mask)
+    return out, torch.tensor([m is not None for m in masks], dtype=torch.bool)
+
+
+def collate(items: list[TripletItem], *, skipped: int = 0, with_gt: bool = False, mask_source: str = "given",
+            keep_given: bool = False) -> Batch:
     """Stack decoded items into a :class:`Batch`.
 
     Args:
         items: at least one item, all of the same image size.
         skipped: bad samples to report with this batch.
         with_gt: keep the ground-truth meshes (as lists of tensors).
+        mask_source: whose the items' ``masks`` are (:attr:`Batch.mask_source`).
+        keep_given: carry the items' ``given_masks`` (:attr:`Batch.given_masks`).
 
     Returns:
         The batch (CPU tensors).
@@ -142,10 +180,10 @@ def collate(items: list[TripletItem], *, skipped: int = 0, with_gt: bool = False
         raise ValueError(f"collate: items have different image shapes {sorted(sizes)}; resize before collating")
     batch_size = len(items)
     _, views, _, size, _ = (batch_size, *items[0].images.shape)
-    masks = torch.zeros((batch_size, views, size, size), dtype=torch.int64)
-    for i, item in enumerate(items):
-        if item.masks is not None:
-            masks[i] = torch.from_numpy(item.masks)
+    masks, has_masks = _stack_masks([item.masks for item in items], views, size)
+    given_masks = has_given = None
+    if keep_given:
+        given_masks, has_given = _stack_masks([item.given_masks for item in items], views, size)
     lmk3d, lmk3d_valid, has_lmk3d = _stack_optional([item.lmk3d for item in items], torch.float32, (3,))
     coeff_sizes = {len(item.coeffs) for item in items if item.coeffs is not None}
     if len(coeff_sizes) > 1:
@@ -166,7 +204,7 @@ def collate(items: list[TripletItem], *, skipped: int = 0, with_gt: bool = False
         subjects=[item.subject for item in items],
         images=torch.from_numpy(np.stack([item.images for item in items])),
         masks=masks,
-        has_masks=torch.tensor([item.masks is not None for item in items], dtype=torch.bool),
+        has_masks=has_masks,
         weights=torch.from_numpy(np.stack([item.weights for item in items])),
         lmk2d=torch.from_numpy(np.stack([item.lmk2d for item in items])),
         yaw_deg=torch.from_numpy(np.stack([item.yaw_deg for item in items])),
@@ -177,6 +215,9 @@ def collate(items: list[TripletItem], *, skipped: int = 0, with_gt: bool = False
         has_coeffs=has_coeffs,
         gt_vertices=gt_vertices,
         gt_faces=gt_faces,
+        mask_source=mask_source,
+        given_masks=given_masks,
+        has_given_masks=has_given,
         skipped=skipped,
     )
 

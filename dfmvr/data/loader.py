@@ -58,7 +58,8 @@ from dfmvr.data.shards import (
     shard_samples,
     without_gt,
 )
-from dfmvr.data.transforms import color_jitter, resize_views, to_model_range, weight_map
+from dfmvr.data.parsed_masks import MaskCache, decode_masks
+from dfmvr.data.transforms import color_jitter, resize_masks, resize_views, to_model_range, weight_map
 
 _logger = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class _TarSamples:
     tally: Tally
     with_gt: bool = True
     max_bad_in_a_row: int = 16
+    companions: dict[str, str] | None = None
+    """Shard URL -> its mask-cache companion (:mod:`dfmvr.data.parsed_masks`), joined by key."""
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         bad: list[tuple[str, str]] = []  # (url, first error) of the shards in a row that gave nothing
@@ -161,8 +164,9 @@ class _TarSamples:
             handler = ShardErrors()
             yielded = 0
             # a shard that cannot be opened is counted like an empty one
+            companion = self.companions.get(url) if self.companions is not None else None
             with shard_samples(url, endpoint=self.endpoint, handler=handler,
-                               select_files=None if self.with_gt else without_gt) as samples:
+                               select_files=None if self.with_gt else without_gt, companion=companion) as samples:
                 for sample in samples:
                     yielded += 1
                     yield sample
@@ -226,6 +230,11 @@ class TripletDecoder:
     rank: int
     state: EpochState
     tally: Tally
+    parsed_masks: bool = False
+    """The pipeline's masks are the parse net's, from the mask cache's entries joined to each sample
+    (a sample without them is skipped); else the sample's own."""
+    keep_given: bool = False
+    """With ``parsed_masks``: keep the sample's own masks too (``given_masks``)."""
 
     def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
         worker, _ = _worker_info()
@@ -250,8 +259,11 @@ class TripletDecoder:
             return self._decode(raw, rng)
 
     def _decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
-        if not self.with_gt and "gt.npz" in raw:
-            raw = {name: value for name, value in raw.items() if name != "gt.npz"}  # not decoded for nothing
+        unread = set() if self.with_gt else {"gt.npz"}
+        if self.parsed_masks and not self.keep_given:
+            unread.update(f"{view}.mask.png" for view in VIEWS)
+        if unread & raw.keys():
+            raw = {name: value for name, value in raw.items() if name not in unread}  # not decoded for nothing
         sample = decode_sample(raw, image_size=self.shard_size)
         if sample.image_size != self.shard_size:
             raise ValueError(
@@ -259,8 +271,10 @@ class TripletDecoder:
                 f"the manifest says {self.shard_size} px"
             )
         images = np.stack([sample.images[view] for view in VIEWS])
-        masks = np.stack([sample.masks[view] for view in VIEWS]) if sample.masks is not None else None
+        given = np.stack([sample.masks[view] for view in VIEWS]) if sample.masks is not None else None
+        masks = decode_masks(raw, self.shard_size) if self.parsed_masks else given
         images, masks, lmk2d = resize_views(images, masks, sample.lmk2d.astype(np.float32), self.image_size)
+        given = resize_masks(given, self.image_size) if self.parsed_masks and self.keep_given else None
         if self.color_jitter > 0:
             pixels = color_jitter(images.astype(np.float32) * np.float32(1 / 255), self.color_jitter, rng)
             images_model = to_model_range(pixels)
@@ -289,6 +303,7 @@ class TripletDecoder:
             coeffs=sample.coeffs.astype(np.float32) if sample.coeffs is not None else None,
             gt_vertices=gt_vertices,
             gt_faces=gt_faces,
+            given_masks=given,
         )
 
 
@@ -299,19 +314,25 @@ class Batcher:
     batch_size: int
     with_gt: bool
     tally: Tally
+    mask_source: str = "given"
+    keep_given: bool = False
 
     def __call__(self, src: Iterator[TripletItem]) -> Iterator[Batch | SkipReport]:
         items: list[TripletItem] = []
         for item in src:
             items.append(item)
             if len(items) == self.batch_size:
-                yield collate(items, skipped=self.tally.take(), with_gt=self.with_gt)
+                yield self._collate(items)
                 items = []
         if items:
-            yield collate(items, skipped=self.tally.take(), with_gt=self.with_gt)
+            yield self._collate(items)
         pending = self.tally.take()
         if pending:
             yield SkipReport(pending)
+
+    def _collate(self, items: list[TripletItem]) -> Batch:
+        return collate(items, skipped=self.tally.take(), with_gt=self.with_gt, mask_source=self.mask_source,
+                       keep_given=self.keep_given)
 
 
 class ShardLoader:
@@ -393,6 +414,8 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context: str | None = None,
+    mask_cache: MaskCache | None = None,
+    keep_given_masks: bool = False,
 ) -> ShardLoader:
     """Build the loader for one split of the manifest at ``data_cfg.url``.
 
@@ -415,6 +438,10 @@ def make_loader(
         multiprocessing_context: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the workers
             (None: the platform default). Every stage is picklable and the storage module
             registers the s3 scheme on import, so spawned workers work too.
+        mask_cache: the parse net's masks for this split (:func:`dfmvr.data.parsed_masks.open_cache`):
+            they become the batches' ``masks`` and weight maps (``mask_source`` says whose);
+            None: the samples' own masks.
+        keep_given_masks: with ``mask_cache``, carry the samples' own masks as ``given_masks`` too.
 
     Returns:
         A :class:`ShardLoader` (iterate it once per epoch; ``.skipped`` counts bad samples).
@@ -470,8 +497,15 @@ def make_loader(
                 "(ranks may see different numbers of batches: use resampled mode for training)",
                 manifest.url, split, len(urls), seed_world, max(1, num_workers),
             )
+    if mask_cache is not None:
+        uncovered = [u for u in urls if u not in mask_cache.companions]
+        if uncovered:
+            raise ValueError(f"mask cache {mask_cache.url} covers no companion for {len(uncovered)} shard(s) of split "
+                             f"{split!r} ({', '.join(uncovered[:3])}{' ...' if len(uncovered) > 3 else ''}); build it "
+                             "for this split")
     stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
-                              max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row))
+                              max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row,
+                              companions=mask_cache.companions if mask_cache is not None else None))
     if shuffle:
         stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(
@@ -485,9 +519,13 @@ def make_loader(
             rank=seed_rank,
             state=state,
             tally=tally,
+            parsed_masks=mask_cache is not None,
+            keep_given=keep_given_masks,
         )
     )
-    stages.append(Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally))
+    stages.append(Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally,
+                          mask_source=mask_cache.source if mask_cache is not None else "given",
+                          keep_given=mask_cache is not None and keep_given_masks))
     pipeline = webdataset.DataPipeline(*stages)
     batches_per_epoch = None
     if resampled:

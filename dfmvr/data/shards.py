@@ -53,6 +53,9 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 """Versions this code reads."""
 VIEWS = ("left", "front", "right")
 """View order everywhere (yaw -45, 0, +45 degrees by default)."""
+PARSING_VIEWS = ("image",)
+"""The one view of a face-parsing sample (``image.png`` or ``.jpg``, ``mask.png``): the shards
+``python -m sharding.pack_parsing`` writes from CelebAMask-HQ or LaPa for the parse net."""
 N_LANDMARKS = 68
 N_CLASSES = 10
 IMAGE_FORMATS = ("png", "jpg")
@@ -331,7 +334,7 @@ def without_gt(fname: str) -> bool:
 
 @contextmanager
 def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
-                  select_files=None) -> Iterator[Iterator[dict]]:
+                  select_files=None, companion: str | None = None) -> Iterator[Iterator[dict]]:
     """The one reader of shards: opens ``url`` (a streaming S3 body or a local file; nothing
     is written to disk) and yields an iterator of its raw samples in order, as webdataset dicts
     (``__key__``, ``__url__``, ``left.png``, ``meta.json``, ...; :func:`decode_sample` decodes
@@ -341,12 +344,26 @@ def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
         handler: webdataset error handler (e.g. :class:`ShardErrors`) for a shard that cannot be
             opened (the iterator is then empty) and for damage inside the tar; None re-raises.
         select_files: entry filter (e.g. :func:`without_gt`).
+        companion: a companion shard of ``url``: a small tar holding more entries for some of its
+            samples under the same keys (the parse net's masks, :mod:`dfmvr.data.parsed_masks`);
+            its entries join each sample's. A companion that cannot be opened counts as empty
+            (the handler hears of it): the samples come without.
 
     Raises:
         FileNotFoundError / dfmvr.data.storage.StorageError: without a handler, when the shard
             cannot be opened.
     """
     handler = handler or webdataset.reraise_exception
+    with _raw_samples(url, endpoint, handler, select_files) as samples:
+        if companion is None:
+            yield samples
+            return
+        with _raw_samples(companion, endpoint, handler, None) as extra:
+            yield _join_by_key(samples, extra)
+
+
+@contextmanager
+def _raw_samples(url: str, endpoint: str | None, handler, select_files) -> Iterator[Iterator[dict]]:
     try:
         stream = storage.open_read(url, endpoint=endpoint)
     except Exception as exn:  # a missing object, no rights, an outage: the handler decides
@@ -360,6 +377,18 @@ def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
         yield webdataset.tariterators.group_by_keys(files, handler=handler)
     finally:
         stream.close()
+
+
+def _join_by_key(samples: Iterator[dict], extra: Iterator[dict]) -> Iterator[dict]:
+    """Each sample with the entries of the ``extra`` sample of its key. A companion is small (a
+    few entries per sample) and read whole first, so that a sample either one lacks costs only
+    that sample its entries."""
+    by_key = {item["__key__"]: item for item in extra}
+    for sample in samples:
+        more = by_key.get(sample["__key__"])
+        if more is not None:
+            sample = {**sample, **{k: v for k, v in more.items() if not k.startswith("__")}}
+        yield sample
 
 
 def decode_sample(wds_dict: dict, *, image_size: int | None = None) -> Sample:
@@ -627,22 +656,14 @@ class ShardWriter:
         assert self._tmp_path is not None and self._image_size is not None
         self._close_tar()
         url = self.url_for(self._index)
-        tmp = self._tmp_path
-        try:
-            digest = hashlib.sha256()
-            with open(tmp, "rb") as handle:
-                for block in storage.iter_chunks(handle):
-                    digest.update(block)
-            nbytes = storage.put_file(tmp, url, endpoint=self.endpoint, settings=self.transfer)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-            self._tmp_path = None
+        tmp, self._tmp_path = self._tmp_path, None
+        nbytes, sha256 = publish_file(tmp, url, endpoint=self.endpoint, transfer=self.transfer)
         info = ShardInfo(
             url=url,
             split=self.split,
             count=self._count,
             size=nbytes,
-            sha256=digest.hexdigest(),
+            sha256=sha256,
             image_size=self._image_size,
             keys=list(self._keys),
             subjects=sorted(self._subjects),
@@ -650,6 +671,27 @@ class ShardWriter:
         self.shards.append(info)
         _logger.info("published %s: %d samples, %d bytes", url, info.count, info.size)
         self._index += 1
+
+
+def publish_file(tmp: str, url: str, *, endpoint: str | None = None,
+                 transfer: storage.TransferSettings | None = None) -> tuple[int, str]:
+    """Publish a finished local file (a shard) at ``url`` and remove the local file, whatever happens.
+
+    Returns:
+        ``(bytes, sha256 hex digest)`` of what was stored.
+
+    Raises:
+        dfmvr.data.storage.StorageError: the upload failed (after its retries).
+    """
+    try:
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as handle:
+            for block in storage.iter_chunks(handle):
+                digest.update(block)
+        nbytes = storage.put_file(tmp, url, endpoint=endpoint, settings=transfer)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return nbytes, digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- manifest
@@ -690,6 +732,13 @@ class Manifest:
     image_size: int
     splits: dict[str, SplitEntry]
     extra: dict = field(default_factory=dict)
+    views: tuple[str, ...] = VIEWS
+    """The views a sample holds: :data:`VIEWS` (captures) or :data:`PARSING_VIEWS` (face parsing)."""
+
+    @property
+    def is_parsing(self) -> bool:
+        """Single-view face-parsing samples (an image and its mask), not multi-view captures."""
+        return self.views == PARSING_VIEWS
 
     def split(self, name: str) -> SplitEntry:
         """The split ``name``.
@@ -738,6 +787,7 @@ def write_manifest(
     extra: dict | None = None,
     endpoint: str | None = None,
     verify: bool = True,
+    views: tuple[str, ...] = VIEWS,
 ) -> str:
     """Write ``manifest.json`` under ``root`` listing ``shards``.
 
@@ -745,6 +795,8 @@ def write_manifest(
         root: the shard root (local directory or ``s3://bucket/prefix``).
         shards: published shards (from :meth:`ShardWriter.close`), any number of splits.
         image_size: side ``S`` of every view.
+        views: the views a sample holds: :data:`VIEWS` for multi-view captures,
+            :data:`PARSING_VIEWS` for single-view face-parsing samples (``sharding.pack_parsing``).
         extra: anything JSON-serialisable to keep beside (generator settings, source, ...).
         endpoint: S3 endpoint.
         verify: check that every shard exists with the recorded size before listing it.
@@ -802,7 +854,7 @@ def write_manifest(
         "schema_version": SCHEMA_VERSION,
         "root": root,
         "image_size": int(image_size),
-        "views": list(VIEWS),
+        "views": list(views),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "splits": splits,
         "extra": extra or {},
@@ -891,12 +943,14 @@ def read_manifest(root_or_url: str, *, endpoint: str | None = None) -> Manifest:
         image_size=image_size,
         splits=splits,
         extra=dict(document.get("extra", {})),
+        views=tuple(document.get("views", VIEWS)),
     )
 
 
 __all__ = [
     "IMAGE_FORMATS",
     "MANIFEST_NAME",
+    "PARSING_VIEWS",
     "Manifest",
     "ManifestError",
     "SCHEMA_VERSION",

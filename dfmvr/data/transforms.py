@@ -120,10 +120,15 @@ def resize_views(
         return images, masks, lmk2d
     interpolation = cv2.INTER_AREA if size < current else cv2.INTER_LINEAR
     images = np.stack([cv2.resize(view, (size, size), interpolation=interpolation) for view in images])
-    if masks is not None:
-        masks = np.stack([cv2.resize(view, (size, size), interpolation=cv2.INTER_NEAREST) for view in masks])
     lmk2d = (lmk2d * (size / current)).astype(np.float32)
-    return images, masks, lmk2d
+    return images, resize_masks(masks, size), lmk2d
+
+
+def resize_masks(masks: np.ndarray | None, size: int) -> np.ndarray | None:
+    """uint8 class maps ``[V, S, S]`` resized to ``size`` by nearest neighbour (they stay classes)."""
+    if masks is None or masks.shape[-1] == size:
+        return masks
+    return np.stack([cv2.resize(view, (size, size), interpolation=cv2.INTER_NEAREST) for view in masks])
 
 
 _RGB_TO_YIQ = np.array(
