@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.data.synth import generate  # noqa: E402
+from dfmvr.nets import read_parsenet_file  # noqa: E402
 from dfmvr.presets import get_preset  # noqa: E402
 from dfmvr.train.curve import learning_curve, load_split  # noqa: E402
+from dfmvr.train.masks import ensure_mask_cache  # noqa: E402
 
 PROBE_STEPS = 30
 """Steps per throughput probe (``--probe-steps``); the rate is taken over the last two thirds (after warm-up)."""
@@ -90,12 +92,14 @@ def run_preset(name: str, *, subjects: int, seconds: float, workers: int, root: 
     generate(str(data), n_subjects=subjects, n_captures=2, size=cfg.data.image_size, seed=3, workers=workers,
              n_vertices=cfg.facemodel.n_vertices, splits=(0.85, 0.15, 0.0))
     gen_s = time.perf_counter() - t0
-    overrides = {"data.url": str(data), "data.num_workers": 0}
-    if parse_net:
-        overrides["model.parse_net"] = parse_net
+    # with a parse net the network reads its masks (every preset's default); without one, the shards' own
+    overrides = {"data.url": str(data), "data.num_workers": 0, "model.parse_net": parse_net or "",
+                 "model.input_masks": "parse_net" if parse_net else "given"}
     cfg = apply_overrides(cfg, overrides)
     t0 = time.perf_counter()
-    train, val_split = load_split(cfg, "train"), load_split(cfg, "val", limit=val, with_gt=True)
+    cache = ensure_mask_cache(cfg, read_parsenet_file(parse_net), source=parse_net)[0] if parse_net else None
+    train = load_split(cfg, "train", mask_cache=cache)
+    val_split = load_split(cfg, "val", limit=val, with_gt=True, mask_cache=cache)
     load_s = time.perf_counter() - t0
     print(f"{name}: {len(train)} train / {len(val_split)} val triplets ({gen_s:.0f} s to make, {load_s:.0f} s to load)",
           flush=True)

@@ -22,6 +22,12 @@ Curves (``--curves``, comma-separated):
 - ``v1`` ... ``v6``: the ablation variants (``dfmvr.tune.presets.ablation``) on the tiny preset.
 - ``KEY=VALUE[;KEY=VALUE...]``: any other overrides on the tiny preset (label = the text).
 
+Masks: with ``--parse-net FILE`` every curve reads that frozen parse net's masks (every preset's
+default, ``model.input_masks=parse_net``: its mask cache is made beside the shards when missing)
+and trains its mask loss with it; a curve with ``model.input_masks=given`` reads the shards' own
+masks instead, side by side on the same triplets. Without ``--parse-net`` every curve reads the
+shards' own masks and trains without the mask loss.
+
 ``--replicas 2`` takes ``make train``'s step (two workers' batches of 8, BatchNorm over each,
 gradients averaged; :func:`dfmvr.train.curve.learning_curve`) instead of one batch of 8, so
 ``--replicas 2 --triplets 25600 --every 6400`` is the job's optimisation without Ray, the
@@ -55,8 +61,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from identity_ceiling import ceiling_curve  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
+from dfmvr.nets import read_parsenet_file  # noqa: E402
 from dfmvr.presets import tiny  # noqa: E402
 from dfmvr.train.curve import learning_curve, load_split  # noqa: E402
+from dfmvr.train.masks import ensure_mask_cache  # noqa: E402
 from dfmvr.tune.presets import ablation  # noqa: E402
 
 BEFORE = {"loss.photo": 24.0, "loss.lm2d": 2e-2, "optim.lr": 3e-3, "optim.ema_decay": 0.0,
@@ -110,9 +118,15 @@ def _load_splits(path: str, threads: int) -> None:
     _SPLITS.update(torch.load(path, weights_only=False))
 
 
-def run_curve(name: str, seed: int, base, args, train=None, val=None) -> list[dict]:
+def masks_of(name: str, base) -> str:
+    """Whose masks curve ``name`` trains on: its config's ``model.input_masks`` (the ceiling: given)."""
+    overrides = curve_overrides(name)
+    return "given" if overrides is None else apply_overrides(base, overrides).model.input_masks
+
+
+def run_curve(name: str, seed: int, base, args, splits=None) -> list[dict]:
     """The points of curve ``name`` under ``seed`` (in a ``--parallel`` worker: on its loaded splits)."""
-    train, val = (train, val) if train is not None else (_SPLITS["train"], _SPLITS["val"])
+    train, val = (splits or _SPLITS)[masks_of(name, base)]
     overrides = curve_overrides(name)
     progress = None
     if args.progress_dir:
@@ -183,12 +197,26 @@ def main() -> None:
     # batch 8 per step in this one process (make train's 2 workers take 8 each, 16 per step; in one
     # process batch 8 learned more per triplet than 16: docs/training.md)
     size = {"data.image_size": args.image_size, "render.image_size": args.image_size} if args.image_size else {}
+    # without a parse net, no curve can read its masks: the shards' own are the default then
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8,
-                                    "model.parse_net": args.parse_net or "", **size})
+                                    "model.parse_net": args.parse_net or "",
+                                    "model.input_masks": "parse_net" if args.parse_net else "given", **size})
     t0 = time.perf_counter()
     val_base = apply_overrides(base, {"data.url": str(args.val_data)}) if args.val_data else base
-    train, val = load_split(base, "train"), load_split(val_base, "val", limit=args.val, with_gt=True)
-    print(f"loaded {len(train)} train and {len(val)} val triplets in {time.perf_counter() - t0:.0f} s", flush=True)
+    splits = {}
+    for kind in sorted({masks_of(name, base) for name in names}):
+        caches = [None, None]
+        if kind == "parse_net":
+            if not args.parse_net:
+                raise SystemExit("a curve reads the parse net's masks (model.input_masks=parse_net): pass --parse-net")
+            bundle = read_parsenet_file(args.parse_net)
+            caches = [ensure_mask_cache(c, bundle, splits=(split,), source=args.parse_net)[0]
+                      for c, split in ((base, "train"), (val_base, "val"))]
+        splits[kind] = (load_split(base, "train", mask_cache=caches[0]),
+                        load_split(val_base, "val", limit=args.val, with_gt=True, mask_cache=caches[1]))
+    train, val = next(iter(splits.values()))
+    print(f"loaded {len(train)} train and {len(val)} val triplets ({', '.join(splits)} masks) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     tasks = [(name, seed) for seed in range(args.seeds) for name in names]
     if args.parallel > 1:
@@ -198,13 +226,13 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory(prefix="dfmvr-curves-") as tmp:
             saved = str(Path(tmp) / "splits.pt")
-            torch.save({"train": train, "val": val}, saved)
+            torch.save(splits, saved)
             with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn"), initializer=_load_splits,
                                      initargs=(saved, args.threads)) as pool:
                 futures = {task: pool.submit(run_curve, *task, base, args) for task in tasks}
                 done = {task: f.result() for task, f in futures.items()}
     else:
-        done = {task: run_curve(*task, base, args, train, val) for task in tasks}
+        done = {task: run_curve(*task, base, args, splits) for task in tasks}
 
     curves: dict[str, dict] = {}
     for name in names:

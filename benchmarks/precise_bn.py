@@ -31,9 +31,11 @@ from torch.optim.swa_utils import update_bn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfmvr.config import apply_overrides  # noqa: E402
+from dfmvr.model import network_masks, uses_parse_net_masks  # noqa: E402
 from dfmvr.presets import tiny  # noqa: E402
 from dfmvr.serving import load  # noqa: E402
 from dfmvr.train.curve import load_split, val_gain  # noqa: E402
+from dfmvr.train.masks import ensure_mask_cache  # noqa: E402
 
 
 class Encoder(torch.nn.Module):
@@ -44,7 +46,7 @@ class Encoder(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.encode(batch["images"], batch["masks"] if self.model.cfg.mask_input else None)
+        return self.model.encode(batch["images"], batch["masks"])
 
 
 def parse_batches(text: str) -> list[tuple[int, int]]:
@@ -70,10 +72,15 @@ def main() -> None:
     settings = parse_batches(args.batches)
     torch.set_num_threads(args.threads)
 
-    model = load(args.checkpoint).model
+    rec = load(args.checkpoint)
+    model = rec.model
     cfg = apply_overrides(tiny(), {"data.url": args.data, "data.image_size": model.image_size})
-    train = load_split(cfg, "train")
-    val = load_split(cfg, "val", limit=args.val, with_gt=True)
+    cache = None
+    if uses_parse_net_masks(rec.cfg.model) and rec.payload.get("parse_net") is not None:
+        # the masks the model trained on and reads: its bundled parse net's
+        cache = ensure_mask_cache(cfg, rec.payload["parse_net"], source=f"bundled in {args.checkpoint}")[0]
+    train = load_split(cfg, "train", mask_cache=cache)
+    val = load_split(cfg, "val", limit=args.val, with_gt=True, mask_cache=cache)
     results: dict[str, float] = {}
 
     def record(key: str, rmse: float, mean: float, nonfinite: int) -> None:
@@ -92,7 +99,7 @@ def main() -> None:
         batches = (train.batch(torch.randperm(len(train), generator=gen)[:bs]) for _ in range(n))
         # torch's own precise-BatchNorm pass: resets the statistics, averages them over the
         # batches (momentum None), restores the momenta and the mode
-        update_bn(({"images": b.images, "masks": b.masks} for b in batches), encoder)
+        update_bn(({"images": b.images, "masks": network_masks(model, b)} for b in batches), encoder)
         record(f"precise_{bs}x{n}", *val_gain(model, val))
     if args.json:
         print(json.dumps({

@@ -89,10 +89,26 @@ def parsed_masks(parse_net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return parse_net(images.flatten(0, 1).float()).argmax(1).view(b, v, *images.shape[-2:])
 
 
+def uses_parse_net_masks(model_cfg) -> bool:
+    """Whether the pipeline's masks are the frozen parse net's (``model.input_masks=parse_net``): the
+    network's input (with ``model.mask_input``), the photometric weights and the mask loss's target."""
+    return model_cfg.input_masks == "parse_net"
+
+
 def reads_parse_net_masks(model_cfg) -> bool:
     """Whether the network reads the frozen parse net's masks instead of the given ones
     (``model.mask_input`` with ``model.input_masks=parse_net``)."""
     return model_cfg.mask_input and model_cfg.input_masks == "parse_net"
+
+
+def network_masks(model: "DFMVR", batch) -> torch.Tensor | None:
+    """What ``model`` reads beside the views of ``batch`` (a :class:`dfmvr.data.batch.Batch`):
+    nothing without ``model.mask_input``; the batch's masks, unless the model reads the parse
+    net's and the batch carries the samples' own (a split with no mask cache), when it is None and
+    the model's parse net makes them."""
+    if not model.cfg.mask_input or (reads_parse_net_masks(model.cfg) and batch.mask_source == "given"):
+        return None
+    return batch.masks
 
 
 def input_channels(model_cfg) -> int:
@@ -152,6 +168,11 @@ class DFMVR(nn.Module):
                backbone_grad_2d: float = 1.0) -> torch.Tensor:
         """``images [B, V, 3, S, S]`` in [-1, 1] (+ ``masks [B, V, S, S]``) -> coefficients ``[B, 269]``.
 
+        ``masks``: the class maps the network reads beside the views (``model.mask_input``). For a
+        model that reads the parse net's masks (``model.input_masks=parse_net``) they are the parse
+        net's masks of these images (the mask cache's, in training) or None to make them here with
+        the model's parse net; for any other, the views' own masks.
+
         ``backbone_grad_2d`` scales the gradient the coefficients other than the shape send into
         the network below the head (``loss.backbone_grad_2d``)."""
         b, v, c, h, w = images.shape
@@ -161,7 +182,7 @@ class DFMVR(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         x = images
-        if reads_parse_net_masks(self.cfg):
+        if reads_parse_net_masks(self.cfg) and masks is None:
             if self.input_parse_net is None:
                 raise ValueError("model.input_masks is parse_net but no parse net is loaded (model.parse_net): "
                                  "the network reads the frozen parse net's masks")

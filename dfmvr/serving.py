@@ -123,7 +123,9 @@ class Reconstructor:
     def predict(self, images: torch.Tensor, masks: torch.Tensor | None = None, *, render: bool = False):
         """``images [B, V, 3, S, S]`` in [-1, 1] (+ masks) -> :class:`dfmvr.model.ReconOutput`."""
         images = images.to(self.device)
-        if masks is None and self.cfg.model.mask_input and not reads_parse_net_masks(self.cfg.model):
+        if reads_parse_net_masks(self.cfg.model):
+            masks = None  # the network reads its own parse net's masks, whatever masks come with the views
+        elif masks is None and self.cfg.model.mask_input:
             masks = self.make_masks(images)
         if masks is not None:
             masks = masks.to(self.device)

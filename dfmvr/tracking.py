@@ -205,6 +205,17 @@ VAL_METRIC = "val/rmse_mm"
 PARSED_MASKS_METRIC = "val/rmse_mm_parse_net_masks"
 """``VAL_METRIC`` with the frozen parse net's masks as the network's input instead of the samples'
 own: what views without mask files (photos) get; logged for models that read the given masks."""
+def gain_pct(rmse: float | None, mean_face: float | None) -> float | None:
+    """How far below the mean face's error ``rmse`` is, in percent: the headline's unit."""
+    if rmse is None or not mean_face:
+        return None
+    return 100.0 * (1.0 - float(rmse) / float(mean_face))
+
+
+GIVEN_MASKS_METRIC = "val/rmse_mm_given_masks"
+"""``VAL_METRIC`` with the samples' own (the synthetic shards' exact) masks as the network's input
+instead of the parse net's: an upper bound no real input has; logged for models that read the
+parse net's masks, where the shards carry masks."""
 
 
 def dfmvr_requirement() -> str:

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PreflightError, ResumeMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary("training", summary)
+    print_summary("training", {k: v for k, v in summary.items() if k != "parse_net_iou"})
+    if summary.get("parse_net_iou"):
+        print("  parse net per-class IoU: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+                                                        for k, v in summary["parse_net_iou"].items()))
     if summary.get("registered_model_uri"):
         if summary.get("champion"):
             print(f"\n{summary['champion_uri']} now names {summary['registered_model_uri']}"

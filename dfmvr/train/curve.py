@@ -29,7 +29,7 @@ from dfmvr.config import Config
 from dfmvr.data.batch import Batch
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype, reads_parse_net_masks
+from dfmvr.model import DFMVR, autocast_dtype, network_masks, reads_parse_net_masks, uses_parse_net_masks
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer, pose_row_rates
@@ -51,6 +51,8 @@ class MemorySplit:
 
     tensors: dict[str, torch.Tensor]
     gt: torch.Tensor | None = None
+    mask_source: str = "given"
+    """Whose ``masks`` are (:attr:`dfmvr.data.batch.Batch.mask_source`)."""
 
     def __len__(self) -> int:
         return len(self.tensors["images"])
@@ -58,11 +60,15 @@ class MemorySplit:
     def batch(self, idx: torch.Tensor) -> Batch:
         n = len(idx)
         return Batch(keys=[str(int(i)) for i in idx], subjects=[""] * n, coeffs=torch.zeros(n, 0),
-                     has_coeffs=torch.zeros(n, dtype=torch.bool), **{k: v[idx] for k, v in self.tensors.items()})
+                     has_coeffs=torch.zeros(n, dtype=torch.bool), mask_source=self.mask_source,
+                     **{k: v[idx] for k, v in self.tensors.items()})
 
 
-def load_split(cfg: Config, split: str, *, limit: int | None = None, with_gt: bool = False) -> MemorySplit:
-    """The first ``limit`` triplets (all when None) of ``split`` at ``cfg.data.url``, in memory.
+def load_split(cfg: Config, split: str, *, limit: int | None = None, with_gt: bool = False,
+               mask_cache=None) -> MemorySplit:
+    """The first ``limit`` triplets (all when None) of ``split`` at ``cfg.data.url``, in memory;
+    with the parse net's masks from ``mask_cache`` (:func:`dfmvr.train.masks.ensure_mask_cache`)
+    instead of the samples' own when given.
 
     Raises:
         ValueError: when the split yields no triplet, or ground truth is asked for and missing.
@@ -71,7 +77,7 @@ def load_split(cfg: Config, split: str, *, limit: int | None = None, with_gt: bo
 
     batches, n = [], 0
     for b in make_loader(cfg.data, split, rank=0, world_size=1, resampled=False, with_gt=with_gt, shuffle=False,
-                         batch_size=32, num_workers=0):
+                         batch_size=32, num_workers=0, mask_cache=mask_cache):
         batches.append(b)
         n += b.images.shape[0]
         if limit and n >= limit:
@@ -85,7 +91,7 @@ def load_split(cfg: Config, split: str, *, limit: int | None = None, with_gt: bo
         if any(v.shape[0] == 0 for v in meshes):
             raise ValueError(f"{cfg.data.url}: split {split!r} has triplets without a ground-truth mesh")
         gt = torch.stack(meshes)
-    return MemorySplit(tensors, gt)
+    return MemorySplit(tensors, gt, mask_source=batches[0].mask_source)
 
 
 @dataclass
@@ -123,9 +129,10 @@ def val_gain(model: DFMVR, val: MemorySplit, *, chunk: int = 50) -> tuple[float,
     try:
         shapes = []
         for i in range(0, len(val), chunk):
-            t = val.tensors
-            masks = t["masks"][i:i + chunk].to(device) if model.cfg.mask_input else None
-            shapes.append(model(t["images"][i:i + chunk].to(device), masks, render=False).shape.float().cpu())
+            batch = val.batch(torch.arange(i, min(i + chunk, len(val))))
+            masks = network_masks(model, batch)
+            shapes.append(model(batch.images.to(device), None if masks is None else masks.to(device),
+                                render=False).shape.float().cpu())
     finally:
         model.train(was_training)
     pred, gt = torch.cat(shapes).double(), val.gt.double()
@@ -200,6 +207,9 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     """
     if replicas < 1:
         raise ValueError(f"replicas: expected >= 1, got {replicas}")
+    if uses_parse_net_masks(cfg.model) and "given" in (train.mask_source, val.mask_source):
+        raise ValueError("model.input_masks is parse_net but the splits hold the samples' own masks: load them with "
+                         "the parse net's mask cache (load_split(..., mask_cache=ensure_mask_cache(...)[0]))")
     device = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -224,6 +234,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
         from dfmvr.nets import parsenet_from_dict, read_parsenet_file
 
         parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device)
+        parse_net.amp_dtype = autocast_dtype(device, amp=cfg.train.parse_net_amp, cpu_amp=cfg.train.parse_net_amp)
     if reads_parse_net:
         model.set_input_parse_net(parse_net)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None

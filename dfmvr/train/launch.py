@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from dfmvr.config import Config, apply_overrides, flatten, to_dict
 from dfmvr.data.embedded import ensure_data
-from dfmvr.tracking import PARSED_MASKS_METRIC, VAL_METRIC
+from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, gain_pct
 from dfmvr.train.resume import check_resumable, previous_checkpoint, unique_run_name
 
 _logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
     resumed = resume_source(cfg, storage_path)
     cfg, parse_net, parse_summary = resolve_parse_net(cfg, resumed)
     data_url = cfg.data.url
+    mask_cache = prepare_mask_cache(cfg, parse_net)
 
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
@@ -156,6 +157,17 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
     elapsed = time.perf_counter() - t0
 
     best = best_checkpoint(result)
+    report: dict[str, float] = {}
+    if best is not None:
+        try:
+            from dfmvr.train.report import holdout_report
+
+            with tempfile.TemporaryDirectory(prefix="dfmvr-report-") as tmp:
+                report = holdout_report(cfg, best[0].to_directory(tmp), parse_net)
+            tracking.log_metrics(mlc, run_id, {k: v for k, v in report.items() if v is not None},
+                                 int(best[1].get("step", 0)))
+        except Exception as exn:  # the run and its checkpoints stand without the report: say so
+            _logger.error("the holdout report of the picked checkpoint failed: %s", exn)
     summary: dict[str, Any] = {
         "status": status,
         "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
@@ -174,25 +186,28 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         "parse_net": cfg.model.parse_net or None,
         "mask_loss": bool(parse_net is not None and cfg.loss.mask_loss),
     }
+    summary["masks"] = cfg.model.input_masks
+    if mask_cache is not None:
+        summary["mask_cache"] = mask_cache["url"]
+        summary["mask_cache_seconds"] = mask_cache.get("seconds", 0.0)
     if parse_summary is not None:
+        summary["parse_net_arch"] = cfg.parsenet.arch
         summary["parse_net_miou"] = parse_summary["miou"]
+        ious = [v for v in (parse_summary.get("iou") or {}).values() if v is not None]
+        summary["parse_net_min_class_iou"] = min(ious) if ious else None
+        summary["parse_net_iou"] = parse_summary.get("iou")
+        summary["parse_net_miou_photo"] = parse_summary.get("miou_photo")
         summary["parse_net_mlflow_run_id"] = parse_summary["mlflow_run_id"]
         summary["parse_net_seconds"] = parse_summary["train_seconds"]
     if best is not None:
         ckpt, metrics = best
         summary["checkpoint"] = checkpoint_uri(ckpt.path, storage_path)
         summary["checkpoint_step"] = int(metrics.get("step", 0))
-        summary["val_rmse_mm"] = metrics.get(VAL_METRIC)
-        summary["mean_face_rmse_mm"] = metrics.get("val/mean_face_rmse_mm")
-        if summary["val_rmse_mm"] is not None and summary["mean_face_rmse_mm"]:
-            # how far below the mean face's error the model is, in percent (the headline number)
-            summary["val_gain_pct"] = 100 * (1 - float(summary["val_rmse_mm"]) / float(summary["mean_face_rmse_mm"]))
-            parsed = metrics.get(PARSED_MASKS_METRIC)
-            if parsed is not None and math.isfinite(float(parsed)):
-                # the same, with the parse net's masks as input: what photos without mask files get
-                mean_face = float(summary["mean_face_rmse_mm"])
-                summary["val_gain_pct_parse_net_masks"] = 100 * (1 - float(parsed) / mean_face)
+        # the headline: the picked checkpoint on validation triplets it was not picked on, with the
+        # masks the model reads (the parse net's by default), in percent below the mean face's error
+        summary.update(headline(metrics, report))
         val = {k: float(v) for k, v in metrics.items() if k.startswith("val/") and math.isfinite(float(v))}
+        val.update({k: float(v) for k, v in report.items() if v is not None and math.isfinite(float(v))})
         try:
             with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
                 reg = tracking.register_best(run_id, ckpt.to_directory(tmp), cfg.tracking.registered_model, val)
@@ -209,6 +224,45 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
                             "previous_champion": reg["previous_champion"]})
     summary["job_seconds"] = time.time() - started  # data and parse net included, as the budget counts
     return tracking.redact_all(summary)
+
+
+def headline(picked: dict[str, float], report: dict[str, float]) -> dict[str, Any]:
+    """The summary's figures from the picked checkpoint's validation (``picked``, the half it was
+    picked on) and its holdout ``report`` (:func:`dfmvr.train.report.holdout_report`; empty when
+    it failed, then the picked half's figures stand in and ``val_holdout`` says so)."""
+    out: dict[str, Any] = {"val_pick_rmse_mm": picked.get(VAL_METRIC),
+                           "val_pick_gain_pct": gain_pct(picked.get(VAL_METRIC), picked.get("val/mean_face_rmse_mm"))}
+    if report.get("report/rmse_mm") is not None:
+        out.update({"val_holdout": True, "val_samples": int(report["report/samples"]),
+                    "val_rmse_mm": report["report/rmse_mm"], "mean_face_rmse_mm": report.get("report/mean_face_rmse_mm"),
+                    "val_gain_pct": report.get("report/gain_pct")})
+        for kind in ("given_masks", "parse_net_masks"):
+            if report.get(f"report/gain_pct_{kind}") is not None:
+                out[f"val_gain_pct_{kind}"] = report[f"report/gain_pct_{kind}"]
+        return out
+    mean_face = picked.get("val/mean_face_rmse_mm")
+    out.update({"val_holdout": False, "val_rmse_mm": picked.get(VAL_METRIC), "mean_face_rmse_mm": mean_face,
+                "val_gain_pct": out["val_pick_gain_pct"]})
+    for kind, key in (("given_masks", GIVEN_MASKS_METRIC), ("parse_net_masks", PARSED_MASKS_METRIC)):
+        if picked.get(key) is not None and math.isfinite(float(picked[key])):
+            out[f"val_gain_pct_{kind}"] = gain_pct(picked[key], mean_face)
+    return out
+
+
+def prepare_mask_cache(cfg: Config, parse_net: dict | None) -> dict | None:
+    """The parse net's masks of the training and validation shards, made once here (before Ray
+    starts) when the pipeline uses them (``model.input_masks=parse_net``) and no current cache has
+    them; the workers read them (:mod:`dfmvr.train.masks`). Returns what
+    :func:`~dfmvr.train.masks.ensure_mask_cache` says, or None when the run uses the given masks."""
+    if cfg.model.input_masks != "parse_net":
+        return None
+    if parse_net is None:
+        raise PreflightError("model.input_masks is parse_net but there is no parse net (model.parse_net is empty and "
+                             "train.parse_net_first is false): name one, or set model.input_masks=given")
+    from dfmvr.train.masks import ensure_mask_cache
+
+    _, info = ensure_mask_cache(cfg, parse_net, source=cfg.model.parse_net or "the job's parse net")
+    return info
 
 
 def resolve_parse_net(cfg: Config, resumed: tuple[str, dict] | None = None) -> tuple[Config, dict | None, dict | None]:
@@ -266,7 +320,8 @@ def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:
 def needs_parse_net(cfg: Config) -> bool:
     """Whether the training job trains a parse net first (``train.parse_net_first``)."""
     return (cfg.train.parse_net_first and not cfg.model.parse_net
-            and (cfg.model.mask_input or (cfg.loss.mask_loss and cfg.loss.mask > 0)))
+            and (cfg.model.mask_input or cfg.model.input_masks == "parse_net"
+                 or (cfg.loss.mask_loss and cfg.loss.mask > 0)))
 
 
 def best_checkpoint(result):

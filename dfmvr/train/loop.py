@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,8 +29,15 @@ import torch.distributed as dist
 from dfmvr.config import Config, to_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype, parsed_masks, reads_parse_net_masks
-from dfmvr.tracking import PARSED_MASKS_METRIC, VAL_METRIC, redact_all
+from dfmvr.model import (
+    DFMVR,
+    autocast_dtype,
+    network_masks,
+    parsed_masks,
+    reads_parse_net_masks,
+    uses_parse_net_masks,
+)
+from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, redact_all
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
@@ -98,9 +105,20 @@ def _all_reduce_sum(value: float, world_size: int, device: torch.device) -> floa
 
 @torch.no_grad()
 def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples: int | None = None,
-             step: int = 0) -> tuple[dict[str, float], dict | None]:
+             step: int = 0, subjects: Container[str] | None = None) -> tuple[dict[str, float], dict | None]:
     """Validation losses and, where ground truth exists, aligned vertex RMSE in mm beside the
     mean face's on the same samples.
+
+    The network reads the batches' ``masks`` (the parse net's, from the mask cache, for a model
+    that reads them). Where there is another kind of mask to read, the RMSE is also taken with it
+    on the same triplets: the samples' own masks for a parse-net model
+    (:data:`~dfmvr.tracking.GIVEN_MASKS_METRIC`, the upper bound), the parse net's for a model
+    that reads the given masks (:data:`~dfmvr.tracking.PARSED_MASKS_METRIC`, what photos get).
+
+    Args:
+        subjects: score only these subjects' triplets (one half of the validation split, so that
+            the checkpoint is picked on other triplets than the ones it is reported on); None: all.
+        max_samples: stop after this many scored triplets.
 
     Returns:
         ``(metrics, first_batch_view)``: metric dict (``val/...``) and what the image grid needs
@@ -110,18 +128,27 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     model.eval()
     sums: dict[str, float] = {}
     n_batches = n_samples = 0
-    rmse, mean_rmse, parsed_rmse = [], [], []
+    rmse, mean_rmse, other_rmse = [], [], []
     first = None
     fm = model.face.model
+    device = next(model.parameters()).device
+    reads_parsed = reads_parse_net_masks(model.cfg)
     # a model that reads the given masks also meets views without any (photos), where the parse
-    # net makes them: score that too, on the same triplets
-    also_parsed = model.cfg.mask_input and not reads_parse_net_masks(model.cfg) and parse_net is not None
+    # net makes them; a model that reads the parse net's is also scored on the exact masks
+    other_metric = GIVEN_MASKS_METRIC if reads_parsed else PARSED_MASKS_METRIC
     try:
         for batch in batches:
             if max_samples is not None and n_samples >= max_samples:
                 break
-            batch = batch.to(next(model.parameters()).device)
-            out = model(batch.images, batch.masks if model.cfg.mask_input else None)
+            if subjects is not None:
+                keep = [i for i, s in enumerate(batch.subjects) if s in subjects]
+                if max_samples is not None:
+                    keep = keep[:max_samples - n_samples]
+                if not keep:
+                    continue
+                batch = batch.select(keep) if len(keep) < len(batch) else batch
+            batch = batch.to(device)
+            out = model(batch.images, network_masks(model, batch))
             _, terms = reconstruction_losses(model, out, batch, cfg.loss, step, parse_net, lazy=False)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -136,12 +163,13 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
                 gt = torch.stack([batch.gt_vertices[i] for i in same_topology])
                 rmse.append(aligned_vertex_rmse_mm(out.shape[same_topology], gt))
                 mean_rmse.append(aligned_vertex_rmse_mm(fm.mean_shape.unsqueeze(0).expand_as(gt), gt))
-                if also_parsed:
-                    parsed = model(batch.images, parsed_masks(parse_net, batch.images), render=False).shape
-                    finite_parsed = [i for i in same_topology if bool(torch.isfinite(parsed[i]).all())]
-                    if finite_parsed:
-                        parsed_rmse.append(aligned_vertex_rmse_mm(
-                            parsed[finite_parsed], torch.stack([batch.gt_vertices[i] for i in finite_parsed])))
+                other = _other_masks(model, batch, parse_net, reads_parsed)
+                if other is not None:
+                    shape = model(batch.images, other, render=False).shape
+                    scored = [i for i in same_topology if bool(torch.isfinite(shape[i]).all())]
+                    if scored:
+                        other_rmse.append(aligned_vertex_rmse_mm(
+                            shape[scored], torch.stack([batch.gt_vertices[i] for i in scored])))
             if first is None:
                 first = {"images": batch.images[:4].cpu(), "render": out.image[:4].cpu(),
                          "render_mask": out.render_mask[:4].cpu(), "lm_pred": out.lm2d[:4].cpu(),
@@ -153,28 +181,52 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     if rmse:
         metrics[VAL_METRIC] = float(torch.cat(rmse).mean())
         metrics["val/mean_face_rmse_mm"] = float(torch.cat(mean_rmse).mean())
-    if parsed_rmse:
-        metrics[PARSED_MASKS_METRIC] = float(torch.cat(parsed_rmse).mean())
+    if other_rmse:
+        metrics[other_metric] = float(torch.cat(other_rmse).mean())
     return metrics, first
 
 
-def _train_loader(cfg: Config, rank: int, world_size: int, seed: int):
+def _other_masks(model: DFMVR, batch, parse_net, reads_parsed: bool) -> torch.Tensor | None:
+    """The masks validation also scores the model with (see :func:`validate`), or None."""
+    if not model.cfg.mask_input:
+        return None
+    if reads_parsed:
+        given, has = ((batch.masks, batch.has_masks) if batch.mask_source == "given"
+                      else (batch.given_masks, batch.has_given_masks))
+        return given if given is not None and bool(has.all()) else None
+    return parsed_masks(parse_net, batch.images) if parse_net is not None else None
+
+
+def _train_loader(cfg: Config, rank: int, world_size: int, seed: int, mask_cache=None):
     from dfmvr.data.loader import make_loader
 
-    train = make_loader(cfg.data, cfg.data.split, rank=rank, world_size=world_size, resampled=True,
-                        seed=seed)
-    return train
+    return make_loader(cfg.data, cfg.data.split, rank=rank, world_size=world_size, resampled=True, seed=seed,
+                       mask_cache=mask_cache)
 
 
-def _val_batches(cfg: Config) -> Callable[[], Iterator]:
+def _val_batches(cfg: Config, mask_cache=None) -> Callable[[], Iterator]:
     from dfmvr.data.loader import make_loader
 
     def it():
         loader = make_loader(cfg.data, cfg.data.val_split, rank=0, world_size=1, resampled=False,
-                             seed=0, with_gt=True, shuffle=False)
+                             seed=0, with_gt=True, shuffle=False, mask_cache=mask_cache, keep_given_masks=True)
         return iter(loader)
 
     return it
+
+
+def validation_halves(cfg: Config) -> tuple[frozenset[str] | None, frozenset[str] | None]:
+    """``(pick, report)`` subjects of the validation split: training validates (and so picks its
+    checkpoint) on every other subject in sorted order, the job reports the picked checkpoint on
+    the rest (``train.holdout_report``), so the headline is not inflated by the selection.
+    ``(None, None)`` when the option is off: both on the whole split."""
+    if not cfg.train.holdout_report:
+        return None, None
+    from dfmvr.data.shards import read_manifest
+
+    subjects = sorted(read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint or None)
+                      .split(cfg.data.val_split).subjects)
+    return frozenset(subjects[0::2]), frozenset(subjects[1::2])
 
 
 def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = None, prepare_model=None,
@@ -213,13 +265,22 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
     opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
     row_rates = pose_row_rates(core, cfg.optim)
-    frozen_parse_net = None
+    frozen_parse_net = mask_cache = None
     # frozen for the mask loss, for the network's input masks, and to score a model that reads the
     # given masks on the parse net's too (validate)
     if parse_net is not None and (cfg.loss.mask_loss or cfg.model.mask_input):
         from dfmvr.nets import parsenet_from_dict
 
         frozen_parse_net = parsenet_from_dict(parse_net, cfg.model.parse_net or "the job's parse net", device)
+        frozen_parse_net.amp_dtype = autocast_dtype(device, amp=cfg.train.parse_net_amp,
+                                                    cpu_amp=cfg.train.parse_net_amp)
+    if uses_parse_net_masks(cfg.model):
+        if parse_net is None:
+            raise ValueError("model.input_masks is parse_net but the job has no parse net (model.parse_net empty, "
+                             "train.parse_net_first=false): name one, or set model.input_masks=given")
+        from dfmvr.train.masks import find_mask_cache
+
+        mask_cache = find_mask_cache(cfg, parse_net)  # the parse net's masks, made once by the driver
     if reads_parse_net_masks(cfg.model):
         core.set_input_parse_net(frozen_parse_net)
     # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
@@ -257,8 +318,10 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
 
     budget = (StepBudget(plan, deadline=deadline, max_steps=cfg.train.steps, cosine_after=cfg.optim.cosine_after)
               if deadline is not None else None)
-    loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step)
-    val_iter = _val_batches(cfg)
+    loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step, mask_cache=mask_cache)
+    val_iter = _val_batches(cfg, mask_cache)
+    pick_subjects, _ = validation_halves(cfg) if rank == 0 else (None, None)
+    mask_source = mask_cache.source if mask_cache is not None else "given"
     it = iter(loader)
     config_dict = redact_all(to_dict(cfg))  # checkpoints are copied around: no credentials in them
     best_val = math.inf
@@ -300,6 +363,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
             it = iter(loader)
             continue
         counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
+        if batch.mask_source != mask_source:  # a loader of the wrong masks would train the upper bound silently
+            raise RuntimeError(f"the training batches carry {batch.mask_source} masks, the run uses {mask_source}")
         batch = batch.to(device)
         norm_stats = snapshot_norm_stats(core)  # a skipped step must not leave its batch in BN statistics
         out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d,
@@ -376,7 +441,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         if is_val:
             scored = average.model if average else core
             val_metrics, view = (validate(scored, val_iter(), cfg, frozen_parse_net, max_samples=cfg.train.val_samples,
-                                          step=step) if rank == 0 else ({}, None))
+                                          step=step, subjects=pick_subjects) if rank == 0 else ({}, None))
             last_val = _broadcast(val_metrics, world)
             # the worst validation of the run so far, carried in every report (the job's summary
             # shows it: a model that trained without non-finite steps must never predict one)

@@ -34,7 +34,10 @@ def build_optimizer(params, optim_cfg, total_steps: int | StepPlan):
     """Adam plus the schedule as a ``LambdaLR``: ``(optimizer, scheduler)``. ``total_steps``: the
     run's length, or a :class:`StepPlan` whose later changes the schedule follows."""
     plan = total_steps if isinstance(total_steps, StepPlan) else StepPlan(total_steps, optim_cfg.cosine_after)
-    opt = torch.optim.Adam(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+    # fused: one kernel over every parameter instead of a Python loop of small ones (the tiny step's
+    # update took 11 of its ~290 ms with the loop; docs/benchmarks.md "Train step")
+    opt = torch.optim.Adam(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
+                           fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s, total_steps=plan.steps, cosine_after=plan.cosine_after,

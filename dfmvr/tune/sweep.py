@@ -145,7 +145,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     from ray import tune
 
     from dfmvr import tracking
-    from dfmvr.train.launch import preflight, resolve_parse_net
+    from dfmvr.train.launch import prepare_mask_cache, preflight, resolve_parse_net
     from dfmvr.tune import runs
     from dfmvr.tune.callback import SweepCallback
     from dfmvr.tune.journal import ResumableASHA
@@ -170,6 +170,8 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
     # the paper's pipeline in every trial: one parse net for the whole sweep (model.parse_net, else
     # trained now once; the saved config names it, so --resume keeps it), frozen, shipped to the trials
     cfg, parse_net, _ = resolve_parse_net(cfg)
+    # its masks of the shards, once for every trial (trials that read the given masks skip them)
+    prepare_mask_cache(cfg, parse_net)
     folder = sweep_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.tune

@@ -36,6 +36,12 @@ def trained(synth_root, tmp_path_factory):
     from dfmvr.train.launch import train
 
     tmp = tmp_path_factory.mktemp("bundle")
+    from dfmvr.data.synth import generate
+
+    # enough validation subjects for two halves: the checkpoint is picked on one, reported on the other
+    data = tmp / "shards"
+    generate(str(data), n_subjects=12, n_captures=2, size=64, seed=3, workers=1, n_vertices=2500,
+             splits=(0.5, 0.34, 0.16))
     scratch = Path("/tmp") / f"dfmvr-ray-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     scratch.mkdir(parents=True, exist_ok=True)
     old_tmp = os.environ.get("RAY_TMPDIR")
@@ -44,7 +50,7 @@ def trained(synth_root, tmp_path_factory):
     tracking = f"sqlite:///{tmp / 'mlflow.db'}"
     try:
         cfg = apply_overrides(tiny(), {
-            "work_dir": str(tmp / "work"), "data.url": str(synth_root), "data.batch_size": 4,
+            "work_dir": str(tmp / "work"), "data.url": str(data), "data.batch_size": 4,
             "data.epoch_samples": 64, "data.shuffle_buffer": 16, "train.steps": 6, "train.val_every": 6,
             "train.ckpt_every": 6, "train.log_every": 3, "train.val_samples": 8, "train.num_workers": 1,
             "train.use_gpu": "false", "train.max_failures": 0, "tracking.tracking_uri": tracking,
@@ -80,7 +86,25 @@ def test_main_job_trains_the_parse_net_first_and_bundles_it(trained):
         assert r.data.tags.get("mlflow.user") and r.data.tags.get("mlflow.source.name"), r.data.tags
     assert "train/loss_mask" in run.data.metrics  # the mask loss ran from the start
     payload = load_checkpoint(resolve_checkpoint(summary["registered_model_uri"]))
-    assert payload["parse_net"]["meta"]["n_classes"] == 10
+    assert payload["parse_net"]["meta"]["n_classes"] == 10 and payload["parse_net"]["meta"]["arch"] == "unet"
+    # the paper's pipeline: the network read the parse net's masks, made once into the mask cache
+    from dfmvr.nets import parsenet_digest
+
+    assert summary["masks"] == "parse_net" and payload["config"]["model"]["input_masks"] == "parse_net"
+    assert summary["mask_cache"].endswith(f"/parsed-masks/{parsenet_digest(payload['parse_net'])}")
+    # the parse net's per-class IoU, in the summary and its MLflow run
+    assert set(summary["parse_net_iou"]) == {"background", "skin", "left_brow", "right_brow", "left_eye",
+                                             "right_eye", "nose", "mouth", "upper_lip", "lower_lip"}
+    finite = [v for v in summary["parse_net_iou"].values() if v is not None]
+    assert summary["parse_net_min_class_iou"] == min(finite)
+    assert {f"val/iou_{c}" for c in summary["parse_net_iou"]} <= set(parse_run.data.metrics)
+    # the headline: the picked checkpoint on the other half of the validation subjects, with the
+    # parse net's masks; the shards' own masks beside it; the half it was picked on apart
+    assert summary["val_holdout"] is True and summary["val_samples"] == 4
+    for key in ("val_gain_pct", "val_gain_pct_given_masks", "val_pick_gain_pct"):
+        assert isinstance(summary[key], float), key
+    assert summary["val_gain_pct"] != summary["val_pick_gain_pct"]
+    assert {"report/gain_pct", "report/gain_pct_given_masks", "report/rmse_mm"} <= set(run.data.metrics)
     # the first version of a model becomes the champion
     assert summary["champion"] is True
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == summary["registered_model_uri"].rsplit("/", 1)[1]

@@ -32,9 +32,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _cfg(shards: Path, **extra):
+    # the loop's mechanics need no parse net: the shards' own masks, unless a test asks otherwise
     base = {"data.url": str(shards), "data.num_workers": 0, "data.batch_size": 2, "data.epoch_samples": 16,
             "data.shuffle_buffer": 8, "train.steps": 4, "train.val_every": 4, "train.ckpt_every": 2,
-            "train.log_every": 2, "train.val_samples": 2, "loss.mask_loss": False}
+            "train.log_every": 2, "train.val_samples": 2, "loss.mask_loss": False, "model.input_masks": "given"}
     base.update(extra)
     return apply_overrides(tiny(), base)
 
@@ -167,32 +168,68 @@ def test_validation_grids_follow_tracking_log_images(shards, tmp_path, log_image
 
 
 @pytest.mark.parametrize("input_masks", ["given", "parse_net"])
-def test_validation_scores_the_parse_nets_masks_beside_the_given_ones(shards, tmp_path, input_masks):
+def test_validation_scores_the_other_masks_beside_the_ones_the_model_reads(shards, tmp_path, input_masks):
     """A model that reads the samples' own masks is also scored with the parse net's as input
-    (what photos without mask files get); one that reads the parse net's gets one score, and its
-    checkpoint loads with the parse net it needs."""
+    (what photos without mask files get); one that reads the parse net's (from the mask cache) is
+    also scored on the shards' exact masks (the upper bound), and its checkpoint loads with the
+    parse net it needs."""
     from dfmvr.nets import BiSeNet, read_parsenet_file, save_parsenet
     from dfmvr.serving import Reconstructor
-    from dfmvr.tracking import PARSED_MASKS_METRIC
+    from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC
+    from dfmvr.train.masks import MaskCacheMissing, ensure_mask_cache
 
     torch.manual_seed(0)
     net = save_parsenet(tmp_path / "parsenet.pt", BiSeNet(width=8), {"image_size": 64})
     cfg = _cfg(shards, **{"train.steps": 2, "train.val_every": 2, "model.input_masks": input_masks,
-                          "model.parse_net": str(net)})
+                          "model.parse_net": str(net), "data.parsed_masks_root": str(tmp_path / "masks")})
     session = LocalSession(tmp_path / "run")
+    if input_masks == "parse_net":
+        with pytest.raises(MaskCacheMissing, match="no current mask cache of parse net"):
+            run_loop(cfg, session, parse_net=read_parsenet_file(net))
+        ensure_mask_cache(cfg, read_parsenet_file(net), device="cpu")
     last = run_loop(cfg, session, parse_net=read_parsenet_file(net))
     assert math.isfinite(last["val/rmse_mm"])
     if input_masks == "given":
         # an untrained parse net's masks are nothing like the shards': another score
         assert math.isfinite(last[PARSED_MASKS_METRIC]) and last[PARSED_MASKS_METRIC] != last["val/rmse_mm"]
+        assert GIVEN_MASKS_METRIC not in last
     else:
+        assert math.isfinite(last[GIVEN_MASKS_METRIC]) and last[GIVEN_MASKS_METRIC] != last["val/rmse_mm"]
         assert PARSED_MASKS_METRIC not in last
         recon = Reconstructor.from_checkpoint(session.checkpoints[-1])
         assert recon.model.input_parse_net is recon.parse_net is not None
         images = torch.rand(1, 3, 3, 64, 64) * 2 - 1
         given = torch.ones(1, 3, 64, 64, dtype=torch.long)
+        # masks that come with the views are not what the network reads: its parse net's are
         assert torch.equal(recon.predict(images, given).shape, recon.predict(images).shape)
         payload = load_checkpoint(session.checkpoints[-1])
         payload.pop("parse_net")
         with pytest.raises(ValueError, match=r"ckpt: the network reads the parse net's masks \(model.input_masks"):
             Reconstructor.from_payload(payload, "ckpt", overrides={"model.parse_net": ""})
+
+
+def test_a_parse_net_run_without_a_parse_net_is_refused(shards, tmp_path):
+    with pytest.raises(ValueError, match="model.input_masks is parse_net but the job has no parse net"):
+        run_loop(_cfg(shards, **{"model.input_masks": "parse_net"}), LocalSession(tmp_path / "x"))
+
+
+def test_validation_picks_on_one_half_of_the_subjects_and_the_report_scores_the_other(tmp_path):
+    from dfmvr.data.synth import generate
+    from dfmvr.train.loop import _val_batches, validate, validation_halves
+    from dfmvr.facemodel import build_face_model
+    from dfmvr.model import DFMVR
+
+    root = tmp_path / "shards"
+    generate(str(root), n_subjects=10, n_captures=2, size=64, seed=5, workers=1, n_vertices=2500,
+             splits=(0.6, 0.4, 0.0))
+    cfg = _cfg(root)
+    pick, report = validation_halves(cfg)
+    assert len(pick) == len(report) == 2 and not pick & report
+    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
+    seen = []
+    for subjects in (pick, report, None):
+        batches = list(_val_batches(cfg)())
+        metrics, _ = validate(model, iter(batches), cfg, subjects=subjects)
+        seen.append(metrics["val/samples"])
+    assert seen == [4.0, 4.0, 8.0]  # two captures of each of two subjects, or all eight triplets
+    assert validation_halves(apply_overrides(cfg, {"train.holdout_report": False})) == (None, None)

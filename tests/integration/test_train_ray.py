@@ -39,7 +39,10 @@ def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
         "train.max_failures": 0,
         "tracking.registered_model": "dfmvr-test",
         "loss.mask_loss": False,
-        "train.parse_net_first": False,  # the parse-net-first pipeline: tests/integration/test_model_bundle.py
+        # the parse-net-first pipeline (the parse net's masks, its mask cache, the mask loss):
+        # tests/integration/test_model_bundle.py; here the shards' own masks
+        "train.parse_net_first": False,
+        "model.input_masks": "given",
     }
     base.update(extra)
     return base

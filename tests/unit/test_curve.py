@@ -16,7 +16,9 @@ def splits(tmp_path_factory):
     root = tmp_path_factory.mktemp("curve")
     generate(str(root), n_subjects=10, n_captures=1, size=64, seed=3, workers=1, n_vertices=2500,
              splits=(0.6, 0.4, 0.0))
-    cfg = apply_overrides(tiny(), {"data.url": str(root), "data.num_workers": 0, "data.batch_size": 2})
+    # the shards' own masks: the curves here need no parse net (the last test brings one)
+    cfg = apply_overrides(tiny(), {"data.url": str(root), "data.num_workers": 0, "data.batch_size": 2,
+                                   "model.input_masks": "given"})
     return cfg, load_split(cfg, "train"), load_split(cfg, "val", with_gt=True)
 
 
@@ -37,6 +39,28 @@ def test_the_mask_loss_runs_when_a_parse_net_is_named(splits, tmp_path, with_par
     assert ("mask" in point.loss) is with_parse_net
     assert ("mask" in point.grad_split) is with_parse_net
     assert point.nonfinite == 0
+
+
+def test_a_parse_net_curve_reads_the_mask_cache_and_refuses_the_shards_own_masks(splits, tmp_path):
+    import torch
+
+    from dfmvr.config import apply_overrides
+    from dfmvr.nets import create_parsenet, read_parsenet_file, save_parsenet
+    from dfmvr.train.curve import learning_curve, load_split
+    from dfmvr.train.masks import ensure_mask_cache
+
+    cfg, given_train, given_val = splits
+    torch.manual_seed(0)
+    path = save_parsenet(tmp_path / "parsenet.pt", create_parsenet("unet", width=4), {"image_size": 64})
+    cfg = apply_overrides(cfg, {"model.parse_net": str(path), "model.input_masks": "parse_net"})
+    with pytest.raises(ValueError, match="the splits hold the samples' own masks"):
+        learning_curve(cfg, given_train, given_val, triplets=4, every=4, seed=0)
+    cache, _ = ensure_mask_cache(cfg, read_parsenet_file(path), device="cpu")
+    train, val = load_split(cfg, "train", mask_cache=cache), load_split(cfg, "val", with_gt=True, mask_cache=cache)
+    assert train.mask_source == val.mask_source == cache.source
+    assert not torch.equal(train.tensors["masks"], given_train.tensors["masks"])
+    (point,) = learning_curve(cfg, train, val, triplets=4, every=4, seed=0)
+    assert "mask" in point.loss and point.nonfinite == 0
 
 
 def test_a_curve_ends_at_its_time_limit_with_a_last_point(splits):
@@ -95,7 +119,7 @@ def test_precise_bn_benchmark_recomputes_statistics_and_leaves_the_checkpoint(be
     from dfmvr.presets import tiny
     from dfmvr.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
 
-    cfg = apply_overrides(tiny(), {"data.url": str(bench_root)})
+    cfg = apply_overrides(tiny(), {"data.url": str(bench_root), "model.input_masks": "given"})
     face = build_face_model(cfg.facemodel)
     torch.manual_seed(0)
     model = DFMVR(cfg.model, cfg.render, face)

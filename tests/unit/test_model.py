@@ -61,7 +61,7 @@ def test_forward_shapes_and_mean_face_start(setup):
 
 def test_mask_input_needs_masks_and_image_size_is_checked(setup):
     cfg, fm = setup
-    model = DFMVR(cfg.model, cfg.render, fm)
+    model = DFMVR(apply_overrides(cfg, {"model.input_masks": "given"}).model, cfg.render, fm)
     with pytest.raises(ValueError, match="mask_input"):
         model(torch.zeros(1, 3, 3, 64, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, 3, 64, 64\); got \(1, 3, 3, 32, 32\)"):
@@ -102,9 +102,10 @@ def test_mask_encodings_give_the_class_map_as_one_channel_or_one_per_class(setup
         apply_overrides(cfg, {"model.mask_encoding": "rgb"})
 
 
-def test_input_masks_from_the_parse_net_replace_the_given_ones(setup):
+def test_a_parse_net_model_reads_its_parse_nets_masks(setup):
     cfg, fm = setup
     reads = apply_overrides(cfg, {"model.input_masks": "parse_net"})
+    assert cfg.model.input_masks == "parse_net"  # every preset's default: the paper's pipeline
     torch.manual_seed(0)
     model = _with_head_weights(DFMVR(reads.model, reads.render, fm).eval())
     images = torch.rand(2, 3, 3, 64, 64) * 2 - 1
@@ -116,15 +117,13 @@ def test_input_masks_from_the_parse_net_replace_the_given_ones(setup):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in DFMVR(reads.model, reads.render, fm).parameters())
     ones = torch.ones(2, 3, 64, 64, dtype=torch.long)
     with torch.no_grad():
-        read = model(images, render=False).coeffs
-        assert torch.equal(model(images, ones, render=False).coeffs, read)  # the given masks are not read
-        given = DFMVR(cfg.model, cfg.render, fm).eval()
+        made = model(images, render=False).coeffs  # no masks: the model's parse net makes them
+        # the parse net's masks handed in (the mask cache's, in training) give the same
+        assert torch.equal(model(images, parsed_masks(parse_net, images), render=False).coeffs, made)
+        assert not torch.allclose(model(images, ones, render=False).coeffs, made)
+        given = DFMVR(apply_overrides(cfg, {"model.input_masks": "given"}).model, cfg.render, fm).eval()
         given.load_state_dict(model.state_dict())
-        # the same as handing the parse net's masks in
-        assert torch.allclose(given(images, parsed_masks(parse_net, images), render=False).coeffs, read)
-        assert not torch.allclose(given(images, ones, render=False).coeffs, read)
-    with pytest.raises(ValueError, match="model.input_masks"):
-        apply_overrides(cfg, {"model.input_masks": "shards"})
+        assert torch.allclose(given(images, parsed_masks(parse_net, images), render=False).coeffs, made)
 
 
 def test_gradients_reach_the_model_and_never_the_frozen_parse_net(setup):
