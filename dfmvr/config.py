@@ -392,7 +392,8 @@ class TrackingConfig:
 class ParseNetConfig:
     """The face parse net's own training job (``jobs/train_parsenet.py``, :mod:`dfmvr.parsing`).
 
-    It trains on the ``data`` section's shards (samples with masks; its splits and image size).
+    It trains on the ``data`` section's shards (samples with masks; its splits and image size),
+    and on single-view face-parsing shards (``data_url``) when given.
     """
 
     arch: str = "bisenet"
@@ -406,6 +407,12 @@ class ParseNetConfig:
     unweighted loss is nearly satisfied without them (docs/parsenet.md)."""
     dice_weight: float = 0.0
     """Weight of a soft Dice term beside the cross-entropy (every class counts alike, as in IoU)."""
+    data_url: str = ""
+    """Single-view face-parsing shards (``python -m sharding.pack_parsing``: CelebAMask-HQ, LaPa; a
+    local directory or ``s3://``) to train on beside the masked views of ``data.url``'s triplets;
+    empty: none. Its ``val`` split, when it has one, is validated too (``val_real/...``)."""
+    data_share: float = 0.5
+    """With ``data_url``: the share of each step's views drawn from it (1: only it)."""
     augment: float = 0.0
     """Strength in [0, 1] of the photo augmentation of the training views (framing, background,
     colour, blur, noise, JPEG; :mod:`dfmvr.data.augment`); 0: off."""
@@ -454,6 +461,8 @@ class ParseNetConfig:
         _check_positive("parsenet.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("parsenet.aux_weight", self.aux_weight, allow_zero=True)
         _check_positive("parsenet.dice_weight", self.dice_weight, allow_zero=True)
+        if not 0.0 <= self.data_share <= 1.0:
+            raise ValueError(f"parsenet.data_share: expected a share in [0, 1], got {self.data_share}")
         if not 0.0 <= self.augment <= 1.0:
             raise ValueError(f"parsenet.augment: expected a strength in [0, 1], got {self.augment}")
         if not 0 <= self.min_lr_ratio <= 1:

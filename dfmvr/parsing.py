@@ -205,24 +205,65 @@ def random_hflip(images: torch.Tensor, masks: torch.Tensor,
     return images, masks
 
 
+def triplet_views(batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """The views of triplet batches (:class:`dfmvr.data.batch.Batch`) that have masks:
+    ``(images [M, 3, S, S], masks [M, S, S], masked triplets, unmasked triplets)`` per batch."""
+    for batch in batches:
+        unmasked = int((~batch.has_masks).sum())
+        if not bool(batch.has_masks.any()):
+            yield batch.images[:0].flatten(0, 1), batch.masks[:0].flatten(0, 1), 0, unmasked
+            continue
+        images, masks = masked_views(batch)
+        yield images, masks, int(batch.has_masks.sum()), unmasked
+
+
+def parsing_views(batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """The views of parsing batches (:class:`dfmvr.data.parsing_shards.ParsingBatch`), as
+    :func:`triplet_views` gives them (a sample is one view, and every one has its mask)."""
+    for images, masks in batches:
+        yield images, masks, int(images.shape[0]), 0
+
+
+def split_views(data_url: str, split: str, *, data_cfg, batch_size: int, seed: int,
+                ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]]:
+    """A one-pass, unshuffled reader of ``split``'s views at ``data_url`` (multi-view captures or
+    single-view parsing shards, by the manifest's views), for validation: call it for each pass."""
+    from dfmvr.data.loader import make_loader
+    from dfmvr.data.parsing_shards import make_parsing_loader
+    from dfmvr.data.shards import read_manifest
+
+    endpoint = data_cfg.s3_endpoint or None
+    manifest = read_manifest(data_url, endpoint=endpoint)
+    manifest.split(split)  # fail now, not after training
+    if manifest.is_parsing:
+        loader = make_parsing_loader(data_url, split, image_size=data_cfg.image_size, batch_size=3 * batch_size,
+                                     endpoint=endpoint, shuffle=False, seed=seed, rank=0, world_size=1,
+                                     num_workers=data_cfg.num_workers)
+        return lambda: parsing_views(loader)
+    loader = make_loader(dataclasses.replace(data_cfg, url=data_url, color_jitter=0.0), split, rank=0, world_size=1,
+                         resampled=False, shuffle=False, batch_size=batch_size, seed=seed)
+    return lambda: triplet_views(loader)
+
+
 @torch.no_grad()
-def evaluate(model: ParseNet, batches: Iterable, *, device: torch.device | str = "cpu",
+def evaluate(model: ParseNet, views: Iterable, *, device: torch.device | str = "cpu",
              max_samples: int = 0, perturb: PhotoAugment | None = None, seed: int = 0,
              prefix: str = "val/") -> tuple[dict[str, float], torch.Tensor]:
-    """Per-class IoU of ``model`` over the masked samples of ``batches``.
+    """Per-class IoU of ``model`` over masked views.
 
     Args:
         model: the parse net (put in eval mode for the pass, its mode restored after).
-        batches: :class:`dfmvr.data.batch.Batch` iterable (one pass).
+        views: one pass of ``(images, masks, masked samples, unmasked samples)`` batches
+            (:func:`triplet_views`, :func:`parsing_views`, :func:`split_views`).
         device: where to run.
-        max_samples: stop after this many masked triplets (0: all).
+        max_samples: stop after this many masked samples (triplets, or single views; 0: all).
         perturb: degrade every view (and move its mask) with this augmentation first, drawn from
             ``seed``: the same perturbed views on every call (the robustness figure).
         prefix: of the metric names.
 
     Returns:
-        ``(metrics, confusion)``: :func:`iou_metrics` plus ``{prefix}samples`` (masked triplets
-        seen) and ``{prefix}unmasked`` (triplets without masks, not scored); the ``[C, C]`` counts.
+        ``(metrics, confusion)``: :func:`iou_metrics` plus ``{prefix}samples`` (masked samples
+        seen) and ``{prefix}unmasked`` (samples without masks, not scored); the ``[C, C]`` counts.
     """
     was_training = model.training
     model.eval()
@@ -230,12 +271,10 @@ def evaluate(model: ParseNet, batches: Iterable, *, device: torch.device | str =
     samples = unmasked = 0
     rng = np.random.default_rng(seed)
     try:
-        for batch in batches:
-            unmasked += int((~batch.has_masks).sum())
-            if not bool(batch.has_masks.any()):
+        for images, masks, n_masked, n_unmasked in views:
+            unmasked += n_unmasked
+            if not n_masked:
                 continue
-            n_masked = int(batch.has_masks.sum())
-            images, masks = masked_views(batch)
             if max_samples and samples + n_masked > max_samples:
                 keep = (max_samples - samples) * images.shape[0] // n_masked
                 images, masks, n_masked = images[:keep], masks[:keep], max_samples - samples
@@ -278,6 +317,83 @@ class ParseTrainResult:
     """Wall time of the training loop, validations included."""
 
 
+def _manifest(url: str, cfg: Config):
+    from dfmvr.data.shards import read_manifest
+
+    return read_manifest(url, endpoint=cfg.data.s3_endpoint or None)
+
+
+class TrainingViews:
+    """The parse net's training views, ``3 * parsenet.batch_size`` a step: the masked views of
+    ``data.url``'s training triplets, and with ``parsenet.data_url`` a ``parsenet.data_share`` of
+    each step's views from those single-view parsing shards (``python -m sharding.pack_parsing``:
+    CelebAMask-HQ, LaPa), drawn with replacement from both.
+
+    Iterating yields ``(images [M, 3, S, S] in [-1, 1], masks int64 [M, S, S])``; ``skipped``
+    counts the bad samples the loaders skipped and ``unmasked`` the triplets without masks.
+
+    Raises (when iterated): ValueError after :data:`MAX_UNMASKED_BATCHES` triplet batches in a
+    row without a masked sample.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from dfmvr.data.loader import make_loader
+        from dfmvr.data.parsing_shards import make_parsing_loader
+
+        pcfg = cfg.parsenet
+        self.n_views = 3 * pcfg.batch_size
+        self.n_parsing = round(pcfg.data_share * self.n_views) if pcfg.data_url else 0
+        self.n_triplets = math.ceil((self.n_views - self.n_parsing) / 3)
+        self.unmasked = 0
+        self.triplets = self.parsing = None
+        self.url = cfg.data.url
+        self.split = cfg.data.split
+        if self.n_triplets:
+            self.triplets = make_loader(cfg.data, cfg.data.split, rank=0, world_size=1, resampled=True,
+                                        batch_size=self.n_triplets, seed=cfg.seed)
+        if self.n_parsing:
+            self.parsing = make_parsing_loader(
+                pcfg.data_url, "train", image_size=cfg.data.image_size, batch_size=self.n_parsing,
+                endpoint=cfg.data.s3_endpoint or None, resampled=True, epoch_samples=cfg.data.epoch_samples,
+                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=0, world_size=1,
+                num_workers=cfg.data.num_workers, color_jitter=cfg.data.color_jitter,
+                max_bad_shards_in_a_row=cfg.data.max_bad_shards_in_a_row)
+
+    @property
+    def skipped(self) -> int:
+        return sum(loader.skipped for loader in (self.triplets, self.parsing) if loader is not None)
+
+    def describe(self) -> str:
+        parts = [f"{self.n_triplets} triplets of {self.url}"] if self.triplets is not None else []
+        if self.parsing is not None:
+            parts.append(f"{self.n_parsing} views of {self.parsing.manifest.url}")
+        return " + ".join(parts)
+
+    def _triplet_views(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        streak = 0
+        for images, masks, n_masked, n_unmasked in triplet_views(_batches(self.triplets)):
+            self.unmasked += n_unmasked
+            if not n_masked:
+                streak += 1
+                if streak >= MAX_UNMASKED_BATCHES:
+                    raise ValueError(
+                        f"{self.url}: split {self.split!r} gave {streak} batches in a row without a sample that "
+                        "has masks; the parse net trains on masked shards (synthetic ones, shards packed with "
+                        "masks, or parsing shards: parsenet.data_url)")
+                continue
+            streak = 0
+            yield images[:self.n_views - self.n_parsing], masks[:self.n_views - self.n_parsing]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        triplets = self._triplet_views() if self.triplets is not None else None
+        parsing = _batches(self.parsing) if self.parsing is not None else None
+        while True:
+            parts = [next(triplets)] if triplets is not None else []
+            if parsing is not None:
+                parts.append(tuple(next(parsing)))
+            yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -294,7 +410,8 @@ def _batches(loader) -> Iterator:
 
 def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
                    log_metrics: Callable[[dict[str, float], int], None] | None = None) -> ParseTrainResult:
-    """Train a parse net on ``cfg.data``'s shards with ``cfg.parsenet``'s settings.
+    """Train a parse net on ``cfg.data``'s shards (and ``parsenet.data_url``'s parsing shards, see
+    :class:`TrainingViews`) with ``cfg.parsenet``'s settings.
 
     Args:
         cfg: the whole config; uses ``data`` (url, split, val_split, image_size, num_workers,
@@ -307,19 +424,20 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
         :class:`ParseTrainResult`.
 
     Raises:
-        dfmvr.data.shards.ManifestError: the validation split is not in the manifest (checked first).
+        dfmvr.data.shards.ManifestError: the validation split is not in the manifest (checked first),
+            or ``parsenet.data_url`` is not a parsing manifest.
         ValueError: no masked sample in :data:`MAX_UNMASKED_BATCHES` training batches in a row.
         FloatingPointError: :data:`MAX_NONFINITE_STEPS` non-finite losses in a row.
     """
-    from dfmvr.data.loader import make_loader
-    from dfmvr.data.shards import read_manifest
-
     pcfg = cfg.parsenet
     device = torch.device(device) if device is not None else default_device()
     amp_dtype = autocast_dtype(device, amp=pcfg.amp, cpu_amp=pcfg.amp)
-    manifest = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint or None)
-    manifest.split(cfg.data.split)
-    manifest.split(cfg.data.val_split)  # fail now, not after training
+    data = dataclasses.replace(cfg.data, color_jitter=0.0)
+    val_views = split_views(cfg.data.url, cfg.data.val_split, data_cfg=data, batch_size=pcfg.batch_size,
+                            seed=cfg.seed)
+    real_val = None
+    if pcfg.data_url and "val" in _manifest(pcfg.data_url, cfg).splits:
+        real_val = split_views(pcfg.data_url, "val", data_cfg=data, batch_size=pcfg.batch_size, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     flip_rng = torch.Generator().manual_seed(cfg.seed)
     augment = PhotoAugment(AugmentSettings(strength=pcfg.augment)) if pcfg.augment > 0 else None
@@ -332,35 +450,21 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
     opt = torch.optim.Adam(model.parameters(), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps=pcfg.steps, cosine_after=0, min_lr_ratio=pcfg.min_lr_ratio))
-    train_loader = make_loader(cfg.data, cfg.data.split, rank=0, world_size=1, resampled=True,
-                               batch_size=pcfg.batch_size, seed=cfg.seed)
-    val_data = dataclasses.replace(cfg.data, color_jitter=0.0)
-    val_loader = make_loader(val_data, cfg.data.val_split, rank=0, world_size=1, resampled=False, shuffle=False,
-                             batch_size=pcfg.batch_size, seed=cfg.seed)
-    _logger.info("parse net: %s width %d, %d parameters, %d steps of %d triplets on %s",
-                 pcfg.arch, pcfg.width, sum(p.numel() for p in model.parameters()), pcfg.steps, pcfg.batch_size, device)
+    sources = TrainingViews(cfg)
+    _logger.info("parse net: %s width %d, %d parameters, %d steps of %d views (%s) on %s", pcfg.arch, pcfg.width,
+                 sum(p.numel() for p in model.parameters()), pcfg.steps, 3 * pcfg.batch_size, sources.describe(),
+                 device)
 
     result = ParseTrainResult(model=model, steps=0)
     window: dict[str, float] = {}
-    window_n = unmasked_streak = nonfinite_streak = 0
+    window_n = nonfinite_streak = 0
     t0 = t_window = time.perf_counter()
     val_seconds = 0.0  # spent validating: left out of the training time each validation reports
     images_since = 0
     model.train()
-    batches = _batches(train_loader)
+    batches = iter(sources)
     while result.steps < pcfg.steps:
-        batch = next(batches)
-        result.unmasked_samples += int((~batch.has_masks).sum())
-        if not bool(batch.has_masks.any()):
-            unmasked_streak += 1
-            if unmasked_streak >= MAX_UNMASKED_BATCHES:
-                raise ValueError(
-                    f"{manifest.url}: split {cfg.data.split!r} gave {unmasked_streak} batches in a row without a "
-                    "sample that has masks; the parse net trains on masked shards (synthetic ones, or shards "
-                    "packed with masks)")
-            continue
-        unmasked_streak = 0
-        images, masks = masked_views(batch)
+        images, masks = next(batches)
         if pcfg.hflip:
             images, masks = random_hflip(images, masks, flip_rng)
         if augment is not None:
@@ -395,17 +499,20 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
             metrics = {f"train/{k}": v / window_n for k, v in window.items()}
             metrics["train/lr"] = sched.get_last_lr()[0]
             metrics["train/images_per_s"] = images_since / max(now - t_window, 1e-9)
-            metrics["train/skipped_samples"] = float(train_loader.skipped)
+            metrics["train/skipped_samples"] = float(sources.skipped)
             _logger.info("parse net step %d/%d: loss %.4f", step, pcfg.steps, metrics["train/loss"])
             if log_metrics is not None:
                 log_metrics(metrics, step)
             window, window_n, images_since, t_window = {}, 0, 0, now
         if step % pcfg.val_every == 0 or step == pcfg.steps:
             t_val = time.perf_counter()
-            val, _ = evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples)
+            val, _ = evaluate(model, val_views(), device=device, max_samples=pcfg.val_samples)
             if perturb is not None:
-                val.update(evaluate(model, val_loader, device=device, max_samples=pcfg.val_samples, perturb=perturb,
+                val.update(evaluate(model, val_views(), device=device, max_samples=pcfg.val_samples, perturb=perturb,
                                     seed=cfg.seed, prefix="val_photo/")[0])
+            if real_val is not None:
+                val.update(evaluate(model, real_val(), device=device, max_samples=pcfg.val_samples,
+                                    prefix="val_real/")[0])
             # training seconds so far, validations left out: what a curve of mIoU against time plots
             val["val/train_seconds"] = t_val - t0 - val_seconds
             val_seconds += time.perf_counter() - t_val
@@ -415,7 +522,8 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
                          int(val["val/samples"]))
             if log_metrics is not None:
                 log_metrics(val, step)
-    result.skipped_samples = train_loader.skipped + val_loader.skipped
+    result.skipped_samples = sources.skipped
+    result.unmasked_samples = sources.unmasked
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -77,11 +77,11 @@ def tiny() -> Config:
         # the small parts count; bf16 autocast where the CPU has it (docs/parsenet.md, the curves)
         "parsenet.arch": "unet",
         "parsenet.width": 16,
-        "parsenet.class_weights": (0.3, 0.5, 3.0, 3.0, 3.0, 3.0, 1.5, 3.0, 2.0, 2.0),
+        "parsenet.class_weights": (0.3, 0.5, 3.0, 3.0, 3.0, 3.0, 1.5, 5.0, 3.0, 3.0),
         "parsenet.dice_weight": 1.0,
-        "parsenet.steps": 500,
+        "parsenet.steps": 600,
         "parsenet.lr": 6e-3,
-        "parsenet.val_every": 250,
+        "parsenet.val_every": 300,
     })
 
 

@@ -343,7 +343,7 @@ def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfi
     if src.extra:
         meta.update(src.extra)
     sample = Sample(
-        subject=_safe_name(src.subject), capture=_safe_name(src.capture),
+        subject=safe_name(src.subject), capture=safe_name(src.capture),
         images=images, masks=masks if have_masks else None,
         lmk2d=np.stack(lmks).astype(np.float32), lmk3d=lm3d, gt=gt, meta=meta,
         image_format=cfg.image_format,
@@ -352,7 +352,7 @@ def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfi
     return sample, notes
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     """Sample keys allow letters, digits, '_' and '-': map anything else (dots, spaces) to '_'."""
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
 
@@ -414,7 +414,7 @@ class RootBusyError(RuntimeError):
 
 
 @contextmanager
-def _root_lock(out: str, endpoint: str | None):
+def root_lock(out: str, endpoint: str | None):
     """Hold ``out/LOCK_NAME`` for the block: created only if absent (a local exclusive create, or an
     S3 conditional put), removed at the end; a stale lock after a crash is named in the error."""
     from dfmvr.data import storage
@@ -454,15 +454,15 @@ def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
     the rest are packed. No manifest is written when nothing could be packed. Two packers on one
     root: the second fails fast with :class:`RootBusyError`.
     """
-    with _root_lock(cfg.out, cfg.endpoint):
+    with root_lock(cfg.out, cfg.endpoint):
         return _pack(cfg, progress=progress)
 
 
 def _sample_key(src: CaptureSource) -> str:
-    return f"{_safe_name(src.subject)}-{_safe_name(src.capture)}"
+    return f"{safe_name(src.subject)}-{safe_name(src.capture)}"
 
 
-def _load_progress(cfg: PackConfig) -> tuple[list[ShardInfo], set[str]]:
+def load_progress(cfg: PackConfig) -> tuple[list[ShardInfo], set[str]]:
     """Shards an interrupted run with the same settings published and that are still intact
     (size and sha256 as recorded), and the keys of their captures packed without masks;
     nothing when there is no record, or one of other settings."""
@@ -492,14 +492,14 @@ def _load_progress(cfg: PackConfig) -> tuple[list[ShardInfo], set[str]]:
     return kept, {k for k in doc.get("without_masks", []) if k in kept_keys}
 
 
-def _save_progress(cfg: PackConfig, infos: list[ShardInfo], without_masks: set[str]) -> None:
+def save_progress(cfg: PackConfig, infos: list[ShardInfo], without_masks: set[str]) -> None:
     doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos],
            "without_masks": sorted(without_masks)}
     storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
                         endpoint=cfg.endpoint)
 
 
-def _next_index(infos: list[ShardInfo], split: str) -> int:
+def next_index(infos: list[ShardInfo], split: str) -> int:
     indices = [int(m.group(1)) for i in infos if i.split == split
                and (m := re.search(rf"{re.escape(split)}-(\d+)\.tar$", i.url))]
     return max(indices) + 1 if indices else 0
@@ -519,7 +519,7 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
         _logger.info("layout %s fixes the splits from its folders: %s", cfg.layout, sorted(fixed))
 
     # an interrupted run of the same command left shards: keep them, pack the rest
-    recorded, maskless = _load_progress(cfg)
+    recorded, maskless = load_progress(cfg)
     done_keys = {k for i in recorded for k in i.keys}
     if recorded:
         _logger.info("resuming: %d shards (%d captures) of an interrupted run kept; packing the rest",
@@ -549,7 +549,7 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
             split = src.split or split_of[src.subject]
             if split not in writers:
                 writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint,
-                                             start_index=_next_index(recorded, split))
+                                             start_index=next_index(recorded, split))
             writer = writers[split]
             before = len(writer.shards)
             if sample.masks is None:  # counted with the captures of an interrupted run's kept shards
@@ -558,11 +558,11 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
             writer.write(sample)
             if len(writer.shards) > before:  # this write published the writer's full shard: record it
                 published = recorded + [i for w in writers.values() for i in w.shards]
-                _save_progress(cfg, published, maskless & {k for i in published for k in i.keys})
+                save_progress(cfg, published, maskless & {k for i in published for k in i.keys})
             per_split[split] = per_split.get(split, 0) + 1
         for writer in writers.values():
             infos.extend(writer.close())
-        _save_progress(cfg, infos, maskless)
+        save_progress(cfg, infos, maskless)
     finally:
         if bar is not None:
             bar.close()

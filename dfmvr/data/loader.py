@@ -89,17 +89,17 @@ class EpochState:
     epoch: int = 0
 
 
-def _worker_info() -> tuple[int, int]:
+def worker_info() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _mix_seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 @dataclass(kw_only=True, slots=True)
-class _SplitByRank:
+class SplitByRank:
     """Explicit node splitter: shard i goes to rank ``i % world_size``."""
 
     rank: int
@@ -112,7 +112,7 @@ class _SplitByRank:
 
 
 @dataclass(kw_only=True, slots=True)
-class _ShardShuffle:
+class ShardShuffle:
     """Shuffle this worker's shard list, differently each epoch (same on every call of an epoch)."""
 
     seed: int
@@ -121,13 +121,13 @@ class _ShardShuffle:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         shards = list(src)
-        worker, _ = _worker_info()
-        random.Random(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 1)).shuffle(shards)
+        worker, _ = worker_info()
+        random.Random(mix_seed(self.seed, self.rank, worker, self.state.epoch, 1)).shuffle(shards)
         yield from shards
 
 
 @dataclass(kw_only=True, slots=True)
-class _WorkerSeed:
+class WorkerSeed:
     """Seed for ``webdataset.ResampledShards``: distinct per rank, worker and epoch."""
 
     seed: int
@@ -135,8 +135,8 @@ class _WorkerSeed:
     state: EpochState
 
     def __call__(self) -> int:
-        worker, _ = _worker_info()
-        return _mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
+        worker, _ = worker_info()
+        return mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
 
 
 class ShardReadError(RuntimeError):
@@ -144,7 +144,7 @@ class ShardReadError(RuntimeError):
 
 
 @dataclass(kw_only=True, slots=True)
-class _TarSamples:
+class TarSamples:
     """Open each shard (streaming), expand its tar, group entries into samples, count losses;
     stop with :class:`ShardReadError` after ``max_bad_in_a_row`` shards in a row without a sample."""
 
@@ -196,7 +196,7 @@ class _TarSamples:
 
 
 @dataclass(kw_only=True, slots=True)
-class _SampleShuffle:
+class SampleShuffle:
     """Shuffle buffer over encoded samples, seeded per rank, worker and epoch."""
 
     bufsize: int
@@ -208,8 +208,8 @@ class _SampleShuffle:
         if self.bufsize <= 1:
             yield from src
             return
-        worker, _ = _worker_info()
-        rng = random.Random(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
+        worker, _ = worker_info()
+        rng = random.Random(mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
         # start yielding once a quarter of the buffer is full: shorter wait for the first batch
         yield from webdataset.shuffle(self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)(src)
 
@@ -237,8 +237,8 @@ class TripletDecoder:
     """With ``parsed_masks``: keep the sample's own masks too (``given_masks``)."""
 
     def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
-        worker, _ = _worker_info()
-        rng = np.random.default_rng(_mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
+        worker, _ = worker_info()
+        rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
         logged: set[tuple[str, str]] = set()
         for raw in src:
             try:
@@ -390,12 +390,54 @@ class ShardLoader:
         )
         for item in loader:
             self.skipped += item.skipped
-            if isinstance(item, Batch):
+            if not isinstance(item, SkipReport):
                 yield item
 
 
-def _batches_per_worker(epoch_samples: int, batch_size: int, num_workers: int) -> int:
+def batches_per_worker(epoch_samples: int, batch_size: int, num_workers: int) -> int:
     return max(1, math.ceil(math.ceil(epoch_samples / batch_size) / max(1, num_workers)))
+
+
+def shard_stages(urls: list[str], *, resampled: bool, epoch_samples: int, seed: int, rank: int | None,
+                 world_size: int | None, num_workers: int, shuffle: bool, state: EpochState, where: str) -> list[Any]:
+    """The first stages of a loader's pipeline: which shards this rank and DataLoader worker read.
+
+    Resampled: shards drawn with replacement (``webdataset.ResampledShards``), seeded per rank,
+    worker and epoch. Otherwise one pass: shard ``i`` to rank ``i % world_size`` (``rank`` None:
+    webdataset's ``split_by_node`` from ``RANK``/``WORLD_SIZE``), then split by worker, shuffled
+    per epoch when ``shuffle``. Shared by the capture loader and the parsing loader
+    (:func:`dfmvr.data.parsing_shards.make_parsing_loader`).
+    """
+    seed_rank, seed_world = (rank, world_size) if rank is not None else webdataset.utils.pytorch_worker_info()[:2]
+    if resampled:
+        if epoch_samples < 1:
+            raise ValueError(f"epoch_samples: expected >= 1 in resampled mode, got {epoch_samples}")
+        return [webdataset.ResampledShards(urls, seed=seed, worker_seed=WorkerSeed(seed=seed, rank=seed_rank, state=state),
+                                           deterministic=True)]
+    stages: list[Any] = [webdataset.SimpleShardList(urls)]
+    stages.append(SplitByRank(rank=rank, world_size=world_size) if rank is not None else webdataset.split_by_node)
+    stages.append(webdataset.split_by_worker)
+    if shuffle:
+        stages.append(ShardShuffle(seed=seed, rank=seed_rank, state=state))
+    slots = seed_world * max(1, num_workers)
+    if len(urls) < slots:
+        _logger.warning(
+            "%s: %d shards for %d ranks x %d workers; some workers get no shards "
+            "(ranks may see different numbers of batches: use resampled mode for training)",
+            where, len(urls), seed_world, max(1, num_workers),
+        )
+    return stages
+
+
+def epoch_pipeline(stages: list[Any], *, resampled: bool, epoch_samples: int, batch_size: int,
+                   num_workers: int) -> tuple[webdataset.DataPipeline, int | None]:
+    """``(pipeline, batches per epoch)``: the stages chained, cut after the same number of batches
+    on every rank in resampled mode (None otherwise: one pass, bad samples skipped)."""
+    pipeline = webdataset.DataPipeline(*stages)
+    if not resampled:
+        return pipeline, None
+    per_worker = batches_per_worker(epoch_samples, batch_size, num_workers)
+    return pipeline.with_epoch(per_worker), per_worker * max(1, num_workers)
 
 
 def make_loader(
@@ -468,46 +510,24 @@ def make_loader(
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size >= 1 and num_workers >= 0 expected, got {batch_size}, {num_workers}")
-    seed_rank, seed_world = (rank, world_size) if rank is not None else webdataset.utils.pytorch_worker_info()[:2]
+    seed_rank = rank if rank is not None else webdataset.utils.pytorch_worker_info()[0]
 
     state = EpochState()
     tally = Tally()
-    stages: list[Any] = []
-    if resampled:
-        if epoch_samples < 1:
-            raise ValueError(f"epoch_samples: expected >= 1 in resampled mode, got {epoch_samples}")
-        stages.append(
-            webdataset.ResampledShards(
-                urls, seed=seed, worker_seed=_WorkerSeed(seed=seed, rank=seed_rank, state=state), deterministic=True
-            )
-        )
-    else:
-        stages.append(webdataset.SimpleShardList(urls))
-        if rank is not None:
-            stages.append(_SplitByRank(rank=rank, world_size=world_size))
-        else:
-            stages.append(webdataset.split_by_node)
-        stages.append(webdataset.split_by_worker)
-        if shuffle:
-            stages.append(_ShardShuffle(seed=seed, rank=seed_rank, state=state))
-        slots = seed_world * max(1, num_workers)
-        if len(urls) < slots:
-            _logger.warning(
-                "%s split %r: %d shards for %d ranks x %d workers; some workers get no shards "
-                "(ranks may see different numbers of batches: use resampled mode for training)",
-                manifest.url, split, len(urls), seed_world, max(1, num_workers),
-            )
+    stages = shard_stages(urls, resampled=resampled, epoch_samples=epoch_samples, seed=seed, rank=rank,
+                          world_size=world_size, num_workers=num_workers, shuffle=shuffle, state=state,
+                          where=f"{manifest.url} split {split!r}")
     if mask_cache is not None:
         uncovered = [u for u in urls if u not in mask_cache.companions]
         if uncovered:
             raise ValueError(f"mask cache {mask_cache.url} covers no companion for {len(uncovered)} shard(s) of split "
                              f"{split!r} ({', '.join(uncovered[:3])}{' ...' if len(uncovered) > 3 else ''}); build it "
                              "for this split")
-    stages.append(_TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
+    stages.append(TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
                               max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row,
                               companions=mask_cache.companions if mask_cache is not None else None))
     if shuffle:
-        stages.append(_SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
+        stages.append(SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(
         TripletDecoder(
             shard_size=manifest.image_size,
@@ -526,12 +546,8 @@ def make_loader(
     stages.append(Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally,
                           mask_source=mask_cache.source if mask_cache is not None else "given",
                           keep_given=mask_cache is not None and keep_given_masks))
-    pipeline = webdataset.DataPipeline(*stages)
-    batches_per_epoch = None
-    if resampled:
-        per_worker = _batches_per_worker(epoch_samples, batch_size, num_workers)
-        pipeline = pipeline.with_epoch(per_worker)
-        batches_per_epoch = per_worker * max(1, num_workers)
+    pipeline, batches_per_epoch = epoch_pipeline(stages, resampled=resampled, epoch_samples=epoch_samples,
+                                                 batch_size=batch_size, num_workers=num_workers)
     _logger.info(
         "loader %s split %r: %d shards, %d samples, %s, batch %d, %d workers%s",
         manifest.url, split, len(urls), manifest.split(split).count,

@@ -134,7 +134,7 @@ class Sample:
         for view in VIEWS:
             image = self.images[view]
             if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"sample {key}: images[{view!r}] must be uint8 [S, S, 3], got {_describe_array(image)}")
+                raise ValueError(f"sample {key}: images[{view!r}] must be uint8 [S, S, 3], got {describe_array(image)}")
             if image.shape[0] != image.shape[1]:
                 raise ValueError(f"sample {key}: images[{view!r}] must be square, got {image.shape[:2]}")
             if size is None:
@@ -151,7 +151,7 @@ class Sample:
                 mask = self.masks[view]
                 if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.shape != (size, size):
                     raise ValueError(
-                        f"sample {key}: masks[{view!r}] must be uint8 [{size}, {size}], got {_describe_array(mask)}"
+                        f"sample {key}: masks[{view!r}] must be uint8 [{size}, {size}], got {describe_array(mask)}"
                     )
                 if mask.size and int(mask.max()) >= N_CLASSES:
                     raise ValueError(
@@ -175,7 +175,7 @@ class Sample:
             raise ValueError(f"sample {key}: meta must be JSON-serialisable: {exn}") from None
 
 
-def _describe_array(value: Any) -> str:
+def describe_array(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} {list(value.shape)}"
     return type(value).__name__
@@ -184,7 +184,7 @@ def _describe_array(value: Any) -> str:
 def _check_float_array(key: str, name: str, value: Any, shape: tuple[int | None, ...]) -> None:
     expected = "[" + ", ".join("K" if s is None else str(s) for s in shape) + "]"
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != len(shape):
-        raise ValueError(f"sample {key}: {name} must be a float array {expected}, got {_describe_array(value)}")
+        raise ValueError(f"sample {key}: {name} must be a float array {expected}, got {describe_array(value)}")
     for want, got in zip(shape, value.shape):
         if (want is None and got < 1) or (want is not None and got != want):
             raise ValueError(f"sample {key}: {name} must have shape {expected}, got {list(value.shape)}")
@@ -200,7 +200,7 @@ def _check_gt(key: str, gt: dict) -> None:
     _check_float_array(key, "gt['vertices']", np.asarray(gt["vertices"]), (None, 3))
     faces = np.asarray(gt["faces"])
     if faces.dtype.kind not in "iu" or faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError(f"sample {key}: gt['faces'] must be an integer array [F, 3], got {_describe_array(faces)}")
+        raise ValueError(f"sample {key}: gt['faces'] must be an integer array [F, 3], got {describe_array(faces)}")
     n = len(gt["vertices"])
     if faces.size and (faces.min() < 0 or faces.max() >= n):
         raise ValueError(
@@ -214,7 +214,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _image_bytes(key: str, entry: str, image: np.ndarray, image_format: str) -> bytes:
+def encode_image(key: str, entry: str, image: np.ndarray, image_format: str) -> bytes:
     if image.ndim == 3:
         image = np.ascontiguousarray(image[..., ::-1])  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else []
@@ -235,9 +235,9 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     out: dict[str, Any] = {"__key__": key}
     for view in VIEWS:
         entry = f"{view}.{sample.image_format}"
-        out[entry] = _image_bytes(key, entry, sample.images[view], sample.image_format)
+        out[entry] = encode_image(key, entry, sample.images[view], sample.image_format)
         if sample.masks is not None:
-            out[f"{view}.mask.png"] = _image_bytes(key, f"{view}.mask.png", sample.masks[view], "png")
+            out[f"{view}.mask.png"] = encode_image(key, f"{view}.mask.png", sample.masks[view], "png")
     out["lmk2d.npy"] = _npy_bytes(np.asarray(sample.lmk2d, dtype=np.float32))
     if sample.lmk3d is not None:
         out["lmk3d.npy"] = _npy_bytes(np.asarray(sample.lmk3d, dtype=np.float32))
@@ -258,7 +258,7 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     return out
 
 
-def _where(wds_dict: dict) -> str:
+def sample_where(wds_dict: dict) -> str:
     key = wds_dict.get("__key__", "<no key>")
     url = wds_dict.get("__url__")
     return f"sample {key}" + (f" in {url}" if url else "")
@@ -284,25 +284,25 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_image(wds_dict: dict, entry: str, *, color: bool, size: int | None = None) -> np.ndarray:
+def decode_image(wds_dict: dict, entry: str, *, color: bool, size: int | None = None) -> np.ndarray:
     data = wds_dict[entry]
     declared = image_header_size(data)
     if declared is not None:
         w, h = declared
         if size is not None and (w, h) != (size, size):
-            raise ValueError(f"{_where(wds_dict)}: entry {entry!r} declares {w} x {h} px; the manifest says "
+            raise ValueError(f"{sample_where(wds_dict)}: entry {entry!r} declares {w} x {h} px; the manifest says "
                              f"{size} x {size} (refused before decoding)")
         if max(w, h) > MAX_IMAGE_SIDE:
-            raise ValueError(f"{_where(wds_dict)}: entry {entry!r} declares {w} x {h} px, more than "
+            raise ValueError(f"{sample_where(wds_dict)}: entry {entry!r} declares {w} x {h} px, more than "
                              f"{MAX_IMAGE_SIDE} (refused before decoding)")
     flag = cv2.IMREAD_COLOR if color else cv2.IMREAD_UNCHANGED
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if len(data) else None
     if image is None:
-        raise ValueError(f"{_where(wds_dict)}: entry {entry!r} ({len(data)} bytes) is not a decodable image")
+        raise ValueError(f"{sample_where(wds_dict)}: entry {entry!r} ({len(data)} bytes) is not a decodable image")
     if color:
         return np.ascontiguousarray(image[..., ::-1])
     if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"{_where(wds_dict)}: entry {entry!r} must be a single-channel uint8 PNG, got {_describe_array(image)}")
+        raise ValueError(f"{sample_where(wds_dict)}: entry {entry!r} must be a single-channel uint8 PNG, got {describe_array(image)}")
     return image
 
 
@@ -310,7 +310,7 @@ def _decode_npy(wds_dict: dict, entry: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(wds_dict[entry]), allow_pickle=False)
     except Exception as exn:
-        raise ValueError(f"{_where(wds_dict)}: entry {entry!r} is not a readable .npy array: {exn}") from None
+        raise ValueError(f"{sample_where(wds_dict)}: entry {entry!r} is not a readable .npy array: {exn}") from None
 
 
 class ShardErrors:
@@ -403,7 +403,7 @@ def decode_sample(wds_dict: dict, *, image_size: int | None = None) -> Sample:
             (bad JSON, nesting too deep, values of the wrong type) or a sample that does not
             validate. Every malformed input ends here as a ValueError, whatever the decoder raised.
     """
-    with malformed_as_value_error(_where(wds_dict)):
+    with malformed_as_value_error(sample_where(wds_dict)):
         return _decode_sample(wds_dict, image_size)
 
 
@@ -420,7 +420,7 @@ def malformed_as_value_error(where: str) -> Iterator[None]:
 
 
 def _decode_sample(wds_dict: dict, image_size: int | None) -> Sample:
-    where = _where(wds_dict)
+    where = sample_where(wds_dict)
     if "meta.json" not in wds_dict:
         raise ValueError(f"{where}: missing entry 'meta.json' (has {sorted(k for k in wds_dict if not k.startswith('__'))})")
     try:
@@ -438,7 +438,7 @@ def _decode_sample(wds_dict: dict, image_size: int | None) -> Sample:
                 f"{where}: missing entry '{view}.png' (or '{view}.jpg'); a sample needs all views {list(VIEWS)}"
             )
         image_format = found[0]
-        images[view] = _decode_image(wds_dict, f"{view}.{image_format}", color=True, size=image_size)
+        images[view] = decode_image(wds_dict, f"{view}.{image_format}", color=True, size=image_size)
     masks = None
     mask_entries = [f"{view}.mask.png" for view in VIEWS]
     present = [entry for entry in mask_entries if entry in wds_dict]
@@ -446,7 +446,7 @@ def _decode_sample(wds_dict: dict, image_size: int | None) -> Sample:
         if len(present) != len(VIEWS):
             missing = sorted(set(mask_entries) - set(present))
             raise ValueError(f"{where}: missing mask entries {missing} (masks are all-or-none)")
-        masks = {view: _decode_image(wds_dict, f"{view}.mask.png", color=False, size=image_size) for view in VIEWS}
+        masks = {view: decode_image(wds_dict, f"{view}.mask.png", color=False, size=image_size) for view in VIEWS}
     if "lmk2d.npy" not in wds_dict:
         raise ValueError(f"{where}: missing entry 'lmk2d.npy' (float32 [3, 68, 2])")
     lmk2d = _decode_npy(wds_dict, "lmk2d.npy")
@@ -590,12 +590,24 @@ class ShardWriter:
         """
         if self._closed:
             raise ValueError(f"ShardWriter for {self.root} split {self.split!r} is closed")
-        encoded = encode_sample(sample)
+        self.write_encoded(encode_sample(sample), key=sample.key, subject=sample.subject, image_size=sample.image_size)
+
+    def write_encoded(self, encoded: dict[str, Any], *, key: str, subject: str, image_size: int) -> None:
+        """Append one sample already encoded as a webdataset dict (``__key__`` and its entries):
+        what :meth:`write` does after encoding, and what writers of other sample kinds call
+        (:class:`dfmvr.data.parsing_shards.ParsingShardWriter`).
+
+        Raises:
+            ValueError: the writer is closed, or ``image_size`` differs from the earlier samples'.
+            dfmvr.data.storage.StorageError: publishing a full shard failed.
+        """
+        if self._closed:
+            raise ValueError(f"ShardWriter for {self.root} split {self.split!r} is closed")
         if self._image_size is None:
-            self._image_size = sample.image_size
-        elif sample.image_size != self._image_size:
+            self._image_size = image_size
+        elif image_size != self._image_size:
             raise ValueError(
-                f"sample {sample.key}: views are {sample.image_size} px, expected {self._image_size} px "
+                f"sample {key}: views are {image_size} px, expected {self._image_size} px "
                 f"like the earlier samples written to {self.root} split {self.split!r}"
             )
         if self._tar is not None and (self._count >= self.max_count or self._size >= self.max_size):
@@ -605,8 +617,8 @@ class ShardWriter:
         assert self._tar is not None
         self._size += self._tar.write(encoded)
         self._count += 1
-        self._keys.append(sample.key)
-        self._subjects.add(sample.subject)
+        self._keys.append(key)
+        self._subjects.add(subject)
 
     def close(self) -> list[ShardInfo]:
         """Publish the last shard and return every published shard."""

@@ -118,17 +118,28 @@ def resize_views(
     current = images.shape[1]
     if current == size:
         return images, masks, lmk2d
-    interpolation = cv2.INTER_AREA if size < current else cv2.INTER_LINEAR
-    images = np.stack([cv2.resize(view, (size, size), interpolation=interpolation) for view in images])
+    images = np.stack([resize_image(view, size) for view in images])
     lmk2d = (lmk2d * (size / current)).astype(np.float32)
     return images, resize_masks(masks, size), lmk2d
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> ``[size, size, 3]``: area averaging when shrinking, bilinear when growing."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    shrinking = size < min(image.shape[:2])
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
 def resize_masks(masks: np.ndarray | None, size: int) -> np.ndarray | None:
-    """uint8 class maps ``[V, S, S]`` resized to ``size`` by nearest neighbour (they stay classes)."""
+    """uint8 class maps ``[V, S, S]`` resized to ``size`` by nearest neighbour (they stay classes).
+
+    OpenCV's ``INTER_NEAREST_EXACT`` samples each output pixel's centre, as the area-averaged
+    image's pixels are centred; plain ``INTER_NEAREST`` takes each output pixel's top-left source
+    pixel, which shifts a map shrunk by ``k`` by ``(k - 1) / 2`` source pixels against its image."""
     if masks is None or masks.shape[-1] == size:
         return masks
-    return np.stack([cv2.resize(view, (size, size), interpolation=cv2.INTER_NEAREST) for view in masks])
+    return np.stack([cv2.resize(view, (size, size), interpolation=cv2.INTER_NEAREST_EXACT) for view in masks])
 
 
 _RGB_TO_YIQ = np.array(

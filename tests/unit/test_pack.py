@@ -412,13 +412,13 @@ def test_verify_finds_a_changed_and_a_missing_shard(packed, tmp_path):
 
 
 def test_a_second_packer_on_the_same_root_fails_fast(tmp_path, capture):
-    from sharding.pack import LOCK_NAME, RootBusyError, _root_lock
+    from sharding.pack import LOCK_NAME, RootBusyError, root_lock
 
     root = tmp_path / "in"
     _write_capture(root / "ann" / "c1", capture, masks=False)
     out = tmp_path / "out"
     cfg = PackConfig(input=str(root), out=str(out), size=SIZE, facemodel=FACEMODEL, max_count=10)
-    with _root_lock(str(out), None):  # a packer at work on this root
+    with root_lock(str(out), None):  # a packer at work on this root
         with pytest.raises(RootBusyError, match=r"another packer is writing this root.*pid"):
             pack(cfg)
         assert main(["--input", str(root), "--out", str(out), "--size", "32", "--n-vertices", str(N_VERTICES),
@@ -430,12 +430,12 @@ def test_a_second_packer_on_the_same_root_fails_fast(tmp_path, capture):
 
 
 def test_the_lock_is_a_conditional_put_on_s3(moto_s3):
-    from sharding.pack import RootBusyError, _root_lock
+    from sharding.pack import RootBusyError, root_lock
 
     out = moto_s3.url("packed")
-    with _root_lock(out, None):
+    with root_lock(out, None):
         with pytest.raises(RootBusyError, match=r"s3://.*another packer"):
-            with _root_lock(out, None):
+            with root_lock(out, None):
                 pass
-    with _root_lock(out, None):  # released
+    with root_lock(out, None):  # released
         pass

@@ -37,6 +37,7 @@ from dfmvr.parsing import (
     predict_masks,
     random_hflip,
     train_parsenet,
+    triplet_views,
 )
 from dfmvr.presets import get_preset
 from sharding.fill_masks import main as fill_main
@@ -157,7 +158,7 @@ def test_training_lowers_the_loss_and_beats_a_constant_prediction(trained, datas
     # the trivial baselines, scored on the same validation views: every pixel background, or skin
     truth = torch.cat([masked_views(b)[1] for b in val_batches(dataset)])
     baselines = {c: mean_iou(class_iou(confusion_matrix(torch.full_like(truth, c), truth))) for c in (0, 1)}
-    metrics, _ = evaluate(result.model, val_batches(dataset))
+    metrics, _ = evaluate(result.model, triplet_views(val_batches(dataset)))
     assert metrics["val/samples"] == 4
     assert metrics["val/miou"] > max(baselines.values()) + 0.05, (metrics, baselines)
     # the loop's own final validation (which also says how long training had taken by then, and
@@ -165,7 +166,7 @@ def test_training_lowers_the_loss_and_beats_a_constant_prediction(trained, datas
     assert result.val["val/train_seconds"] > 0
     clean = {k: v for k, v in result.val.items() if k.startswith("val/") and k != "val/train_seconds"}
     assert metrics == pytest.approx(clean, nan_ok=True)
-    photo, _ = evaluate(result.model, val_batches(dataset), perturb=PhotoAugment(AugmentSettings(strength=1.0)),
+    photo, _ = evaluate(result.model, triplet_views(val_batches(dataset)), perturb=PhotoAugment(AugmentSettings(strength=1.0)),
                         prefix="val_photo/")
     assert photo == pytest.approx({k: v for k, v in result.val.items() if k.startswith("val_photo/")}, nan_ok=True)
     assert photo["val_photo/miou"] != metrics["val/miou"]
@@ -379,3 +380,21 @@ def test_training_with_photo_augmentation_sees_other_views_than_without(dataset)
         seen[strength] = result.losses
     # the same seed, data and net: only the augmented views can make the first loss differ
     assert seen[0.0][0] != seen[1.0][0]
+
+
+def test_training_views_mix_parsing_shards_into_each_step_by_the_share(dataset, tmp_path):
+    from dfmvr.data.parsing_shards import ParsingSample, ParsingShardWriter, write_parsing_manifest
+    from dfmvr.parsing import TrainingViews
+
+    rng = np.random.default_rng(0)
+    with ParsingShardWriter(str(tmp_path / "parsing"), "train", max_count=4) as writer:
+        for i in range(6):
+            # every pixel class 9: the parsing views are the only ones wholly lower lip
+            writer.write(ParsingSample(source="t", id=str(i), image=rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8),
+                                       mask=np.full((SIZE, SIZE), 9, np.uint8)))
+    write_parsing_manifest(str(tmp_path / "parsing"), writer.shards, image_size=SIZE)
+    for share, expect in ((0.25, 3), (0.5, 6), (1.0, 12)):
+        cfg = small_config(dataset, **{"parsenet.data_url": str(tmp_path / "parsing"), "parsenet.data_share": share})
+        images, masks = next(iter(TrainingViews(cfg)))
+        assert images.shape == (12, 3, SIZE, SIZE) and masks.shape == (12, SIZE, SIZE)
+        assert int((masks == 9).flatten(1).all(1).sum()) == expect, share
