@@ -17,7 +17,7 @@ from torch import nn
 from dfmvr.facemodel.decode import decode_faces
 from dfmvr.facemodel.layout import Coeffs
 from dfmvr.facemodel.model import N_PARSE_CLASSES, FaceModel
-from dfmvr.nets import create_backbone, create_regressor
+from dfmvr.nets import ParseNet, create_backbone, create_regressor, parsenet_from_dict
 from dfmvr.render import create_renderer
 
 _logger = logging.getLogger(__name__)
@@ -116,6 +116,16 @@ def input_channels(model_cfg) -> int:
     if not model_cfg.mask_input:
         return 3
     return 3 + (N_PARSE_CLASSES if model_cfg.mask_encoding == "onehot" else 1)
+
+
+def frozen_parse_net(bundle: dict, source: str, device: torch.device | str, *, amp: bool) -> ParseNet:
+    """The frozen parse net of a checkpoint dict (:func:`dfmvr.nets.read_parsenet_file`) on
+    ``device``, computing in bf16 where the device does natively when ``amp``
+    (``train.parse_net_amp``): every use of it (its masks, the mask loss) then computes alike on
+    one machine. ``source`` names it in errors."""
+    net = parsenet_from_dict(bundle, source, device)
+    net.amp_dtype = autocast_dtype(torch.device(device), amp=amp, cpu_amp=amp)
+    return net
 
 
 def autocast_dtype(device: torch.device, *, amp: bool, cpu_amp: bool = False) -> torch.dtype | None:

@@ -81,7 +81,7 @@ def tiny() -> Config:
         "parsenet.dice_weight": 1.0,
         "parsenet.steps": 600,
         "parsenet.lr": 6e-3,
-        "parsenet.val_every": 300,
+        "parsenet.val_every": 600,
     })
 
 

@@ -19,7 +19,7 @@ import torch
 from dfmvr.config import Config, apply_overrides, from_dict
 from dfmvr.facemodel import build_face_model
 from dfmvr.inputs import prepare_capture, to_model_tensor
-from dfmvr.model import DFMVR, parsed_masks, reads_parse_net_masks
+from dfmvr.model import DFMVR, frozen_parse_net, parsed_masks, reads_parse_net_masks
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
 
 _logger = logging.getLogger(__name__)
@@ -190,15 +190,16 @@ def _bundled_parse_net(payload: dict, cfg: Config, source: str, device, override
     """The parse net a model makes its masks with: the one its bundle embeds (every checkpoint a
     training job with a parse net writes), unless the caller names another with the
     ``model.parse_net`` override; else the file its config names, when it is still there."""
-    from dfmvr.nets import load_parsenet, parsenet_from_dict
+    from dfmvr.nets import read_parsenet_file
 
     given = (overrides or {}).get("model.parse_net")
+    amp = cfg.train.parse_net_amp  # as in training: the same masks on this machine
     if payload.get("parse_net") is not None and not given:
-        return parsenet_from_dict(payload["parse_net"], f"bundled in {source}", device)
+        return frozen_parse_net(payload["parse_net"], f"bundled in {source}", device, amp=amp)
     if not cfg.model.parse_net:
         return None
     try:
-        return load_parsenet(cfg.model.parse_net, device)
+        return frozen_parse_net(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device, amp=amp)
     except FileNotFoundError:
         if given:
             raise

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + format_table(summary))
     finish_batch_job("evaluation", {"checkpoint": summary["checkpoint"], "split": summary["split"],
+                                    "input_masks": summary["input_masks"],
                                     "samples": summary["samples"], "skipped": summary["n_skipped"],
                                     "ray": summary["ray"], "seconds": summary["seconds"], "out": summary["out"],
                                     "mlflow_run_id": run_id or summary["mlflow"]["note"]},

@@ -665,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RootBusyError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return report(summary, args)
+
+
+def report(summary, args: argparse.Namespace) -> int:
+    """A packer's ending: the summary's lines, its JSON at ``--summary-json``, and the exit code
+    (0 when something was packed, 1 when nothing could be)."""
     for line in summary.lines():
         print(line)
     if args.summary_json:

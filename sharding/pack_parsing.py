@@ -73,7 +73,7 @@ from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.data.transforms import resize_image, resize_masks
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import IMAGE_EXTS, InputError, read_image
-from sharding.pack import RootBusyError, load_progress, next_index, root_lock, safe_name, save_progress
+from sharding.pack import RootBusyError, load_progress, next_index, report, root_lock, safe_name, save_progress
 
 _logger = logging.getLogger(__name__)
 
@@ -854,14 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     except RootBusyError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
-    for line in summary.lines():
-        print(line)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
-    if summary.packed == 0:
-        print(f"nothing packed from {args.input} (layout {args.layout})", file=sys.stderr)
-        return 1
-    return 0
+    return report(summary, args)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ after a worker's last batch of an epoch are not reported (they are still logged)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -196,6 +197,24 @@ class TarSamples:
 
 
 @dataclass(kw_only=True, slots=True)
+class SubjectFilter:
+    """Pipeline stage: only the samples of these subjects (read from ``meta.json`` before anything
+    is decoded); a sample whose subject cannot be read goes on, for the decoder to name."""
+
+    subjects: frozenset[str]
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for raw in src:
+            try:
+                subject = json.loads(raw["meta.json"])["subject"]
+            except (KeyError, TypeError, ValueError):
+                yield raw
+                continue
+            if subject in self.subjects:
+                yield raw
+
+
+@dataclass(kw_only=True, slots=True)
 class SampleShuffle:
     """Shuffle buffer over encoded samples, seeded per rank, worker and epoch."""
 
@@ -212,6 +231,24 @@ class SampleShuffle:
         rng = random.Random(mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
         # start yielding once a quarter of the buffer is full: shorter wait for the first batch
         yield from webdataset.shuffle(self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)(src)
+
+
+def decode_or_skip(src: Iterator[dict], decode, rng: np.random.Generator, tally: Tally,
+                   noun: str = "sample") -> Iterator:
+    """``decode(raw, rng)`` of every raw sample; one that raises ValueError is skipped, counted in
+    ``tally`` and logged once per shard and key (a decoder stage's loop, for every sample kind)."""
+    logged: set[tuple[str, str]] = set()
+    for raw in src:
+        try:
+            item = decode(raw, rng)
+        except ValueError as exn:
+            tally.skipped += 1
+            where = (str(raw.get("__url__")), str(raw.get("__key__")))
+            if where not in logged:
+                logged.add(where)
+                _logger.warning("skipping %s %s in %s: %s", noun, where[1], where[0], exn)
+            continue
+        yield item
 
 
 @dataclass(kw_only=True, slots=True)
@@ -239,18 +276,7 @@ class TripletDecoder:
     def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
         worker, _ = worker_info()
         rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
-        logged: set[tuple[str, str]] = set()
-        for raw in src:
-            try:
-                item = self.decode(raw, rng)
-            except ValueError as exn:
-                self.tally.skipped += 1
-                where = (str(raw.get("__url__")), str(raw.get("__key__")))
-                if where not in logged:
-                    logged.add(where)
-                    _logger.warning("skipping sample %s in %s: %s", where[1], where[0], exn)
-                continue
-            yield item
+        yield from decode_or_skip(src, self.decode, rng, self.tally)
 
     def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong
@@ -458,6 +484,7 @@ def make_loader(
     multiprocessing_context: str | None = None,
     mask_cache: MaskCache | None = None,
     keep_given_masks: bool = False,
+    subjects: Iterable[str] | None = None,
 ) -> ShardLoader:
     """Build the loader for one split of the manifest at ``data_cfg.url``.
 
@@ -484,6 +511,8 @@ def make_loader(
             they become the batches' ``masks`` and weight maps (``mask_source`` says whose);
             None: the samples' own masks.
         keep_given_masks: with ``mask_cache``, carry the samples' own masks as ``given_masks`` too.
+        subjects: only these subjects' samples (chosen before decoding: the others cost a read of
+            their ``meta.json``); None: all.
 
     Returns:
         A :class:`ShardLoader` (iterate it once per epoch; ``.skipped`` counts bad samples).
@@ -526,6 +555,8 @@ def make_loader(
     stages.append(TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
                               max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row,
                               companions=mask_cache.companions if mask_cache is not None else None))
+    if subjects is not None:
+        stages.append(SubjectFilter(subjects=frozenset(subjects)))
     if shuffle:
         stages.append(SampleShuffle(bufsize=data_cfg.shuffle_buffer, seed=seed, rank=seed_rank, state=state))
     stages.append(
@@ -568,4 +599,5 @@ def make_loader(
     )
 
 
-__all__ = ["Batcher", "EpochState", "ShardLoader", "SkipReport", "Tally", "TripletDecoder", "make_loader"]
+__all__ = ["Batcher", "EpochState", "ShardLoader", "SkipReport", "SubjectFilter", "Tally", "TripletDecoder",
+           "make_loader"]

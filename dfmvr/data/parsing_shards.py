@@ -35,7 +35,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import cv2
 import numpy as np
 import torch
 import webdataset
@@ -50,6 +49,7 @@ from dfmvr.data.loader import (
     SkipReport,
     Tally,
     TarSamples,
+    decode_or_skip,
     epoch_pipeline,
     mix_seed,
     shard_stages,
@@ -349,18 +349,7 @@ class ParsingDecoder:
     def __call__(self, src: Iterator[dict]) -> Iterator[ParsingItem]:
         worker, _ = worker_info()
         rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
-        logged: set[tuple[str, str]] = set()
-        for raw in src:
-            try:
-                item = self.decode(raw, rng)
-            except ValueError as exn:
-                self.tally.skipped += 1
-                where = (str(raw.get("__url__")), str(raw.get("__key__")))
-                if where not in logged:
-                    logged.add(where)
-                    _logger.warning("skipping parsing sample %s in %s: %s", where[1], where[0], exn)
-                continue
-            yield item
+        yield from decode_or_skip(src, self.decode, rng, self.tally, noun="parsing sample")
 
     def decode(self, raw: dict, rng: np.random.Generator) -> ParsingItem:
         """One webdataset sample -> :class:`ParsingItem`; raises ValueError naming what is wrong."""

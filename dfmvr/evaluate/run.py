@@ -530,6 +530,10 @@ def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None 
         "checkpoint_step": int(recon.payload.get("step", 0)),
         "shards": manifest.url,
         "split": cfg.split,
+        # what the network read beside each view: its parse net's masks (the paper's pipeline, what
+        # every real input gets), or the samples' own (a model trained with model.input_masks=given)
+        "input_masks": ("parse_net" if reads_parse_net_masks(recon.cfg.model)
+                        else "given" if recon.cfg.model.mask_input else "none"),
         "split_samples": n_total,
         "skipped": [s.to_dict() for s in result.skipped],
         "n_skipped": len(result.skipped),

@@ -29,7 +29,14 @@ from dfmvr.config import Config
 from dfmvr.data.batch import Batch
 from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
-from dfmvr.model import DFMVR, autocast_dtype, network_masks, reads_parse_net_masks, uses_parse_net_masks
+from dfmvr.model import (
+    DFMVR,
+    autocast_dtype,
+    frozen_parse_net,
+    network_masks,
+    reads_parse_net_masks,
+    uses_parse_net_masks,
+)
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import build_optimizer, pose_row_rates
@@ -231,10 +238,10 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     reads_parse_net = reads_parse_net_masks(cfg.model)
     parse_net = None
     if cfg.model.parse_net and (cfg.loss.mask_loss or reads_parse_net):
-        from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+        from dfmvr.nets import read_parsenet_file
 
-        parse_net = parsenet_from_dict(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device)
-        parse_net.amp_dtype = autocast_dtype(device, amp=cfg.train.parse_net_amp, cpu_amp=cfg.train.parse_net_amp)
+        parse_net = frozen_parse_net(read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net, device,
+                                     amp=cfg.train.parse_net_amp)
     if reads_parse_net:
         model.set_input_parse_net(parse_net)
     average = WeightAverage(model, cfg.optim) if cfg.optim.ema_decay else None

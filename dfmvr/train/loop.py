@@ -32,6 +32,7 @@ from dfmvr.losses import picture_step
 from dfmvr.model import (
     DFMVR,
     autocast_dtype,
+    frozen_parse_net as frozen_parse_net_of,
     network_masks,
     parsed_masks,
     reads_parse_net_masks,
@@ -105,7 +106,8 @@ def _all_reduce_sum(value: float, world_size: int, device: torch.device) -> floa
 
 @torch.no_grad()
 def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples: int | None = None,
-             step: int = 0, subjects: Container[str] | None = None) -> tuple[dict[str, float], dict | None]:
+             step: int = 0, subjects: Container[str] | None = None,
+             other_masks: bool = True) -> tuple[dict[str, float], dict | None]:
     """Validation losses and, where ground truth exists, aligned vertex RMSE in mm beside the
     mean face's on the same samples.
 
@@ -118,7 +120,9 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
     Args:
         subjects: score only these subjects' triplets (one half of the validation split, so that
             the checkpoint is picked on other triplets than the ones it is reported on); None: all.
+            A loader that reads only theirs (``make_loader(subjects=...)``) is cheaper.
         max_samples: stop after this many scored triplets.
+        other_masks: also score the other kind of masks (one more forward pass per batch).
 
     Returns:
         ``(metrics, first_batch_view)``: metric dict (``val/...``) and what the image grid needs
@@ -163,7 +167,7 @@ def validate(model: DFMVR, batches, cfg: Config, parse_net=None, *, max_samples:
                 gt = torch.stack([batch.gt_vertices[i] for i in same_topology])
                 rmse.append(aligned_vertex_rmse_mm(out.shape[same_topology], gt))
                 mean_rmse.append(aligned_vertex_rmse_mm(fm.mean_shape.unsqueeze(0).expand_as(gt), gt))
-                other = _other_masks(model, batch, parse_net, reads_parsed)
+                other = _other_masks(model, batch, parse_net, reads_parsed) if other_masks else None
                 if other is not None:
                     shape = model(batch.images, other, render=False).shape
                     scored = [i for i in same_topology if bool(torch.isfinite(shape[i]).all())]
@@ -204,12 +208,15 @@ def _train_loader(cfg: Config, rank: int, world_size: int, seed: int, mask_cache
                        mask_cache=mask_cache)
 
 
-def _val_batches(cfg: Config, mask_cache=None) -> Callable[[], Iterator]:
+def _val_batches(cfg: Config, mask_cache=None, subjects=None, *, keep_given_masks: bool = False
+                 ) -> Callable[[], Iterator]:
+    """A new pass over the validation split at each call (``subjects``: only theirs)."""
     from dfmvr.data.loader import make_loader
 
     def it():
         loader = make_loader(cfg.data, cfg.data.val_split, rank=0, world_size=1, resampled=False,
-                             seed=0, with_gt=True, shuffle=False, mask_cache=mask_cache, keep_given_masks=True)
+                             seed=0, with_gt=True, shuffle=False, mask_cache=mask_cache,
+                             keep_given_masks=keep_given_masks, subjects=subjects)
         return iter(loader)
 
     return it
@@ -269,11 +276,8 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     # frozen for the mask loss, for the network's input masks, and to score a model that reads the
     # given masks on the parse net's too (validate)
     if parse_net is not None and (cfg.loss.mask_loss or cfg.model.mask_input):
-        from dfmvr.nets import parsenet_from_dict
-
-        frozen_parse_net = parsenet_from_dict(parse_net, cfg.model.parse_net or "the job's parse net", device)
-        frozen_parse_net.amp_dtype = autocast_dtype(device, amp=cfg.train.parse_net_amp,
-                                                    cpu_amp=cfg.train.parse_net_amp)
+        frozen_parse_net = frozen_parse_net_of(parse_net, cfg.model.parse_net or "the job's parse net", device,
+                                               amp=cfg.train.parse_net_amp)
     if uses_parse_net_masks(cfg.model):
         if parse_net is None:
             raise ValueError("model.input_masks is parse_net but the job has no parse net (model.parse_net empty, "
@@ -319,8 +323,10 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     budget = (StepBudget(plan, deadline=deadline, max_steps=cfg.train.steps, cosine_after=cfg.optim.cosine_after)
               if deadline is not None else None)
     loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step, mask_cache=mask_cache)
-    val_iter = _val_batches(cfg, mask_cache)
     pick_subjects, _ = validation_halves(cfg) if rank == 0 else (None, None)
+    # the checkpoint's validations read one half of the subjects, and score only what the model
+    # reads: the other masks' figure is the holdout report's (dfmvr.train.report)
+    val_iter = _val_batches(cfg, mask_cache, pick_subjects)
     mask_source = mask_cache.source if mask_cache is not None else "given"
     it = iter(loader)
     config_dict = redact_all(to_dict(cfg))  # checkpoints are copied around: no credentials in them
@@ -441,7 +447,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         if is_val:
             scored = average.model if average else core
             val_metrics, view = (validate(scored, val_iter(), cfg, frozen_parse_net, max_samples=cfg.train.val_samples,
-                                          step=step, subjects=pick_subjects) if rank == 0 else ({}, None))
+                                          step=step, other_masks=False) if rank == 0 else ({}, None))
             last_val = _broadcast(val_metrics, world)
             # the worst validation of the run so far, carried in every report (the job's summary
             # shows it: a model that trained without non-finite steps must never predict one)

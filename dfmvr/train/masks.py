@@ -18,7 +18,8 @@ import torch
 from dfmvr.config import Config
 from dfmvr.data.parsed_masks import MaskCache, build_cache, cache_url, open_cache
 from dfmvr.data.shards import read_manifest
-from dfmvr.nets import parsenet_digest, parsenet_from_dict
+from dfmvr.model import frozen_parse_net
+from dfmvr.nets import parsenet_digest
 
 _logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def ensure_mask_cache(cfg: Config, parse_net: dict, splits: Iterable[str] | None
         _logger.info("mask cache %s is current for parse net %s", cache.url, digest)
         return cache, {"made": False, "url": cache.url, "digest": digest}
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = parsenet_from_dict(parse_net, source, device)
+    net = frozen_parse_net(parse_net, source, device, amp=cfg.train.parse_net_amp)
     _logger.info("making the mask cache of parse net %s for splits %s of %s", digest, list(splits), manifest.url)
     report = build_cache(manifest, lambda images: predict_masks(net, images, batch_size=96), digest, splits,
                          root=cfg.data.parsed_masks_root, endpoint=endpoint,

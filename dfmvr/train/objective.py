@@ -59,12 +59,7 @@ def reconstruction_losses(model: DFMVR, out: ReconOutput, batch, loss_cfg, step:
             _flat(batch.weights),
         )
     if "mask" in active:
-        # the frozen net's pass in bf16 where the device computes it natively (train.parse_net_amp);
-        # its masks (the target, the input) are always made in float32
-        amp = getattr(parse_net, "amp_dtype", None)
-        with torch.autocast(out.image.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            logits = parse_net(_flat(composite(out, batch.images)))
-        logits = logits.float()
+        logits = parse_net(_flat(composite(out, batch.images)))  # in bf16 where train.parse_net_amp says
         region = _flat(batch.masks > 0) | _flat(out.render_mask[:, :, 0] > 0)
         values["mask"] = losses.mask_loss(logits, _flat(batch.masks), region)
     if "lm2d" in active:

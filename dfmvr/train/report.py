@@ -15,7 +15,7 @@ import torch
 
 from dfmvr.config import Config
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR, reads_parse_net_masks, uses_parse_net_masks
+from dfmvr.model import DFMVR, frozen_parse_net, reads_parse_net_masks, uses_parse_net_masks
 from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, gain_pct
 from dfmvr.train.checkpoint import check_face_signature, load_checkpoint
 from dfmvr.train.loop import _val_batches, validate, validation_halves
@@ -34,8 +34,6 @@ def holdout_report(cfg: Config, checkpoint: str | Path, parse_net: dict | None, 
         masks) or ``rmse_mm_parse_net_masks`` / ``gain_pct_parse_net_masks`` (a given-mask model on
         the parse net's), where they apply.
     """
-    from dfmvr.nets import parsenet_from_dict
-
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     payload = load_checkpoint(checkpoint, map_location=device)
     run_cfg = cfg  # the job's config, which trained the checkpoint (with its data resolved)
@@ -44,7 +42,8 @@ def holdout_report(cfg: Config, checkpoint: str | Path, parse_net: dict | None, 
     model = DFMVR(run_cfg.model, run_cfg.render, face_model)
     model.load_state_dict(payload["model"])
     model.to(device).eval()
-    frozen = parsenet_from_dict(parse_net, "the job's parse net", device) if parse_net is not None else None
+    frozen = (frozen_parse_net(parse_net, "the job's parse net", device, amp=run_cfg.train.parse_net_amp)
+              if parse_net is not None else None)
     if reads_parse_net_masks(run_cfg.model):
         model.set_input_parse_net(frozen)
     mask_cache = None
@@ -53,9 +52,9 @@ def holdout_report(cfg: Config, checkpoint: str | Path, parse_net: dict | None, 
 
         mask_cache = find_mask_cache(run_cfg, parse_net)
     _, report_subjects = validation_halves(run_cfg)
-    metrics, _ = validate(model, _val_batches(run_cfg, mask_cache)(), run_cfg, frozen,
-                          max_samples=run_cfg.train.val_samples, step=int(payload.get("step", 0)),
-                          subjects=report_subjects)
+    batches = _val_batches(run_cfg, mask_cache, report_subjects, keep_given_masks=True)()
+    metrics, _ = validate(model, batches, run_cfg, frozen, max_samples=run_cfg.train.val_samples,
+                          step=int(payload.get("step", 0)))
     mean_face = metrics.get("val/mean_face_rmse_mm")
     out = {"report/samples": metrics.get("val/samples", 0.0)}
     for name, key in (("", VAL_METRIC), ("_given_masks", GIVEN_MASKS_METRIC),

@@ -53,13 +53,23 @@ def trained(tmp_path_factory):
         experiment = tracking.setup_experiment(tracking_uri, "dfmvr-eval-test", root / "work")
         run_id = mlflow.start_run(experiment_id=experiment, run_name="tiny").info.run_id
         mlflow.end_run()
+        # the default pipeline: the network reads its parse net's masks (an untrained one here: the
+        # jobs' outputs are checked, not the model's quality), made once into the mask cache
+        from dfmvr.nets import create_parsenet, read_parsenet_file, save_parsenet
+        from dfmvr.train.masks import ensure_mask_cache
+
+        torch.manual_seed(0)
+        parse_net = save_parsenet(root / "parsenet.pt", create_parsenet("unet", width=4).eval(), {"image_size": 64})
         cfg = apply_overrides(tiny(), {
             "data.url": str(shards), "data.num_workers": 0, "data.batch_size": 4, "data.epoch_samples": 32,
             "data.shuffle_buffer": 8, "train.steps": 30, "train.val_every": 30, "train.ckpt_every": 30,
             "train.log_every": 10, "train.val_samples": 2, "loss.mask_loss": False, "work_dir": str(root / "work"),
+            "model.parse_net": str(parse_net),
         })
+        bundle = read_parsenet_file(parse_net)
+        ensure_mask_cache(cfg, bundle, device="cpu")
         session = LocalSession(root / "ckpts")
-        last = run_loop(cfg, session, tracker=RunLogger(tracking_uri, run_id))
+        last = run_loop(cfg, session, tracker=RunLogger(tracking_uri, run_id), parse_net=bundle)
         checkpoint = session.checkpoints[-1]
         reg = tracking.register_best(run_id, checkpoint, "dfmvr-eval-test", {"val/rmse_mm": last["val/rmse_mm"]})
         yield SimpleNamespace(root=root, shards=shards, checkpoint=checkpoint, run_id=run_id, tracking_uri=tracking_uri,
@@ -107,6 +117,7 @@ def test_evaluate_job_on_ray_matches_in_process_and_logs_to_the_run(trained, tmp
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["ray"] is True and summary["chunks"] == 3 and summary["samples"] == 3
+    assert summary["input_masks"] == "parse_net"  # the network read its parse net's masks, as photos meet it
     for key in ("now_mean_mm", "now_median_mm", "p2p_rmse_mm", "vertex_rmse_mm"):
         assert _finite(summary[key]), key
         for baseline in ("mean_face", "single_view"):

@@ -177,6 +177,7 @@ def test_validation_scores_the_other_masks_beside_the_ones_the_model_reads(shard
     from dfmvr.serving import Reconstructor
     from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC
     from dfmvr.train.masks import MaskCacheMissing, ensure_mask_cache
+    from dfmvr.train.report import holdout_report
 
     torch.manual_seed(0)
     net = save_parsenet(tmp_path / "parsenet.pt", BiSeNet(width=8), {"image_size": 64})
@@ -189,13 +190,20 @@ def test_validation_scores_the_other_masks_beside_the_ones_the_model_reads(shard
         ensure_mask_cache(cfg, read_parsenet_file(net), device="cpu")
     last = run_loop(cfg, session, parse_net=read_parsenet_file(net))
     assert math.isfinite(last["val/rmse_mm"])
+    # training's validations score what the model reads; the holdout report adds the other masks
+    assert GIVEN_MASKS_METRIC not in last and PARSED_MASKS_METRIC not in last
+    report = holdout_report(apply_overrides(cfg, {"train.holdout_report": False}), session.checkpoints[-1],
+                            read_parsenet_file(net), device="cpu")
+    assert math.isfinite(report["report/rmse_mm"])
     if input_masks == "given":
         # an untrained parse net's masks are nothing like the shards': another score
-        assert math.isfinite(last[PARSED_MASKS_METRIC]) and last[PARSED_MASKS_METRIC] != last["val/rmse_mm"]
-        assert GIVEN_MASKS_METRIC not in last
+        other = report["report/rmse_mm_parse_net_masks"]
+        assert "report/rmse_mm_given_masks" not in report
     else:
-        assert math.isfinite(last[GIVEN_MASKS_METRIC]) and last[GIVEN_MASKS_METRIC] != last["val/rmse_mm"]
-        assert PARSED_MASKS_METRIC not in last
+        other = report["report/rmse_mm_given_masks"]
+        assert "report/rmse_mm_parse_net_masks" not in report
+    assert math.isfinite(other) and other != report["report/rmse_mm"]
+    if input_masks == "parse_net":
         recon = Reconstructor.from_checkpoint(session.checkpoints[-1])
         assert recon.model.input_parse_net is recon.parse_net is not None
         images = torch.rand(1, 3, 3, 64, 64) * 2 - 1
@@ -232,4 +240,6 @@ def test_validation_picks_on_one_half_of_the_subjects_and_the_report_scores_the_
         metrics, _ = validate(model, iter(batches), cfg, subjects=subjects)
         seen.append(metrics["val/samples"])
     assert seen == [4.0, 4.0, 8.0]  # two captures of each of two subjects, or all eight triplets
+    # the loader can leave the other half undecoded: the same triplets
+    assert {s for b in _val_batches(cfg, subjects=pick)() for s in b.subjects} == set(pick)
     assert validation_halves(apply_overrides(cfg, {"train.holdout_report": False})) == (None, None)

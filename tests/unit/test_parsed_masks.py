@@ -17,7 +17,8 @@ from dfmvr.config import apply_overrides
 from dfmvr.data import parsed_masks
 from dfmvr.data.loader import make_loader
 from dfmvr.data.shards import VIEWS, ShardInfo, ShardWriter, read_manifest, shard_samples, write_manifest
-from dfmvr.nets import create_parsenet, load_parsenet, parsenet_digest, read_parsenet_file, save_parsenet
+from dfmvr.model import frozen_parse_net
+from dfmvr.nets import create_parsenet, parsenet_digest, read_parsenet_file, save_parsenet
 from dfmvr.parsing import predict_masks
 from dfmvr.presets import tiny
 from dfmvr.train.masks import MaskCacheMissing, ensure_mask_cache, find_mask_cache
@@ -76,7 +77,8 @@ def test_the_cache_holds_what_a_fresh_pass_of_the_parse_net_makes(dataset, tmp_p
     again, info = ensure_mask_cache(cfg, bundle, device="cpu")
     assert not info["made"] and again.companions == cache.companions  # current: made once
 
-    net = load_parsenet(tmp_path / "a.pt")  # the same net, loaded afresh
+    # the same net loaded afresh, computing as the cache's did (bf16 where this CPU has it natively)
+    net = frozen_parse_net(read_parsenet_file(tmp_path / "a.pt"), "a.pt", "cpu", amp=cfg.train.parse_net_amp)
     for split in ("train", "val"):
         loader = make_loader(cfg.data, split, rank=0, world_size=1, resampled=False, shuffle=False,
                              mask_cache=cache, keep_given_masks=True)
