@@ -176,7 +176,9 @@ class ModelConfig:
     ``given``: the samples' own masks (the synthetic shards' exact ones), an upper bound that no
     real input has (docs/parsenet.md); the parse net's only where a capture has none."""
     parse_net: str = ""
-    """Checkpoint of the frozen face parse net (needed for the mask loss and unmasked inputs)."""
+    """The frozen face parse net: a checkpoint file (``jobs/train_parsenet.py``), ``builtin`` (the one
+    that ships with dfmvr: the tiny preset's, trained on the embedded synthetic shards at 64 px), or
+    empty: the training job trains one on its shards first (``train.parse_net_first``)."""
     view_yaw_deg: tuple[float, ...] = (-45.0, 0.0, 45.0)
     """Nominal yaw of each view (left, front, right) in degrees; the regressor's head starts at
     the mean face turned by these angles (the y-angle of each view's rotation)."""

@@ -528,6 +528,36 @@ def train_parsenet(cfg: Config, *, device: torch.device | str | None = None,
     return result
 
 
+def score_parse_net(cfg: Config, bundle: dict, *, source: str = "the parse net",
+                    device: torch.device | str | None = None) -> dict[str, Any]:
+    """A given parse net (a :func:`dfmvr.nets.read_parsenet_file` dict) scored as its training
+    job scores it: per-class IoU on ``data.val_split`` (``parsenet.val_samples``), and on the same
+    views degraded as photos are (``parsenet.robustness``). What the training job reports for a
+    parse net it did not train (``model.parse_net`` names one, or ``builtin``).
+
+    Returns:
+        ``miou``, ``iou`` (class -> IoU or None), ``miou_photo``, ``iou_photo``, ``val_samples``.
+    """
+    from dfmvr.model import frozen_parse_net
+
+    device = torch.device(device) if device is not None else default_device()
+    net = frozen_parse_net(bundle, source, device, amp=cfg.train.parse_net_amp)
+    data = dataclasses.replace(cfg.data, color_jitter=0.0)
+    views = split_views(cfg.data.url, cfg.data.val_split, data_cfg=data, batch_size=cfg.parsenet.batch_size,
+                        seed=cfg.seed)
+    val, _ = evaluate(net, views(), device=device, max_samples=cfg.parsenet.val_samples)
+    if cfg.parsenet.robustness:
+        val.update(evaluate(net, views(), device=device, max_samples=cfg.parsenet.val_samples, seed=cfg.seed,
+                            perturb=PhotoAugment(AugmentSettings(strength=1.0)), prefix="val_photo/")[0])
+    return {
+        "miou": _or_none(val.get("val/miou", math.nan)),
+        "iou": {k: _or_none(val.get(f"val/iou_{k}", math.nan)) for k in PARSE_CLASSES},
+        "miou_photo": _or_none(val.get("val_photo/miou", math.nan)),
+        "iou_photo": {k: _or_none(val.get(f"val_photo/iou_{k}", math.nan)) for k in PARSE_CLASSES},
+        "val_samples": int(val.get("val/samples", 0)),
+    }
+
+
 # --------------------------------------------------------------------------------- prediction
 
 

@@ -72,9 +72,13 @@ def tiny() -> Config:
         "train.log_every": 25,
         "train.val_samples": 200,
         # the parse net whose masks the network reads (every preset's default, model.input_masks):
-        # a U-Net that keeps a full-resolution path, where BiSeNet's 1/8-stride paths see an 8 x 8
-        # grid at 64 px (mIoU 0.30, mouth 0.00); class-weighted cross-entropy plus a Dice term so
-        # the small parts count; bf16 autocast where the CPU has it (docs/parsenet.md, the curves)
+        # the one that ships with dfmvr, pre-trained on the embedded synthetic shards as the paper's
+        # is pre-trained (docs/parsenet.md, "The builtin parse net"), so the job's minutes go to the
+        # reconstruction network; model.parse_net= (empty) trains one first with the recipe below
+        "model.parse_net": "builtin",
+        # its recipe: a U-Net that keeps a full-resolution path, where BiSeNet's 1/8-stride paths
+        # see an 8 x 8 grid at 64 px (mIoU 0.30, mouth 0.00); class-weighted cross-entropy plus a
+        # Dice term so the small parts count; bf16 autocast where the CPU has it (the curves)
         "parsenet.arch": "unet",
         "parsenet.width": 16,
         "parsenet.class_weights": (0.3, 0.5, 3.0, 3.0, 3.0, 3.0, 1.5, 5.0, 3.0, 3.0),

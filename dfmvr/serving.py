@@ -41,6 +41,8 @@ class Reconstructor:
         self.model = model.eval()
         self.cfg = cfg
         self.parse_net = parse_net
+        if reads_parse_net_masks(cfg.model) and parse_net is not None:
+            model.set_input_parse_net(parse_net)
         self.payload = payload or {}
         self.source = source
         self._detector = None  # dlib's models, loaded at the first photo (photo_aligner)
@@ -82,11 +84,9 @@ class Reconstructor:
                              f"({detail:.400})") from e
         model.to(device)
         parse_net = _bundled_parse_net(payload, cfg, source, device, overrides)
-        if reads_parse_net_masks(cfg.model):
-            if parse_net is None:
-                raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
-                                 "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
-            model.set_input_parse_net(parse_net)
+        if reads_parse_net_masks(cfg.model) and parse_net is None:
+            raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
+                             "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
         return cls(model, cfg, parse_net, payload, source)
 
     def photo_aligner(self, *, largest: bool = False):

@@ -18,9 +18,11 @@ from dfmvr.nets import backbones, regressors  # noqa: F401  (registers the varia
 from dfmvr.nets.backbones import FusionBackbone, LateFusionCNNBackbone, LateFusionUNetBackbone
 from dfmvr.nets.involution import Involution2d
 from dfmvr.nets.parsenet import (
+    BUILTIN,
     BiSeNet,
     ParseNet,
     ParseUNet,
+    builtin_parsenet_path,
     create_parsenet,
     list_parsenets,
     load_parsenet,
@@ -41,8 +43,8 @@ from dfmvr.nets.registry import (
 from dfmvr.nets.regressors import CoefficientRegressor, initial_coefficients
 
 __all__ = [
-    "BiSeNet", "CoefficientRegressor", "FusionBackbone", "Involution2d", "LateFusionCNNBackbone",
-    "LateFusionUNetBackbone", "ParseNet", "ParseUNet", "create_backbone", "create_parsenet", "create_regressor",
+    "BUILTIN", "BiSeNet", "CoefficientRegressor", "FusionBackbone", "Involution2d", "LateFusionCNNBackbone",
+    "LateFusionUNetBackbone", "ParseNet", "ParseUNet", "builtin_parsenet_path", "create_backbone", "create_parsenet", "create_regressor",
     "initial_coefficients", "list_backbones", "list_parsenets", "list_regressors", "load_parsenet",
     "parsenet_digest", "parsenet_from_dict", "read_parsenet_file", "register_backbone", "register_parsenet",
     "register_regressor", "save_parsenet",

@@ -429,15 +429,28 @@ def save_parsenet(path: str | os.PathLike, model: ParseNet, meta: Mapping[str, A
     return path
 
 
+BUILTIN = "builtin"
+"""``model.parse_net=builtin``: the parse net that ships with dfmvr (:func:`builtin_parsenet_path`)."""
+
+
+def builtin_parsenet_path() -> Path:
+    """The parse net that ships inside the package (``dfmvr/assets/parsenet_tiny.pt``): the tiny
+    preset's U-Net trained on the embedded synthetic shards at 64 px, the way
+    docs/parsenet.md ("The builtin parse net") says; the tiny preset's ``model.parse_net``. Made
+    from procedural faces only, so anyone may redistribute it."""
+    return Path(__file__).resolve().parents[1] / "assets" / "parsenet_tiny.pt"
+
+
 def read_parsenet_file(path: str | os.PathLike) -> dict:
     """The raw dict of :func:`save_parsenet`'s file (``format``, ``meta``, ``state_dict``), loaded
     as data only; what a model bundle embeds (:func:`dfmvr.train.checkpoint.save_checkpoint`).
+    ``path`` may be :data:`BUILTIN` (the parse net that ships with dfmvr).
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: not a readable torch checkpoint.
     """
-    path = Path(path)
+    path = builtin_parsenet_path() if str(path) == BUILTIN else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parse net checkpoint {path}: no such file")
     try:

@@ -116,11 +116,19 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
     cfg = apply_overrides(cfg, {"train.run_name": cfg.train.run_name or unique_run_name()})
     resumed = resume_source(cfg, storage_path)
     cfg, parse_net, parse_summary = resolve_parse_net(cfg, resumed)
+    if parse_net is not None and parse_summary is None:
+        # a parse net the job did not train (named, builtin, or bundled in a resumed run): its
+        # figures on this data's validation views, as its training job gives them
+        from dfmvr.parsing import score_parse_net
+
+        parse_summary = score_parse_net(cfg, parse_net, source=cfg.model.parse_net or "the resumed run's parse net")
     data_url = cfg.data.url
     mask_cache = prepare_mask_cache(cfg, parse_net)
 
     if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=True)
+        # a local Ray for this job alone: no dashboard (its processes took about 2% of the two
+        # cores, docs/training.md); `ray start --head` gives one for ray job submit and the UI
+        ray.init(configure_logging=False, log_to_driver=True, include_dashboard=False)
     scaling, n_workers, use_gpu = _scaling(cfg)
 
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)
@@ -140,6 +148,8 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
                                     "dfmvr.overrides": overrides_note})
     if not continuing:
         mlc.log_dict(run_id, tracking.redact_all(to_dict(cfg)), "config.json")
+    if parse_summary is not None:  # the parse net whose masks the run reads, per class, on this data
+        tracking.log_metrics(mlc, run_id, parse_net_metrics(parse_summary), 0)
     _logger.info("MLflow run %s in %s", run_id, tracking.redact(tracking_uri))
 
     trainer = build_trainer(cfg, tracking_uri=tracking_uri, run_id=run_id, storage_path=storage_path,
@@ -191,14 +201,15 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         summary["mask_cache"] = mask_cache["url"]
         summary["mask_cache_seconds"] = mask_cache.get("seconds", 0.0)
     if parse_summary is not None:
-        summary["parse_net_arch"] = cfg.parsenet.arch
+        summary["parse_net_arch"] = (parse_net.get("meta") or {}).get("arch", "bisenet")
         summary["parse_net_miou"] = parse_summary["miou"]
         ious = [v for v in (parse_summary.get("iou") or {}).values() if v is not None]
         summary["parse_net_min_class_iou"] = min(ious) if ious else None
         summary["parse_net_iou"] = parse_summary.get("iou")
         summary["parse_net_miou_photo"] = parse_summary.get("miou_photo")
-        summary["parse_net_mlflow_run_id"] = parse_summary["mlflow_run_id"]
-        summary["parse_net_seconds"] = parse_summary["train_seconds"]
+        if "mlflow_run_id" in parse_summary:  # trained by this job
+            summary["parse_net_mlflow_run_id"] = parse_summary["mlflow_run_id"]
+            summary["parse_net_seconds"] = parse_summary["train_seconds"]
     if best is not None:
         ckpt, metrics = best
         summary["checkpoint"] = checkpoint_uri(ckpt.path, storage_path)
@@ -224,6 +235,18 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
                             "previous_champion": reg["previous_champion"]})
     summary["job_seconds"] = time.time() - started  # data and parse net included, as the budget counts
     return tracking.redact_all(summary)
+
+
+def parse_net_metrics(parse_summary: dict) -> dict[str, float]:
+    """``parse_net/miou``, ``parse_net/iou_<class>`` (and ``_photo``) of a parse-net summary, for MLflow."""
+    out = {}
+    for suffix in ("", "_photo"):
+        if parse_summary.get(f"miou{suffix}") is not None:
+            out[f"parse_net/miou{suffix}"] = parse_summary[f"miou{suffix}"]
+        for name, value in (parse_summary.get(f"iou{suffix}") or {}).items():
+            if value is not None:
+                out[f"parse_net/iou{suffix}_{name}"] = value
+    return out
 
 
 def headline(picked: dict[str, float], report: dict[str, float]) -> dict[str, Any]:
@@ -270,11 +293,13 @@ def resolve_parse_net(cfg: Config, resumed: tuple[str, dict] | None = None) -> t
     ``model.parse_net`` names, else the one a resumed checkpoint bundles, else one trained now
     (``train.parse_net_first``; the returned config then names its file). Checked here, before
     Ray starts; the training job and every sweep (once, for all its trials) call it."""
-    from dfmvr.nets import parsenet_from_dict, read_parsenet_file
+    from dfmvr.nets import BUILTIN, parsenet_from_dict, read_parsenet_file
 
     summary = None
     if cfg.model.parse_net:
         bundle, source = read_parsenet_file(cfg.model.parse_net), cfg.model.parse_net
+        if cfg.model.parse_net == BUILTIN:
+            _check_builtin_fits(cfg, bundle)
     elif resumed is not None and resumed[1].get("parse_net") is not None:
         # a resume keeps training with the parse net its checkpoint bundles, not a new one
         bundle, source = resumed[1]["parse_net"], f"bundled in {resumed[0]}"
@@ -295,6 +320,19 @@ def resolve_parse_net(cfg: Config, resumed: tuple[str, dict] | None = None) -> t
         return cfg, None, None
     parsenet_from_dict(bundle, source)  # a bad parse net fails here, before Ray starts
     return cfg, bundle, summary
+
+
+def _check_builtin_fits(cfg: Config, bundle: dict) -> None:
+    """Warn when the builtin parse net (trained on synthetic renders at 64 px) meets other data."""
+    from dfmvr.data.shards import read_manifest
+
+    size = (bundle.get("meta") or {}).get("image_size")
+    source = read_manifest(cfg.data.url, endpoint=cfg.data.s3_endpoint or None).extra.get("source")
+    if source != "synthetic" or size != cfg.data.image_size:
+        _logger.warning("model.parse_net=builtin was trained on synthetic renders at %s px; these shards are %s at "
+                        "%d px: train a parse net on them (model.parse_net= empty trains one first; or "
+                        "jobs/train_parsenet.py, with parsenet.data_url for CelebAMask-HQ or LaPa)",
+                        size, source or "not synthetic", cfg.data.image_size)
 
 
 def resume_source(cfg: Config, storage_path: str) -> tuple[str, dict] | None:

@@ -77,7 +77,10 @@ def ensure_mask_cache(cfg: Config, parse_net: dict, splits: Iterable[str] | None
     _logger.info("making the mask cache of parse net %s for splits %s of %s", digest, list(splits), manifest.url)
     report = build_cache(manifest, lambda images: predict_masks(net, images, batch_size=96), digest, splits,
                          root=cfg.data.parsed_masks_root, endpoint=endpoint,
-                         extra={"parse_net": source, "parse_net_miou": (parse_net.get("meta") or {}).get("miou")})
+                         # the precision is recorded, not keyed: bf16 and float32 masks differ on ~0.02% of
+                         # the pixels, and a cache made on one machine serves workers on others
+                         extra={"parse_net": source, "parse_net_miou": (parse_net.get("meta") or {}).get("miou"),
+                                "precision": str(net.amp_dtype or torch.float32).replace("torch.", "")})
     return report.cache, {"made": True, "url": report.cache.url, "digest": digest, "seconds": report.seconds,
                           "samples": report.samples, "skipped": report.skipped}
 

@@ -284,6 +284,7 @@ def test_pack_with_detected_landmarks_trains(renders, tmp_path):
         "data.url": str(out), "data.num_workers": 0, "data.batch_size": 2, "data.epoch_samples": 8,
         "data.shuffle_buffer": 4, "train.steps": 3, "train.val_every": 100, "train.ckpt_every": 3,
         "train.log_every": 1, "loss.mask_loss": False, "model.mask_input": False,
+        "model.input_masks": "given",  # photos packed without masks: the landmarks train here
         "model.view_yaw_deg": list(YAW)})
     session = LocalSession(tmp_path / "ckpt")
     last = run_loop(cfg, session)

@@ -43,6 +43,7 @@ def _tiny_overrides(work: Path, data_url: str, **extra) -> dict:
         # tests/integration/test_model_bundle.py; here the shards' own masks
         "train.parse_net_first": False,
         "model.input_masks": "given",
+        "model.parse_net": "",
     }
     base.update(extra)
     return base

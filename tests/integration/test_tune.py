@@ -75,7 +75,8 @@ def test_sweep_with_asha_a_crash_and_a_killed_driver_resumes_and_tracks_every_tr
              f"tracking.tracking_uri={tracking}", "data.batch_size=2", "data.num_workers=0", "data.epoch_samples=64",
              "data.shuffle_buffer=8", "train.steps=8", "train.val_every=4", "train.ckpt_every=4",
              "train.log_every=4", "train.val_samples=8", "train.max_failures=0", "train.max_nan_steps=3",
-             "loss.mask_loss=false", "parsenet.steps=4", "parsenet.val_every=4", "parsenet.val_samples=4",
+             "loss.mask_loss=false", "model.parse_net=", "parsenet.steps=4", "parsenet.val_every=4",
+             "parsenet.val_samples=4",
              "parsenet.batch_size=2", "tune.name=lr", "tune.max_concurrent_trials=2", "tune.reduction_factor=4",
              f"tune.space.optim.lr=grid({space})"]
     experiment = work / "tune_results" / "lr"
@@ -231,6 +232,7 @@ def test_angle_sets_differ_only_in_side_view_yaw_and_evaluate_a_checkpoint(synth
         "data.url": str(synth_root), "data.num_workers": 0, "data.batch_size": 2, "data.epoch_samples": 16,
         "data.shuffle_buffer": 8, "train.steps": 2, "train.val_every": 2, "train.ckpt_every": 2, "train.log_every": 2,
         "train.val_samples": 2, "loss.mask_loss": False, "facemodel.n_vertices": 2500,
+        "model.input_masks": "given",  # the angle sets' mechanics; no parse net needed
         "tune.angles": "30,60,random", "tune.angles_subjects": 3, "tune.angles_captures": 2})
     session = LocalSession(tmp_path / "ckpt")
     run_loop(cfg, session)

@@ -433,3 +433,29 @@ def test_parsenet_checkpoint_errors_name_the_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk\.pt: not a readable torch checkpoint"):
         load_parsenet(tmp_path / "junk.pt")
+
+
+def test_the_builtin_parse_net_ships_with_the_package_and_follows_the_tiny_recipe():
+    from dfmvr.nets import BUILTIN, builtin_parsenet_path, read_parsenet_file
+    from dfmvr.presets import tiny
+
+    cfg = tiny()
+    assert cfg.model.parse_net == BUILTIN
+    path = builtin_parsenet_path()
+    assert path.is_file() and path.stat().st_size < 3 << 20  # small enough to live in the repository
+    raw = read_parsenet_file(BUILTIN)
+    meta = raw["meta"]
+    assert (meta["arch"], meta["width"], meta["image_size"]) == (cfg.parsenet.arch, cfg.parsenet.width,
+                                                                  cfg.data.image_size)
+    # trained by jobs/train_parsenet.py with the tiny preset's recipe (more steps) on the embedded
+    # synthetic shards (seed 0, 2000 subjects): the command in docs/parsenet.md
+    recipe = meta["config"]["parsenet"]
+    for key in ("arch", "width", "dice_weight", "lr", "batch_size", "hflip", "aux_weight"):
+        assert recipe[key] == getattr(cfg.parsenet, key), key
+    assert tuple(recipe["class_weights"]) == cfg.parsenet.class_weights
+    assert (meta["config"]["seed"], meta["config"]["data"]["synth_subjects"]) == (0, 2000)
+    assert meta["miou"] >= 0.75 and min(v for v in meta["iou"].values() if v is not None) >= 0.55
+    net = load_parsenet(BUILTIN)
+    assert net.arch == "unet" and not net.training
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 10, 64, 64)
