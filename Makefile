@@ -32,12 +32,15 @@ train: setup
 	$(PY) jobs/train.py
 
 # 10000 synthetic subjects (work/shards-10000x2, about 3 min to make) and 12000 steps of
-# 2 workers x 8 (192k triplets), the tiny preset otherwise but with the picture terms on every
-# step and the mask as one channel of class ids, as when it was measured: 53% below the mean face
-# in 83 min (the preset's one-hot mask channels are not measured at this length); its steps end
-# within 1 h 55 min of its start on a slower machine (train.time_budget_s)
+# 2 workers x 8 (192k triplets), the tiny preset otherwise but as it was when measured: the
+# picture terms on every step, the mask as one channel of class ids, and the shards' exact masks
+# as input with a BiSeNet parse net trained first for the mask loss (an upper bound: the parse
+# net's masks, today's default, are not measured at this length): 53% below the mean face in
+# 83 min; its steps end within 1 h 55 min of its start on a slower machine (train.time_budget_s)
 LONG_RUN := data.synth_subjects=10000 train.steps=12000 optim.cosine_after=7200 loss.picture_every=1 \
-	model.mask_encoding=ids train.val_every=1000 train.ckpt_every=1000 train.time_budget_s=6900
+	model.mask_encoding=ids train.val_every=1000 train.ckpt_every=1000 train.time_budget_s=6900 \
+	model.input_masks=given model.parse_net= train.holdout_report=false parsenet.arch=bisenet \
+	parsenet.class_weights= parsenet.dice_weight=0 parsenet.lr=3e-3 parsenet.val_every=200
 train-long: setup
 	$(PY) jobs/train.py $(LONG_RUN) --summary-json work/train-long.json
 

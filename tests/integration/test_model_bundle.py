@@ -233,21 +233,15 @@ def test_bad_bundles_and_uris_name_the_uri(trained, tmp_path):
     torch.save(wrong, bad / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"bundled in .*bad-classes.*7 classes, expected 10"):
         load(str(bad))
-    # a bundle without its parse net, whose config names a file that is gone: loads, but a
-    # capture without masks is refused with a message that names the model
+    # a bundle without its parse net, whose config names a file that is gone: the network reads
+    # the parse net's masks, so it cannot run; refused at load, naming the checkpoint
     gone = tmp_path / "no-parse-net"
     gone.mkdir()
     stripped = {k: v for k, v in payload.items() if k != "parse_net"}
     stripped["config"] = dict(payload["config"], model=dict(payload["config"]["model"], parse_net="/nonexistent/p.pt"))
     torch.save(stripped, gone / "checkpoint.pt")
-    rec = load(str(gone))
-    with pytest.raises(ValueError, match=r"no-parse-net.*no parse net"):
-        rec.reconstruct(*_fake_views(), aligned=True)
-
-
-def _fake_views() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"no-parse-net: the network reads the parse net's masks .* none is bundled"):
+        load(str(gone))
 
 
 def test_no_credential_in_params_tags_artifacts_checkpoints_or_summary(trained):

@@ -65,10 +65,11 @@ def test_time_budget_ends_the_run_on_a_decayed_rate(shards, tmp_path):
                           "train.ckpt_every": 100_000, "train.log_every": 2, "optim.min_lr_ratio": 0.01})
     session = LocalSession(tmp_path / "budget")
     steps: list[int] = []
-    deadline = time.time() + 12.0
+    # long enough for the 20 steps the budget times before it fits a plan, on a loaded machine too
+    deadline = time.time() + 20.0
     last = run_loop(cfg, session, on_step=steps.append, deadline=deadline)
     final = steps[-1]
-    assert 22 < final < 100_000 and steps == list(range(1, final + 1))
+    assert 20 < final < 100_000 and steps == list(range(1, final + 1))
     assert last["step"] == final and last["train/steps_planned"] == final
     assert last["train/lr"] == pytest.approx(cfg.optim.lr * 0.01)  # the decay ran to its end
     assert "val/rmse_mm" in last

@@ -18,7 +18,7 @@ def splits(tmp_path_factory):
              splits=(0.6, 0.4, 0.0))
     # the shards' own masks: the curves here need no parse net (the last test brings one)
     cfg = apply_overrides(tiny(), {"data.url": str(root), "data.num_workers": 0, "data.batch_size": 2,
-                                   "model.input_masks": "given"})
+                                   "model.input_masks": "given", "model.parse_net": ""})
     return cfg, load_split(cfg, "train"), load_split(cfg, "val", with_gt=True)
 
 
