@@ -49,8 +49,12 @@ class Reconstructor:
 
     @classmethod
     def from_checkpoint(cls, uri: str | Path, device: str | torch.device = "cpu",
-                        overrides: Mapping[str, Any] | None = None) -> "Reconstructor":
-        """Load from a checkpoint path or URI (``s3://``, ``runs:/``, ``models:/``).
+                        overrides: Mapping[str, Any] | None = None, *,
+                        tracking_uri: str | None = None) -> "Reconstructor":
+        """Load from a checkpoint path or URI (``s3://``, ``runs:/``, ``models:/``). MLflow URIs are
+        looked up where the jobs log: ``tracking_uri``, else ``MLFLOW_TRACKING_URI`` (or
+        ``mlflow.set_tracking_uri``), else ``work/mlflow.db`` in the current folder
+        (:func:`dfmvr.train.checkpoint.registry_store`).
 
         Args:
             uri: where the checkpoint is.
@@ -63,7 +67,7 @@ class Reconstructor:
             ValueError: not a dfmvr checkpoint, or made for another face model or coefficient
                 layout (the message names the checkpoint and both signatures).
         """
-        payload = load_checkpoint_uri(str(uri), map_location=device)
+        payload = load_checkpoint_uri(str(uri), map_location=device, tracking_uri=tracking_uri)
         return cls.from_payload(payload, str(uri), device, overrides)
 
     @classmethod
@@ -209,10 +213,11 @@ def _bundled_parse_net(payload: dict, cfg: Config, source: str, device, override
 
 
 def load(uri: str | Path, device: str | torch.device = "cpu",
-         overrides: Mapping[str, Any] | None = None) -> Reconstructor:
+         overrides: Mapping[str, Any] | None = None, *, tracking_uri: str | None = None) -> Reconstructor:
     """Load a trained model from a checkpoint path or URI (see the module docstring and
-    :meth:`Reconstructor.from_checkpoint`)."""
-    return Reconstructor.from_checkpoint(uri, device, overrides)
+    :meth:`Reconstructor.from_checkpoint`): ``dfmvr.load("models:/dfmvr@champion")`` in the folder
+    ``make train`` ran in finds the champion in its ``work/mlflow.db``."""
+    return Reconstructor.from_checkpoint(uri, device, overrides, tracking_uri=tracking_uri)
 
 
 class DFMVRPyfunc(mlflow.pyfunc.PythonModel):

@@ -279,3 +279,41 @@ def test_loading_by_uri_leaves_no_temporary_folder(trained):
     for uri in (f"models:/{NAME}@champion", summary["registered_model_uri"], summary["model_uri"]):
         assert load(uri).parse_net is not None
     assert ours() == before
+
+
+def test_dfmvr_load_finds_the_champion_where_the_jobs_logged_it(trained, tmp_path):
+    """``dfmvr.load("models:/NAME@champion")`` looks where the jobs log: ``MLFLOW_TRACKING_URI``,
+    else ``work/mlflow.db`` of the folder it runs in; it creates no store, and a wrong name's error
+    names the store it searched."""
+    import shutil
+
+    _, tracking, _ = trained
+    store = Path(tracking.removeprefix("sqlite:///"))
+    project = tmp_path / "project"
+    (project / "work").mkdir(parents=True)
+    shutil.copy(store, project / "work" / "mlflow.db")  # the artifacts stay where the job wrote them
+    code = ("import sys, dfmvr\n"
+            "rec = dfmvr.load(sys.argv[1])\n"
+            "print('loaded', rec.model.face.model.n_vertices, rec.parse_net is not None)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    def run(cwd: Path, uri: str, **extra) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, uri], cwd=cwd, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=300)
+
+    # from the project folder, with the embedded store only
+    res = run(project, f"models:/{NAME}@champion")
+    assert res.returncode == 0 and "loaded" in res.stdout and "True" in res.stdout, res.stderr[-2000:]
+    # from anywhere, with MLFLOW_TRACKING_URI set
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run(elsewhere, f"models:/{NAME}@champion", MLFLOW_TRACKING_URI=tracking)
+    assert res.returncode == 0 and "loaded" in res.stdout, res.stderr[-2000:]
+    # a wrong name: the error names the store it searched
+    res = run(project, "models:/no-such-model@champion")
+    assert res.returncode != 0
+    assert "models:/no-such-model@champion" in res.stderr and str(project / "work" / "mlflow.db") in res.stderr
+    # no store at all: said so, and nothing is created
+    res = run(elsewhere, f"models:/{NAME}@champion")
+    assert res.returncode != 0 and "no MLflow store to look in" in res.stderr, res.stderr[-2000:]
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
