@@ -24,9 +24,20 @@ left, y up, z towards the camera)::
                                   lighting, as the front view sees it
     <capture>/coeffs.npz          all coefficients, split by the layout (id, exp, tex, gamma,
                                   angles [V, 3] radians, trans [V, 3] decimetres) and joined
+    <capture>/mesh_photo.ply      binary PLY, vertex colours sampled from the views (photos when
+                                  there are photos) where each vertex is seen best
     <capture>/landmarks3d.txt     68 iBUG landmarks, one ``x y z`` per line, mm, model frame
-    <capture>/overlay.png         per view: input | render over input with predicted landmarks
-    <capture>/photo_overlay.png   (photos) per view: the render and landmarks over the photo
+    <capture>/overlay.png         per view: input | render over input with predicted landmarks,
+                                  rendered at the tile's size; with fitting a row for the
+                                  network and one for the fitted result
+    <capture>/photo_overlay.png   (photos) the render over each photo, rendered at the photo's
+                                  resolution (rows as overlay.png)
+    <capture>/photo_<view>.png    (photos) the final render over each photo at full size
+
+With ``fit_steps`` (``--fit-steps N``) the network's prediction is refined against each capture's
+own evidence (:mod:`dfmvr.fit`: landmarks given or found on the photos, the photometric and mask
+terms, the regulariser); the files hold the fitted result and ``summary.json`` each term before
+and after.
 
 and for the whole run ``contact_sheet.png`` (every capture's three overlays, labelled) and
 ``summary.json`` (what was done and what was skipped, with reasons). A bad capture (a missing
@@ -52,7 +63,9 @@ from dfmvr.evaluate.samples import Skipped
 from dfmvr.facemodel.model import MM_PER_UNIT
 from dfmvr.inputs import CaptureError, prepare_view, to_model_tensor, to_uint8
 from dfmvr.model import reads_parse_net_masks
-from dfmvr.visualize import blend_render, contact_sheet, overlay_row, photo_overlay, write_png
+from dfmvr.data.align import invert_similarity, transform_points
+from dfmvr.pictures import crisp_crops, photo_colors, photo_view_overlay, render_views
+from dfmvr.visualize import PRED_COLOR, blend_render, contact_sheet, draw_landmarks, label_strip, overlay_row, write_png
 
 if TYPE_CHECKING:
     from dfmvr.detect import PhotoAligner
@@ -61,6 +74,8 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+PHOTO_ROW_HEIGHT = 512
+"""Height of each row of ``photo_overlay.png`` (the per-view ``photo_<view>.png`` are full size)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,8 +171,15 @@ def align_photos(aligner: "PhotoAligner", name: str, source: str, photos: list[n
         views = aligner.align(photos, source, masks)
     except (NoFaceError, ManyFacesError) as e:
         raise CaptureError(str(e)) from None
+    from dfmvr.data.align import transform_points
+
+    lmk = np.full((len(views), 68, 2), np.nan, np.float32)
+    for i, a in enumerate(views):
+        if a.face is not None and a.face.points68 is not None:
+            lmk[i] = transform_points(a.matrix, a.face.points68)
     return Capture(name=name, source=source, images=np.stack([a.image for a in views]),
                    masks=None if masks is None else np.stack([a.mask for a in views]),
+                   lmk2d=lmk if np.isfinite(lmk).any() else None,
                    photos=list(photos), matrices=np.stack([a.matrix for a in views]),
                    alignment={v: a.how for v, a in zip(VIEWS, views)})
 
@@ -278,8 +300,16 @@ class ReconstructConfig:
     """Views are aligned crops (today's shards' framing) instead of photos to detect faces in."""
     largest_face: bool = False
     """Photos with several faces: take the largest instead of skipping the capture."""
+    fit_steps: int = 0
+    """Test-time fitting steps after the network (:mod:`dfmvr.fit`); 0: the network alone."""
+    fit_from: str = "network"
+    """Where fitting starts: ``network`` (its prediction) or ``mean`` (the mean face: fitting alone)."""
 
     def __post_init__(self) -> None:
+        if self.fit_steps < 0:
+            raise ValueError(f"fit_steps: expected >= 0, got {self.fit_steps}")
+        if self.fit_from not in ("network", "mean"):
+            raise ValueError(f"fit_from: expected 'network' or 'mean', got {self.fit_from!r}")
         if not self.out:
             raise ValueError("out: expected an output folder, got ''")
         for name in ("batch_size", "tile", "sheet_columns"):
@@ -307,8 +337,47 @@ class ReconstructSummary:
                 "done": self.done, "skipped": [s.to_dict() for s in self.skipped]}
 
 
-def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Capture, tile: int) -> np.ndarray:
-    """Write one capture's files from batch row ``b`` of ``out`` (a rendered ReconOutput).
+def _view_rows(recon: "Reconstructor", capture: Capture, outs: list[tuple[str, object, int]], tile: int) -> np.ndarray:
+    """``overlay.png``: per result (network, fitted) one row of input | render over input per
+    view, rendered at ``tile`` px (not a model-size render scaled up)."""
+    size = recon.model.image_size
+    crops = crisp_crops(capture.images, tile, capture.photos, capture.matrices)
+    given = None if capture.lmk2d is None else capture.lmk2d * (tile / size)
+    rows = []
+    for label, out, b in outs:
+        renders, covers, _ = render_views(recon.model, out.posed[b], out.colors[b], tile)
+        rows.append(overlay_row(crops, renders, covers, out.lm2d[b].cpu().numpy() * (tile / size), given, tile=tile,
+                                title=f"{capture.name}, {label}: input | render (red: its landmarks"
+                                      + (", green: given)" if given is not None else ")")))
+    return np.concatenate(rows, axis=0)
+
+
+def _photo_rows(recon: "Reconstructor", folder: Path, capture: Capture, outs: list[tuple[str, object, int]],
+                height: int = PHOTO_ROW_HEIGHT) -> np.ndarray:
+    """``photo_overlay.png`` (per result a row of the three photos with the render over them,
+    rendered at each photo's resolution, shown at ``height``) and, for the last result,
+    ``photo_<view>.png`` at the photo's own resolution."""
+    rows = []
+    for k, (label, out, b) in enumerate(outs):
+        tiles = []
+        for v, (photo, m) in enumerate(zip(capture.photos, capture.matrices)):
+            over, side = photo_view_overlay(recon.model, np.asarray(photo, np.uint8), m, out.posed[b, v],
+                                            out.colors[b, v])
+            if k == len(outs) - 1:
+                write_png(folder / f"photo_{VIEWS[v]}.png", over)
+            scale = height / over.shape[0]
+            small = cv2.resize(over, (max(1, round(over.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
+            lm = transform_points(invert_similarity(m), out.lm2d[b, v].cpu().numpy())
+            tiles.append(draw_landmarks(small, lm, PRED_COLOR, scale, max(1, height // 150)))
+        rows.append(label_strip(np.concatenate(tiles, axis=1), f"{capture.name}, {label}: render over the photos"))
+    width = max(r.shape[1] for r in rows)
+    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+
+
+def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Capture, tile: int,
+                  network=None) -> np.ndarray:
+    """Write one capture's files from batch row ``b`` of ``out`` (a rendered ReconOutput; with
+    ``network``, the network's own output before fitting, shown beside it).
 
     Returns:
         uint8 ``[V, S, S, 3]``: the render over each view (for the contact sheet; no landmarks,
@@ -321,12 +390,17 @@ def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Ca
     albedo = out.albedo[b].clamp(0, 1).cpu().numpy()
     front = VIEWS.index("front")
     shaded = out.colors[b, front].clamp(0, 1).cpu().numpy()
-    note = (f"dfmvr reconstruction of {capture.name} ({capture.source})\ncheckpoint {recon.source}\n"
+    how = "fitted to the views" if network is not None else "the network's prediction"
+    note = (f"dfmvr reconstruction of {capture.name} ({capture.source}), {how}\ncheckpoint {recon.source}\n"
             f"face model {fm.name}; units mm; model frame: x subject's left, y up, z towards the camera")
+    flat = note.replace("\n", "; ")
     write_obj(folder / "mesh.obj", verts_mm, faces, albedo, note)
-    write_ply(folder / "mesh_albedo.ply", verts_mm, faces, albedo, note.replace("\n", "; ") + "; colours: albedo")
-    write_ply(folder / "mesh_shaded.ply", verts_mm, faces, shaded,
-              note.replace("\n", "; ") + "; colours: shaded (predicted lighting, front view)")
+    write_ply(folder / "mesh_albedo.ply", verts_mm, faces, albedo, flat + "; colours: albedo")
+    write_ply(folder / "mesh_shaded.ply", verts_mm, faces, shaded, flat + "; colours: shaded (predicted lighting, front view)")
+    views = capture.photos if capture.photos is not None else list(capture.images)
+    photo_rgb, _ = photo_colors(recon.model, out.posed[b], views, capture.matrices, fallback=albedo)
+    write_ply(folder / "mesh_photo.ply", verts_mm, faces, photo_rgb,
+              flat + "; colours: sampled from the views where each vertex is seen best (albedo where none sees it)")
     parts = out.parts
     np.savez(folder / "coeffs.npz", coeffs=out.coeffs[b].cpu().numpy(),
              **{name: getattr(parts, name)[b].cpu().numpy() for name in ("id", "exp", "tex", "gamma", "angles", "trans")},
@@ -335,17 +409,12 @@ def capture_files(recon: "Reconstructor", folder: Path, out, b: int, capture: Ca
     lm3d = verts_mm[fm.keypoints.cpu().numpy()]
     np.savetxt(folder / "landmarks3d.txt", lm3d, fmt="%.4f",
                header=f"68 iBUG landmarks of {capture.name}: x y z in mm, model frame")
+    outs = ([("network", network, b), ("fitted", out, b)] if network is not None else [("network", out, b)])
+    write_png(folder / "overlay.png", _view_rows(recon, capture, outs, tile))
+    if capture.photos is not None:
+        write_png(folder / "photo_overlay.png", _photo_rows(recon, folder, capture, outs))
     renders = out.image[b].permute(0, 2, 3, 1).cpu().numpy()
     covers = out.render_mask[b, :, 0].cpu().numpy()
-    lm2d = out.lm2d[b].cpu().numpy()
-    row = overlay_row(capture.images, renders, covers, lm2d, capture.lmk2d, tile=tile,
-                      title=f"{capture.name}: input | render (red: predicted landmarks"
-                            + (", green: given)" if capture.lmk2d is not None else ")"))
-    write_png(folder / "overlay.png", row)
-    if capture.photos is not None:
-        write_png(folder / "photo_overlay.png",
-                  photo_overlay(capture.photos, capture.matrices, renders, covers, lm2d,
-                                title=f"{capture.name}: render and predicted landmarks over the photos"))
     return np.stack([blend_render(capture.images[v], renders[v], covers[v]) for v in range(len(VIEWS))])
 
 
@@ -362,6 +431,35 @@ def _batches(items: Iterable[Capture | Skipped], size: int, skipped: list[Skippe
             batch = []
     if batch:
         yield batch
+
+
+def _fit(recon: "Reconstructor", ready: list[Capture], images: torch.Tensor, out, cfg: ReconstructConfig):
+    """Fit a batch of captures (:mod:`dfmvr.fit`): their given masks where they have them (the
+    parse net's elsewhere), their landmarks (given, or the landmarker's on photos; NaN where
+    none), from the network's prediction or the mean face."""
+    from dfmvr.fit import FitConfig
+
+    v = images.shape[1]
+    lmk = torch.from_numpy(np.stack([c.lmk2d if c.lmk2d is not None else np.full((v, 68, 2), np.nan, np.float32)
+                                     for c in ready]).astype(np.float32))
+    masks = None
+    if any(c.masks is not None for c in ready):
+        masks = recon.make_masks(images).cpu()
+        for i, c in enumerate(ready):
+            if c.masks is not None:
+                masks[i] = torch.from_numpy(c.masks.astype(np.int64))
+    no_lmk = [c.name for c in ready if c.lmk2d is None]
+    if no_lmk:
+        _logger.warning("fitting without landmarks (none given or found): %s", ", ".join(no_lmk))
+    fit_cfg = FitConfig(steps=cfg.fit_steps, start=cfg.fit_from)
+    return recon.fit(images, masks, lmk, init=out.coeffs if cfg.fit_from == "network" else None, cfg=fit_cfg)
+
+
+def _fit_record(fitted, b: int, cfg: ReconstructConfig, n: int) -> dict:
+    """A capture's fit in ``summary.json``: each term (unweighted) and the weighted total, before and after."""
+    return {"steps": cfg.fit_steps, "start": cfg.fit_from, "seconds_per_capture": round(fitted.seconds / n, 3),
+            "before": {k: round(x, 6) for k, x in fitted.before[b].items()},
+            "after": {k: round(x, 6) for k, x in fitted.after[b].items()}}
 
 
 def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Skipped],
@@ -407,6 +505,10 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
             if missing:
                 masks[missing] = recon.make_masks(images[missing]).cpu()
         out = recon.predict(images, masks, render=True)
+        network, fitted = None, None
+        if cfg.fit_steps:
+            network, fitted = out, _fit(recon, ready, images, out, cfg)
+            out = fitted.output
         finite = torch.isfinite(out.coeffs).all(1) & torch.isfinite(out.shape).flatten(1).all(1)
         for b, cap in enumerate(ready):
             if not bool(finite[b]):
@@ -415,12 +517,13 @@ def reconstruct_captures(recon: "Reconstructor", captures: Iterable[Capture | Sk
                 continue
             folder = out_dir / cap.name
             try:
-                views = capture_files(recon, folder, out, b, cap, cfg.tile)
+                views = capture_files(recon, folder, out, b, cap, cfg.tile, network)
             except OSError as e:
                 summary.skipped.append(Skipped(name=cap.name, source=cap.source, reason=f"cannot write outputs: {e}"))
                 continue
             summary.done.append({"name": cap.name, "source": cap.source, "dir": str(folder),
-                                 **({"alignment": cap.alignment} if cap.alignment else {})})
+                                 **({"alignment": cap.alignment} if cap.alignment else {}),
+                                 **({"fit": _fit_record(fitted, b, cfg, len(ready))} if fitted is not None else {})})
             if len(sheet) < cfg.sheet_max:
                 sheet.append((cap.name, views))
         _logger.info("reconstructed %d captures (%d skipped)", len(summary.done), len(summary.skipped))

@@ -135,9 +135,23 @@ class Reconstructor:
             masks = masks.to(self.device)
         return self.model(images, masks, render=render)
 
+    def fit(self, images: torch.Tensor, masks: torch.Tensor | None = None, lmk2d: torch.Tensor | None = None, *,
+            init: torch.Tensor | None = None, cfg=None):
+        """Test-time fitting of ``B`` captures (:func:`dfmvr.fit.fit` with this model and its parse
+        net): ``images [B, V, 3, S, S]`` in [-1, 1], ``masks [B, V, S, S]`` or None (the parse
+        net's), ``lmk2d [B, V, 68, 2]`` pixels at ``S`` (NaN: missing) or None; ``init`` the
+        start (None: ``cfg.start``) -> :class:`dfmvr.fit.FitResult`."""
+        from dfmvr.fit import fit
+
+        dev = self.device
+        return fit(self.model, images.to(dev), masks=None if masks is None else masks.to(dev),
+                   lmk2d=None if lmk2d is None else lmk2d.to(dev), init=None if init is None else init.to(dev),
+                   cfg=cfg, parse_net=self.parse_net)
+
     def reconstruct(self, left: np.ndarray, front: np.ndarray, right: np.ndarray,
                     masks: list[np.ndarray] | None = None, *, aligned: bool = False,
-                    largest_face: bool = False) -> dict[str, Any]:
+                    largest_face: bool = False, fit_steps: int = 0,
+                    lmk2d: np.ndarray | None = None) -> dict[str, Any]:
         """Three uint8 RGB photos of a face (any size and aspect: the face is found and aligned,
         :class:`dfmvr.detect.PhotoAligner`), or with ``aligned=True`` three face crops (square,
         aligned as the shards are; resized to the model's size when they are not already) -> a mesh.
@@ -148,6 +162,11 @@ class Reconstructor:
                 makes them when the model takes masks.
             aligned: the views are aligned crops: no detection.
             largest_face: photos with several faces: take the largest instead of refusing.
+            fit_steps: after the network, fit the coefficients to the views for this many steps
+                (:mod:`dfmvr.fit`: every view's landmarks, the photometric and mask terms, the
+                regulariser); 0: the network's prediction as is.
+            lmk2d: ``[3, 68, 2]`` landmarks of the views for the fit (pixels of the crops with
+                ``aligned``, else of the photos; NaN: missing); None: the landmarker's on photos.
 
         Returns:
             ``vertices [N, 3]`` (model frame, decimetres), ``faces [F, 3]``, ``albedo [N, 3]`` and
@@ -156,7 +175,8 @@ class Reconstructor:
             (their projection in each view, pixels at the model's size).
 
             With photos also ``alignment`` (per view: how it was aligned) and ``matrices``
-            ``[V, 2, 3]`` (photo pixels -> crop pixels).
+            ``[V, 2, 3]`` (photo pixels -> crop pixels). With ``fit_steps`` also ``fit``: each
+            term before and after, the seconds, and ``network_coeffs`` (the start).
 
         Raises:
             dfmvr.inputs.CaptureError: a crop or mask that is not a square 8-bit image; a photo
@@ -175,8 +195,23 @@ class Reconstructor:
             views = cap.images
             mask_arr = None if cap.masks is None else cap.masks.astype(np.int64)
             extra = {"alignment": cap.alignment, "matrices": cap.matrices}
+            if lmk2d is not None:
+                from dfmvr.data.align import transform_points
+
+                lmk2d = np.stack([transform_points(m, p) for m, p in zip(cap.matrices, np.asarray(lmk2d))])
+            elif cap.lmk2d is not None:
+                lmk2d = cap.lmk2d
         mask_t = torch.from_numpy(mask_arr)[None] if mask_arr is not None else None
-        out = self.predict(to_model_tensor(views[None]), mask_t)
+        images = to_model_tensor(views[None])
+        out = self.predict(images, mask_t)
+        if fit_steps:
+            from dfmvr.fit import FitConfig
+
+            lmk_t = None if lmk2d is None else torch.as_tensor(np.asarray(lmk2d, np.float32))[None]
+            res = self.fit(images, mask_t, lmk_t, init=out.coeffs, cfg=FitConfig(steps=fit_steps))
+            extra["fit"] = {"steps": fit_steps, "seconds": res.seconds, "before": res.before[0], "after": res.after[0]}
+            extra["network_coeffs"] = out.coeffs[0].cpu().numpy()
+            out = res.output
         fm = self.model.face.model
         return {
             "vertices": out.shape[0].cpu().numpy(),

@@ -60,7 +60,7 @@ def validation_grid(view: dict, tile: int = 160) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def _label(image: np.ndarray, text: str, height: int = 18) -> np.ndarray:
+def label_strip(image: np.ndarray, text: str, height: int = 18) -> np.ndarray:
     """``image`` with a white strip above holding ``text``."""
     strip = np.full((height, image.shape[1], 3), 255, np.uint8)
     scale = height / 30
@@ -111,30 +111,7 @@ def overlay_row(images: np.ndarray, renders: np.ndarray, covers: np.ndarray, lm_
                                None if lm_true is None else lm_true[v], tile)
         tiles += [inp, over]
     row = np.concatenate(tiles, axis=1)
-    return _label(row, title) if title else row
-
-
-def photo_overlay(photos: list[np.ndarray], matrices: np.ndarray, renders: np.ndarray, covers: np.ndarray,
-                  lm_pred: np.ndarray, *, height: int = 360, title: str = "") -> np.ndarray:
-    """One capture's photos with the render (warped back from the crop) and the predicted
-    landmarks over each, side by side at ``height`` pixels.
-
-    Args:
-        photos: uint8 RGB photos (any sizes); matrices: ``[V, 2, 3]`` photo -> crop.
-        renders, covers, lm_pred: as :func:`overlay_row` (crop pixels).
-    """
-    from dfmvr.data.align import invert_similarity, transform_points, warp_back
-
-    tiles = []
-    for v, photo in enumerate(photos):
-        render = warp_back(np.clip(renders[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
-        cover = warp_back(np.clip(covers[v], 0, 1).astype(np.float32), matrices[v], photo.shape)
-        over = blend_render(photo, render, cover)
-        scale = height / photo.shape[0]
-        over = cv2.resize(over, (max(1, round(photo.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
-        tiles.append(draw_landmarks(over, transform_points(invert_similarity(matrices[v]), lm_pred[v]), PRED_COLOR, scale, max(1, height // 150)))
-    row = np.concatenate(tiles, axis=1)
-    return _label(row, title) if title else row
+    return label_strip(row, title) if title else row
 
 
 def contact_sheet(cells: list[tuple[str, np.ndarray]], *, columns: int = 3, cell_view: int = 96) -> np.ndarray:
@@ -154,7 +131,7 @@ def contact_sheet(cells: list[tuple[str, np.ndarray]], *, columns: int = 3, cell
     blocks = []
     for name, views in cells:
         thumbs = [cv2.resize(v, (cell_view, cell_view), interpolation=cv2.INTER_AREA) for v in views]
-        block = _label(np.concatenate(thumbs, axis=1), name)
+        block = label_strip(np.concatenate(thumbs, axis=1), name)
         block[:, -1] = 255  # a white line between neighbours
         blocks.append(block)
     blank = np.full_like(blocks[0], 255)

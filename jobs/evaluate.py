@@ -8,6 +8,7 @@ One machine (after python jobs/train.py; MLflow in ./work/mlflow.db):
 
 Usage: python jobs/evaluate.py --checkpoint URI [--split test] [--out DIR] [--ray-threshold 256]
            [--chunk-size 64] [--overlays 4] [--max-samples N] [--icp-iters 60] [--device cpu|cuda|auto]
+           [--fit-steps N [--fit-from network|mean] [--fit-landmarks given|mesh]]
            [--no-mlflow] [--summary-json PATH] [--config FILE.yaml] [key=value ...]
 URI: a checkpoint directory, s3://bucket/prefix, runs:/RUN_ID/model or models:/NAME/VERSION.
 Overrides (dotted config keys) apply on top of the checkpoint's own config, e.g. data.url=ROOT
@@ -16,6 +17,9 @@ Splits above --ray-threshold samples are spread over Ray tasks (ray.init(): the 
 ray job submit, else a local Ray). Metrics are logged to the checkpoint's MLflow run as
 eval/<split>/... when it has one. Exit status: 0 done (skipped samples are listed), 1 no sample
 could be scored, 2 bad input (checkpoint, shards, options).
+With --fit-steps N each sample is fitted to its views after the network (dfmvr/fit.py) and the
+fit is scored; the network alone is reported beside it (baselines.network), with each term
+before and after (fit.before/after); --fit-from mean starts from the mean face instead.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def _options(parser) -> None:
     parser.add_argument("--icp-iters", type=int, default=60, help="most ICP iterations per alignment")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the checkpoint's MLflow run")
+    parser.add_argument("--fit-steps", type=int, default=0,
+                        help="fit each sample to its views for N steps after the network and score the fit (0: off)")
+    parser.add_argument("--fit-from", default="network", choices=("network", "mean"),
+                        help="start fitting from the network's prediction or the mean face (fitting alone)")
+    parser.add_argument("--fit-landmarks", default="given", choices=("given", "mesh"),
+                        help="landmarks the fit reads: the samples' own 68, or the face mesh landmarker's")
 
 
 def _error(message: str) -> int:
@@ -67,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(split=args.split, out=args.out or str(work / "eval" / f"{checkpoint_slug(args.checkpoint)}-{args.split}"),
                          batch_size=args.batch_size, ray_threshold=args.ray_threshold, chunk_size=args.chunk_size,
                          n_overlays=args.overlays, max_samples=args.max_samples, device=args.device,
-                         icp_iters=args.icp_iters)
+                         icp_iters=args.icp_iters, fit_steps=args.fit_steps, fit_from=args.fit_from,
+                         fit_landmarks=args.fit_landmarks)
         recon = load(args.checkpoint, resolve_device(args.device), overrides)
         report = evaluate(recon, cfg, overrides=overrides)
     except (FileNotFoundError, ValueError, KeyError) as e:  # ManifestError and CaptureError are ValueErrors

@@ -8,7 +8,8 @@ From shards:  python jobs/reconstruct.py --checkpoint runs:/RUN_ID/model --shard
 
 Usage: python jobs/reconstruct.py --checkpoint URI (--input DIR | --shards URL [--split test])
            [--aligned] [--largest-face] [--out DIR] [--batch-size 8] [--max-samples N]
-           [--device cpu|cuda|auto] [--summary-json PATH] [--config FILE.yaml] [key=value ...]
+           [--device cpu|cuda|auto] [--fit-steps N [--fit-from network|mean]]
+           [--summary-json PATH] [--config FILE.yaml] [key=value ...]
 DIR holds one folder per capture with left/front/right.png (or .jpg) and optionally
 left/front/right.mask.png. The views are photos of any size: the face in each is found and
 aligned to the model's crop (needs the 'detect' extra: pip install 'dfmvr[detect]'); a side view
@@ -16,6 +17,10 @@ where no face is found takes the front view's alignment (the summary says so per
 photo_overlay.png shows the fit on the photos. With --aligned the views are square, aligned
 crops (as in the shards), resized to the model's size. Captures without masks get them from the
 parse net (model.parse_net=PATH overrides the checkpoint's).
+--fit-steps N refines each capture after the network: identity and albedo shared by the views,
+per-view pose, expression and lighting, against every view's landmarks (given, or the face
+mesh's on photos), the photometric and mask terms and the regulariser (dfmvr/fit.py); the
+summary has each term before and after, overlays show the network and the fitted result.
 Overrides (dotted config keys) apply on top of the checkpoint's own config.
 Exit status: 0 done (skipped captures are listed), 1 nothing could be reconstructed, 2 bad input.
 """
@@ -46,6 +51,10 @@ def _options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="captures per forward pass")
     parser.add_argument("--max-samples", type=int, default=0, help="with --shards: only the first N (0: all)")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--fit-steps", type=int, default=0,
+                        help="after the network, fit each capture to its views for N steps (0: off; 200 is the default fit)")
+    parser.add_argument("--fit-from", default="network", choices=("network", "mean"),
+                        help="start fitting from the network's prediction or the mean face (fitting alone)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     name = Path((args.input or f"{args.shards}-{args.split}").rstrip("/")).name
     try:
         cfg = ReconstructConfig(out=args.out or str(work / "reconstruct" / name), batch_size=args.batch_size,
-                                aligned=args.aligned, largest_face=args.largest_face)
+                                aligned=args.aligned, largest_face=args.largest_face, fit_steps=args.fit_steps,
+                                fit_from=args.fit_from)
         recon = load(args.checkpoint, resolve_device(args.device), overrides_of(args))
         if args.input:
             summary = reconstruct_folder(recon, args.input, cfg)

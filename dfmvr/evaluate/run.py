@@ -83,8 +83,22 @@ class EvalConfig:
     """``cpu``, ``cuda`` or ``auto`` (in-process; Ray tasks take a GPU when the cluster has them)."""
     icp_iters: int = 60
     """Most ICP iterations per alignment."""
+    fit_steps: int = 0
+    """Test-time fitting steps after the network (:mod:`dfmvr.fit`); the fitted result is scored
+    as ``model`` and the network alone as the ``network`` baseline. 0: the network alone."""
+    fit_from: str = "network"
+    """Where fitting starts: ``network`` or ``mean`` (the mean face: what fitting does alone)."""
+    fit_landmarks: str = "given"
+    """The views' landmarks the fit reads: ``given`` (the samples' own 68) or ``mesh`` (the face
+    mesh landmarker's, found on each view as on a photo: :mod:`dfmvr.facemesh`)."""
 
     def __post_init__(self) -> None:
+        if self.fit_steps < 0:
+            raise ValueError(f"fit_steps: expected >= 0, got {self.fit_steps}")
+        if self.fit_from not in ("network", "mean"):
+            raise ValueError(f"fit_from: expected 'network' or 'mean', got {self.fit_from!r}")
+        if self.fit_landmarks not in ("given", "mesh"):
+            raise ValueError(f"fit_landmarks: expected 'given' or 'mesh', got {self.fit_landmarks!r}")
         if not self.out:
             raise ValueError("out: expected an output folder, got ''")
         for name in ("batch_size", "chunk_size"):
@@ -200,6 +214,10 @@ class ChunkResult:
     """Per sample: ``{"key", "source", "model": {...}, "mean_face": {...}, "single_view": {...}}``."""
     distances: dict[str, list[np.ndarray]] = field(default_factory=lambda: {k: [] for k in METHODS})
     """Per method, NoW distances of each scored sample (mm)."""
+    fit_terms: list[tuple[dict, dict]] = field(default_factory=list)
+    """With fitting: per fitted sample, its terms before and after."""
+    fit_seconds: float = 0.0
+    """With fitting: seconds spent fitting."""
     skipped: list[Skipped] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     seconds: float = 0.0
@@ -223,10 +241,28 @@ def _masks_for(recon: "Reconstructor", batch, result: ChunkResult, sources: list
     return keep, masks
 
 
+def _fitted(recon: "Reconstructor", images: torch.Tensor, lmk2d: torch.Tensor, network, cfg: EvalConfig,
+            result: ChunkResult):
+    """The fit of a batch (the masks the network reads: its parse net's; ``lmk2d`` as ``cfg.fit_landmarks``)."""
+    from dfmvr.fit import FitConfig
+
+    if cfg.fit_landmarks == "mesh":
+        from dfmvr.facemesh import crop_landmarks68
+
+        lmk2d = torch.from_numpy(crop_landmarks68(to_uint8(images.cpu()))).float()
+    with torch.enable_grad():
+        fitted = recon.fit(images, None, lmk2d, init=network.coeffs if cfg.fit_from == "network" else None,
+                           cfg=FitConfig(steps=cfg.fit_steps, start=cfg.fit_from))
+    result.fit_terms += list(zip(fitted.before, fitted.after))
+    result.fit_seconds += fitted.seconds
+    return fitted.output
+
+
 @torch.no_grad()
 def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: list[str], *, n_overlays: int,
-                   icp_iters: int, result: ChunkResult | None = None) -> ChunkResult:
-    """Score one batch of decoded samples (``sources``: each one's shard) into ``result``."""
+                   icp_iters: int, result: ChunkResult | None = None, cfg: EvalConfig | None = None) -> ChunkResult:
+    """Score one batch of decoded samples (``sources``: each one's shard) into ``result``; with
+    ``cfg.fit_steps`` the fitted result is ``model`` and the network alone ``network``."""
     from dfmvr.evaluate.metrics import ScanError, vertex_regions
     from dfmvr.visualize import overlay_row
 
@@ -246,6 +282,10 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
     images = batch.images[keep].to(device)
     masks = masks[keep].to(device) if masks is not None else None
     outputs = {"model": model(images, masks, render=False)}
+    if cfg is not None and cfg.fit_steps:
+        outputs["network"] = outputs["model"]
+        outputs["model"] = _fitted(recon, images, batch.lmk2d[keep].to(device), outputs["network"], cfg, result)
+    methods = METHODS + (("network",) if "network" in outputs else ())
     same = [front] * len(VIEWS)
     outputs["single_view"] = model(images[:, same], masks[:, same] if masks is not None else None, render=False)
     scored: list[tuple[int, float]] = []
@@ -253,7 +293,7 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
     for row, i in enumerate(keep):
         key, source = batch.keys[i], sources[i]
         where = f"sample {key} in {source}"
-        preds = {name: outputs[name].shape[row].double().cpu().numpy() for name in ("model", "single_view")}
+        preds = {name: outputs[name].shape[row].double().cpu().numpy() for name in methods if name != "mean_face"}
         preds["mean_face"] = mean_shape
         bad = [name for name, p in preds.items() if not np.isfinite(p).all()]
         if bad:
@@ -267,15 +307,15 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
         record: dict[str, Any] = {"key": key, "source": source}
         dists = {}
         try:
-            for name in METHODS:
+            for name in methods:
                 record[name], dists[name] = score(preds[name], truth, faces, keypoints, regions, source=where,
                                                   icp_iters=icp_iters)
         except ScanError as e:
             result.skipped.append(Skipped(name=key, source=source, reason=str(e)))
             continue
         result.records.append(record)
-        for name in METHODS:
-            result.distances[name].append(dists[name])
+        for name in methods:
+            result.distances.setdefault(name, []).append(dists[name])
         scored.append((row, record["model"][RANK_KEY]))
         by_row[row] = record
     if n_overlays and scored:
@@ -323,7 +363,7 @@ def evaluate_chunk(recon: "Reconstructor", chunk: ShardChunk, decoder, cfg: Eval
     def flush() -> None:
         if pending:
             evaluate_items(recon, pending, [chunk.url] * len(pending), n_overlays=cfg.n_overlays,
-                           icp_iters=cfg.icp_iters, result=result)
+                           icp_iters=cfg.icp_iters, result=result, cfg=cfg)
             pending.clear()
             result.candidates = _keep_extremes(result.candidates, cfg.n_overlays)
 
@@ -401,8 +441,10 @@ def merge(results: Iterable[ChunkResult], n_overlays: int) -> ChunkResult:
         total.skipped += r.skipped
         total.candidates = _keep_extremes(total.candidates + r.candidates, n_overlays)
         total.seconds += r.seconds
-        for name in METHODS:
-            total.distances[name] += r.distances[name]
+        total.fit_terms += r.fit_terms
+        total.fit_seconds += r.fit_seconds
+        for name, d in r.distances.items():
+            total.distances.setdefault(name, []).extend(d)
     return total
 
 
@@ -437,14 +479,23 @@ def summarize(result: ChunkResult) -> dict[str, Any]:
         return out
 
     summary: dict[str, Any] = method("model")
-    summary["baselines"] = {name: method(name) for name in BASELINES}
+    summary["baselines"] = {name: method(name) for name in BASELINES + (("network",) if result.fit_terms else ())}
+    if result.fit_terms:
+        n = len(result.fit_terms)
+        summary["fit"] = {
+            "samples": n, "seconds_per_triplet": result.fit_seconds / n,
+            "before": {k: float(np.mean([b[k] for b, _ in result.fit_terms])) for k in result.fit_terms[0][0]},
+            "after": {k: float(np.mean([a[k] for _, a in result.fit_terms])) for k in result.fit_terms[0][1]},
+        }
     return summary
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """The model beside its baselines, one metric per row (mm)."""
     rows = list(TABLE_KEYS) + sorted(k for k in summary if k.startswith("region_"))
-    head = f"{'metric (mm)':<22}{'model':>10}{'mean face':>12}{'single view':>13}"
+    fitted = "network" in summary["baselines"]
+    head = (f"{'metric (mm)':<22}{'fitted' if fitted else 'model':>10}{'mean face':>12}{'single view':>13}"
+            + (f"{'network':>10}" if fitted else ""))
     lines = [head, "-" * len(head)]
 
     def cell(v) -> str:
@@ -453,7 +504,8 @@ def format_table(summary: dict[str, Any]) -> str:
     for key in rows:
         base = summary["baselines"]
         lines.append(f"{key:<22}{cell(summary.get(key)):>10}{cell(base['mean_face'].get(key)):>12}"
-                     f"{cell(base['single_view'].get(key)):>13}")
+                     f"{cell(base['single_view'].get(key)):>13}"
+                     + (f"{cell(base['network'].get(key)):>10}" if fitted else ""))
     return "\n".join(lines)
 
 
@@ -535,6 +587,8 @@ def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None 
         "input_masks": ("parse_net" if reads_parse_net_masks(recon.cfg.model)
                         else "given" if recon.cfg.model.mask_input else "none"),
         "split_samples": n_total,
+        **({"fit_steps": cfg.fit_steps, "fit_from": cfg.fit_from, "fit_landmarks": cfg.fit_landmarks}
+           if cfg.fit_steps else {}),
         "skipped": [s.to_dict() for s in result.skipped],
         "n_skipped": len(result.skipped),
         "ray": use_ray,
@@ -599,11 +653,14 @@ def find_run(uri: str, payload: dict) -> tuple[str | None, str]:
 def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
     """Log ``eval/<split>/...`` metrics (baselines under ``eval/<split>/<baseline>/...``) at the
     checkpoint's step, and the summary, per-sample JSONL and overlays as artifacts under
-    ``eval/<split>/``. Returns the metric names logged."""
+    ``eval/<split>/``; a fitted evaluation under ``eval/<split>/fit_<start>_<landmarks>/`` (with
+    each term ``terms_before/...`` and ``terms_after/...``). Returns the metric names logged."""
     from dfmvr import tracking
 
     client = tracking.client()
     split = report.summary["split"]
+    if report.summary.get("fit_steps"):
+        split = f"{split}/fit_{report.summary['fit_from']}_{report.summary['fit_landmarks']}"
     metrics: dict[str, float] = {}
 
     def add(prefix: str, values: dict) -> None:
@@ -613,8 +670,13 @@ def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
 
     add(f"eval/{split}", {k: v for k, v in report.summary.items() if k.endswith("_mm") or k == "samples"})
     add(f"eval/{split}", {"skipped": report.summary["n_skipped"]})
-    for name in BASELINES:
-        add(f"eval/{split}/{name}", report.summary["baselines"][name])
+    for name, values in report.summary["baselines"].items():
+        add(f"eval/{split}/{name}", values)
+    if "fit" in report.summary:
+        fit = report.summary["fit"]
+        add(f"eval/{split}", {"fit_steps": report.summary["fit_steps"], "fit_seconds_per_triplet": fit["seconds_per_triplet"]})
+        add(f"eval/{split}/terms_before", fit["before"])
+        add(f"eval/{split}/terms_after", fit["after"])
     tracking.log_metrics(client, run_id, metrics, step)
     client.log_artifact(run_id, str(report.out / "summary.json"), artifact_path=f"eval/{split}")
     client.log_artifact(run_id, str(report.out / "per_sample.jsonl"), artifact_path=f"eval/{split}")
