@@ -101,8 +101,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The kind the MLflow UI (3.x) reads to open an experiment on its training runs, not on the
+GenAI overview (traces, tokens) it shows an experiment of no kind."""
+
+
 def setup_experiment(uri: str, experiment: str, work_dir: str | Path) -> str:
-    """Point MLflow at ``uri`` and make sure ``experiment`` exists; returns its id.
+    """Point MLflow at ``uri`` and make sure ``experiment`` exists, tagged as a model-training
+    experiment (:data:`EXPERIMENT_KIND`); returns its id.
 
     With the embedded SQLite store, the experiment's artifacts go to ``<work_dir>/mlartifacts``
     (MLflow's default would be ``./mlruns`` in whatever directory the job started from).
@@ -112,11 +119,14 @@ def setup_experiment(uri: str, experiment: str, work_dir: str | Path) -> str:
     use(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # experiments made before the tag
+            client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):
         location = (Path(work_dir).resolve() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.create_experiment(experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def run_exists(run_id: str, experiment_id: str) -> bool:
