@@ -46,6 +46,7 @@ import numpy as np
 
 from dfmvr import facemesh
 from dfmvr.data.align import (
+    CORNER_POINT_IBUG,
     AlignmentTemplate,
     estimate_similarity,
     transform_points,
@@ -74,6 +75,8 @@ this factor about their centre before the landmarks are found."""
 CNN_MIN_CONFIDENCE = 0.3
 """CNN detections below this confidence are ignored (false positives on textured backgrounds sit
 below 0.1 in tests/integration/test_detect.py; rendered faces above 0.8)."""
+MESH_MIN_SCORE = 0.5
+"""Face presence the mesh must give to count as a face in a view the detectors missed."""
 JITTER = 0.05
 """Box nudge (fraction of its side) for the landmark spread."""
 
@@ -337,6 +340,32 @@ class FaceDetector:
         faces = [self._face(image, b, s, d) for b, s, d in found]
         return sorted(faces, key=lambda f: -f.size)
 
+    def mesh_in_frame(self, image: np.ndarray, matrix: np.ndarray, size: int, *,
+                      min_score: float = MESH_MIN_SCORE) -> Face | None:
+        """The face mesh run where another view's alignment puts the face (``matrix``: photo ->
+        crop of ``size`` px), for a view the detectors missed (dlib's HOG and CNN miss many faces
+        turned 45 degrees or more; the mesh follows them): a :class:`Face` with ``detector="mesh"``
+        and its five points and 68 from the mesh, or None without the mesh or when its face
+        presence is under ``min_score``."""
+        if self._mesh is None:
+            return None
+        image = _as_rgb(image, "image")
+        m = np.asarray(matrix, np.float64)
+        scale = float(np.hypot(m[0, 0], m[0, 1]))  # crop pixels per photo pixel
+        centre = transform_points(cv2.invertAffineTransform(m), np.array([size / 2, size / 2]))
+        roi = facemesh.MeshRoi(center=(float(centre[0]), float(centre[1])), side=size / scale,
+                               angle=float(np.arctan2(m[0, 1], m[0, 0])))
+        found = self._mesh.run(image, roi)
+        for _ in range(self._mesh.passes - 1):
+            found = self._mesh.run(image, facemesh.roi_from_mesh(found.points))
+        if found.score < min_score:
+            return None
+        points68 = facemesh.points68(found.points)[:, :2]
+        lo, hi = found.points[:, :2].min(0), found.points[:, :2].max(0)
+        return Face(box=(float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])), score=found.score, detector="mesh",
+                    points5=points68[list(CORNER_POINT_IBUG)], points68=points68, spread_px=0.0, landmarker="mesh",
+                    mesh=found.points, mesh_score=found.score)
+
     def one_face(self, image: np.ndarray, source: str, *, largest: bool = False) -> Face:
         """The face in ``image``.
 
@@ -383,9 +412,11 @@ class AlignedView:
 class PhotoAligner:
     """Align a capture's photos (any size and aspect) to the model's crops: per view, the face's
     5 points onto the face model's template at the view's yaw (:class:`AlignmentTemplate`,
-    ``scheme="corners"``). A view where no face is found takes the alignment of another view of
-    the capture (the front first): right for a rig or a turntable that keeps the camera and the
-    head where they were, which is what the three-view captures assume.
+    ``scheme="corners"``). In a view where dlib's detectors find no face, the face mesh (when
+    installed) is run where another view's alignment (the front first) puts the face and, when
+    it finds one there, its points align the view; else the view takes that other view's
+    alignment as it is: right for a rig or a turntable that keeps the camera and the head where
+    they were, which is what the three-view captures assume.
 
     Args:
         template: templates per yaw at the model's size.
@@ -433,10 +464,21 @@ class PhotoAligner:
                     for i, f in faces.items()}
         front = self.views.index("front") if "front" in self.views else 0
         donor = front if front in faces else min(faces)
+        followed = {}
+        for i, photo in enumerate(photos):
+            if i not in faces:
+                face = self.detector.mesh_in_frame(np.asarray(photo, np.uint8), matrices[donor], size)
+                if face is not None:
+                    followed[i] = face
+                    matrices[i] = estimate_similarity(face.points5, self.template.points(self.yaw_deg[i], "corners"))
         out = []
         for i, photo in enumerate(photos):
             if i in faces:
                 m, how, face = matrices[i], faces[i].describe(), faces[i]
+            elif i in followed:
+                m, face = matrices[i], followed[i]
+                how = (f"no face found by dlib: the face mesh where the {self.views[donor]} view's alignment "
+                       f"puts it (mesh score {face.mesh_score:.2f})")
             else:
                 m, how, face = matrices[donor], f"no face found: geometry of the {self.views[donor]} view", None
             mask = None if masks is None else warp_mask(np.asarray(masks[i], np.uint8), m, size)

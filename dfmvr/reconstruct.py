@@ -64,6 +64,7 @@ from dfmvr.facemodel.model import MM_PER_UNIT
 from dfmvr.inputs import CaptureError, prepare_view, to_model_tensor, to_uint8
 from dfmvr.model import reads_parse_net_masks
 from dfmvr.data.align import invert_similarity, transform_points
+from dfmvr.facemesh import JAW_IBUG68
 from dfmvr.pictures import crisp_crops, photo_colors, photo_view_overlay, render_views
 from dfmvr.visualize import PRED_COLOR, blend_render, contact_sheet, draw_landmarks, label_strip, overlay_row, write_png
 
@@ -98,6 +99,10 @@ class Capture:
     """[V, 2, 3] photo pixels -> crop pixels, with ``photos``."""
     alignment: dict[str, str] | None = None
     """Per view, how it was aligned (detector and confidences, or another view's geometry)."""
+    part_masks: np.ndarray | None = None
+    """uint8 [V, S, S] parsing classes from the face mesh of each photo (every view's face found),
+    or None: what fitting compares the render with, where the parse net (trained on renders)
+    takes hair and hats for skin."""
 
 
 # --------------------------------------------------------------------------- input
@@ -171,15 +176,17 @@ def align_photos(aligner: "PhotoAligner", name: str, source: str, photos: list[n
         views = aligner.align(photos, source, masks)
     except (NoFaceError, ManyFacesError) as e:
         raise CaptureError(str(e)) from None
-    from dfmvr.data.align import transform_points
-
     lmk = np.full((len(views), 68, 2), np.nan, np.float32)
     for i, a in enumerate(views):
         if a.face is not None and a.face.points68 is not None:
             lmk[i] = transform_points(a.matrix, a.face.points68)
+            if a.face.landmarker == "mesh" and VIEWS[i] != "front":
+                lmk[i, JAW_IBUG68] = np.nan  # the mesh's jaw is not the visible outline on a turned face
+    part = [a.mesh_mask for a in views]
     return Capture(name=name, source=source, images=np.stack([a.image for a in views]),
                    masks=None if masks is None else np.stack([a.mask for a in views]),
                    lmk2d=lmk if np.isfinite(lmk).any() else None,
+                   part_masks=np.stack(part) if all(p is not None for p in part) else None,
                    photos=list(photos), matrices=np.stack([a.matrix for a in views]),
                    alignment={v: a.how for v, a in zip(VIEWS, views)})
 
@@ -348,7 +355,8 @@ def _view_rows(recon: "Reconstructor", capture: Capture, outs: list[tuple[str, o
         renders, covers, _ = render_views(recon.model, out.posed[b], out.colors[b], tile)
         rows.append(overlay_row(crops, renders, covers, out.lm2d[b].cpu().numpy() * (tile / size), given, tile=tile,
                                 title=f"{capture.name}, {label}: input | render (red: its landmarks"
-                                      + (", green: given)" if given is not None else ")")))
+                                      + ("" if given is None else ", green: found)" if capture.photos is not None
+                                         else ", green: given)")))
     return np.concatenate(rows, axis=0)
 
 
@@ -434,8 +442,8 @@ def _batches(items: Iterable[Capture | Skipped], size: int, skipped: list[Skippe
 
 
 def _fit(recon: "Reconstructor", ready: list[Capture], images: torch.Tensor, out, cfg: ReconstructConfig):
-    """Fit a batch of captures (:mod:`dfmvr.fit`): their given masks where they have them (the
-    parse net's elsewhere), their landmarks (given, or the landmarker's on photos; NaN where
+    """Fit a batch of captures (:mod:`dfmvr.fit`): their given masks where they have them, else
+    the face mesh's part masks of photos, else the parse net's, their landmarks (given, or the landmarker's on photos; NaN where
     none), from the network's prediction or the mean face."""
     from dfmvr.fit import FitConfig
 
@@ -443,11 +451,12 @@ def _fit(recon: "Reconstructor", ready: list[Capture], images: torch.Tensor, out
     lmk = torch.from_numpy(np.stack([c.lmk2d if c.lmk2d is not None else np.full((v, 68, 2), np.nan, np.float32)
                                      for c in ready]).astype(np.float32))
     masks = None
-    if any(c.masks is not None for c in ready):
+    own = [c.masks if c.masks is not None else c.part_masks for c in ready]
+    if any(m is not None for m in own):
         masks = recon.make_masks(images).cpu()
-        for i, c in enumerate(ready):
-            if c.masks is not None:
-                masks[i] = torch.from_numpy(c.masks.astype(np.int64))
+        for i, m in enumerate(own):
+            if m is not None:
+                masks[i] = torch.from_numpy(m.astype(np.int64))
     no_lmk = [c.name for c in ready if c.lmk2d is None]
     if no_lmk:
         _logger.warning("fitting without landmarks (none given or found): %s", ", ".join(no_lmk))

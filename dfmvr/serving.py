@@ -93,6 +93,14 @@ class Reconstructor:
                              "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
         return cls(model, cfg, parse_net, payload, source)
 
+    def landmark_detector(self):
+        """The face detector and landmarker (:class:`dfmvr.detect.FaceDetector`), loaded once."""
+        from dfmvr.detect import FaceDetector
+
+        if self._detector is None:
+            self._detector = FaceDetector()
+        return self._detector
+
     def photo_aligner(self, *, largest: bool = False):
         """A :class:`dfmvr.detect.PhotoAligner` for this model's crops (its face model's mean face
         at ``model.view_yaw_deg``, at its input size); the detector is loaded once.
@@ -100,12 +108,10 @@ class Reconstructor:
         Raises:
             dfmvr.detect.DetectExtraMissing: the ``detect`` extra is not installed.
         """
-        from dfmvr.detect import FaceDetector, PhotoAligner
+        from dfmvr.detect import PhotoAligner
 
-        if self._detector is None:
-            self._detector = FaceDetector()
         return PhotoAligner.for_model(self.model.face.model, self.cfg.model.view_yaw_deg, self.model.image_size,
-                                      detector=self._detector, largest=largest)
+                                      detector=self.landmark_detector(), largest=largest)
 
     @property
     def device(self) -> torch.device:

@@ -90,7 +90,8 @@ class EvalConfig:
     """Where fitting starts: ``network`` or ``mean`` (the mean face: what fitting does alone)."""
     fit_landmarks: str = "given"
     """The views' landmarks the fit reads: ``given`` (the samples' own 68) or ``mesh`` (the face
-    mesh landmarker's, found on each view as on a photo: :mod:`dfmvr.facemesh`)."""
+    mesh landmarker's on each aligned view, :func:`dfmvr.facemesh.crop_points68`, the side views'
+    jaw left out as on photos)."""
 
     def __post_init__(self) -> None:
         if self.fit_steps < 0:
@@ -218,6 +219,8 @@ class ChunkResult:
     """With fitting: per fitted sample, its terms before and after."""
     fit_seconds: float = 0.0
     """With fitting: seconds spent fitting."""
+    fit_landmarks_found: int = 0
+    """With ``fit_landmarks="mesh"``: views the landmarker found a face in."""
     skipped: list[Skipped] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     seconds: float = 0.0
@@ -247,9 +250,10 @@ def _fitted(recon: "Reconstructor", images: torch.Tensor, lmk2d: torch.Tensor, n
     from dfmvr.fit import FitConfig
 
     if cfg.fit_landmarks == "mesh":
-        from dfmvr.facemesh import crop_landmarks68
+        from dfmvr.facemesh import crop_points68, without_side_jaw
 
-        lmk2d = torch.from_numpy(crop_landmarks68(to_uint8(images.cpu()))).float()
+        lmk2d = torch.from_numpy(without_side_jaw(crop_points68(to_uint8(images.cpu())), VIEWS)).float()
+        result.fit_landmarks_found += int(np.isfinite(lmk2d[..., 0, 0]).sum())
     with torch.enable_grad():
         fitted = recon.fit(images, None, lmk2d, init=network.coeffs if cfg.fit_from == "network" else None,
                            cfg=FitConfig(steps=cfg.fit_steps, start=cfg.fit_from))
@@ -443,6 +447,7 @@ def merge(results: Iterable[ChunkResult], n_overlays: int) -> ChunkResult:
         total.seconds += r.seconds
         total.fit_terms += r.fit_terms
         total.fit_seconds += r.fit_seconds
+        total.fit_landmarks_found += r.fit_landmarks_found
         for name, d in r.distances.items():
             total.distances.setdefault(name, []).extend(d)
     return total
@@ -484,6 +489,7 @@ def summarize(result: ChunkResult) -> dict[str, Any]:
         n = len(result.fit_terms)
         summary["fit"] = {
             "samples": n, "seconds_per_triplet": result.fit_seconds / n,
+            "views_with_landmarks_found": result.fit_landmarks_found,
             "before": {k: float(np.mean([b[k] for b, _ in result.fit_terms])) for k in result.fit_terms[0][0]},
             "after": {k: float(np.mean([a[k] for _, a in result.fit_terms])) for k in result.fit_terms[0][1]},
         }

@@ -141,7 +141,6 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
         SweepError: the sweep exists and ``resume`` is False, or there is nothing to resume.
         dfmvr.train.launch.PreflightError: unreachable S3 or MLflow, missing shards.
     """
-    import ray
     from ray import tune
 
     from dfmvr import tracking
