@@ -1,6 +1,7 @@
 # make train: set up .venv (if needed) and run the main training job on embedded defaults.
 # make test:  set up .venv (if needed) and run every test, unit and integration.
-# make train-long: the longer embedded run (at most 2 hours on 2 cores; docs/training.md).
+# make train-long: the longer embedded run (at most 2 hours on 2 cores; docs/training.md,
+# measured in docs/notes/training-readings.md, "The longer embedded run").
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

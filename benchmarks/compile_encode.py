@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dfmvr.facemodel import build_face_model  # noqa: E402
 from dfmvr.model import DFMVR  # noqa: E402
-from dfmvr.parsing import N_PARSE_CLASSES  # noqa: E402
+from dfmvr.train.parsing import N_PARSE_CLASSES  # noqa: E402
 from dfmvr.presets import get_preset  # noqa: E402
 
 

@@ -19,7 +19,7 @@ landmarks and parsing masks. On each render:
   five corners against the true corners, and of the mesh's 68 points.
 - **masks**: per-class IoU over all renders of a yaw (one confusion matrix) of
   :func:`dfmvr.facemesh.part_masks` and of the builtin parse net (``model.parse_net=builtin``,
-  trained on such renders at 64 px; :func:`dfmvr.parsing.predict_masks` resizes to it).
+  trained on such renders at 64 px; :func:`dfmvr.train.parsing.predict_masks` resizes to it).
 - **ms per face**: the mesh's two passes (crops included), the rasteriser, the parse net at
   one thread.
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfmvr.data.align import corner_points  # noqa: E402
 from dfmvr.facemesh import FaceMesh, part_masks, points68  # noqa: E402
 from dfmvr.facemodel.model import PARSE_CLASSES  # noqa: E402
-from dfmvr.parsing import class_iou, confusion_matrix, predict_masks  # noqa: E402
+from dfmvr.train.parsing import class_iou, confusion_matrix, predict_masks  # noqa: E402
 
 JAW, INNER = slice(0, 17), slice(17, 68)
 

@@ -14,7 +14,7 @@ against the mean face's). The renderer's backend is the one ``render.backend=aut
 device (pytorch3d where it imports, else dfmvr's PyTorch rasteriser); both are timed on one
 batch when both are there.
 
-Made for the few minutes of a lent GPU (docs/training.md, "On a GPU"); runs on the CPU too
+Made for the few minutes of a lent GPU (docs/notes/training-readings.md, "On a GPU"); runs on the CPU too
 (``--device cpu``, small ``--seconds`` and ``--subjects``: the test does this). ``--json`` prints
 one JSON object as the last line: ``results`` (per preset ``<preset>_triplets_per_s_fp32``,
 ``<preset>_triplets_per_s_bf16``, ``<preset>_val_gain_pct_last``), every curve's points, the

@@ -13,7 +13,7 @@ next to the mean face's. No rendering, no pose, no photometric term: a ceiling f
 network can extract from the same number of triplets, not a model we ship.
 
 Results: per checkpoint step, ``val_rmse_mm``, ``train_rmse_mm`` and the improvement over the
-mean face in percent; with ``--json`` the last stdout line is one JSON object (DESIGN.md
+mean face in percent; with ``--json`` the last stdout line is one JSON object (docs/design.md
 "Machine-readable results") with ``final_val_gain_pct`` and ``final_train_gain_pct``.
 """
 

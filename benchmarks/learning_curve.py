@@ -195,7 +195,7 @@ def main() -> None:
         curve_overrides(name)  # unknown names fail before the data is loaded
 
     # batch 8 per step in this one process (make train's 2 workers take 8 each, 16 per step; in one
-    # process batch 8 learned more per triplet than 16: docs/training.md)
+    # process batch 8 learned more per triplet than 16: docs/notes/training-readings.md, "Training efficiency")
     size = {"data.image_size": args.image_size, "render.image_size": args.image_size} if args.image_size else {}
     # without a parse net, no curve can read its masks: the shards' own are the default then
     base = apply_overrides(tiny(), {"data.url": str(args.data), "data.num_workers": 0, "data.batch_size": 8,

@@ -23,7 +23,7 @@ decode-only ceiling, and synthetic generation throughput.
 Every epoch (ours and the ceiling's) includes starting its DataLoader workers, as training does
 with ``persistent_workers=False``; epochs of the two alternate so that load from other processes
 falls on both alike, and the median epoch counts. The last stdout line with ``--json`` is one JSON object
-(DESIGN.md "Machine-readable results").
+(docs/design.md "Machine-readable results").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/parsenet_curve.py --data work/shards [--steps 600] [--val-every 200]
         [--variant NAME=KEY=VALUE;KEY=VALUE ...] [--threads 2] [--json]
 
-Every variant trains with :func:`dfmvr.parsing.train_parsenet` on the same shards from the same
+Every variant trains with :func:`dfmvr.train.parsing.train_parsenet` on the same shards from the same
 seed, in this one process, on the tiny preset's parse-net settings with the variant's overrides
 (``--variant unet_w=parsenet.arch=unet;parsenet.class_weights=0.3,0.5,3,3,3,3,1.5,3,2,2``; without
 ``--variant``, the four of docs/parsenet.md's table). Validation runs on the whole val split; its
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfmvr.config import apply_overrides, parse_cli_overrides  # noqa: E402
 from dfmvr.facemodel.model import PARSE_CLASSES  # noqa: E402
 from dfmvr.nets import create_parsenet  # noqa: E402
-from dfmvr.parsing import train_parsenet  # noqa: E402
+from dfmvr.train.parsing import train_parsenet  # noqa: E402
 from dfmvr.presets import tiny  # noqa: E402
 
 WEIGHTS = "0.3,0.5,3,3,3,3,1.5,3,2,2"

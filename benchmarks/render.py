@@ -5,14 +5,14 @@
 The mesh is the procedural face model at 35709 vertices (BFM's count) when
 ``dfmvr.facemodel.procedural`` is importable, else a stand-in of the same size (the front of an
 ellipsoid, 189 x 189 grid: 35721 vertices, 70688 faces); the output says which. ``--batch``
-near-frontal views (yaw spread over +-15 degrees) at the DESIGN.md camera (distance 10, focal
-1015 at 224 px) fill a realistic part of the image. One timed step is: render (image with
-gradients to vertex positions and colours), an L2 photometric loss against a fixed target,
-``backward()``. The torch backend gets one warm-up step and ``--repeat`` timed steps (median
-reported); pytorch3d's CPU rasteriser is naive (seconds per image), so it runs
+near-frontal views (yaw spread over +-15 degrees) at the camera of docs/design.md ("Camera":
+distance 10, focal 1015 at 224 px) fill a realistic part of the image. One timed step is:
+render (image with gradients to vertex positions and colours), an L2 photometric loss against
+a fixed target, ``backward()``. The torch backend gets one warm-up step and ``--repeat`` timed
+steps (median reported); pytorch3d's CPU rasteriser is naive (seconds per image), so it runs
 ``--pytorch3d-repeat`` (default 1) timed steps after a warm-up at 16 px.
 
-With ``--json`` the last stdout line is one JSON object (DESIGN.md "Machine-readable results"):
+With ``--json`` the last stdout line is one JSON object (docs/design.md "Machine-readable results"):
 ``results.torch_s_per_image``, ``results.pytorch3d_s_per_image`` (seconds, forward+backward),
 ``results.speedup_torch_over_pytorch3d`` and forward-only, process-CPU-time (all threads) and
 agreement figures. Wall times on a shared machine depend on its load, which is printed.

@@ -47,7 +47,7 @@ Shards are made once, with ``dfmvr.data.synth.generate(size=64, n_vertices=2500)
 same ``--work``. The tiny preset's own loader settings apply (``data.num_workers`` DataLoader
 workers per rank).
 
-``--json`` prints one JSON object as the last line (DESIGN.md "Machine-readable results") with
+``--json`` prints one JSON object as the last line (docs/design.md "Machine-readable results") with
 ``tiny_1worker_triplets_per_s``, ``tiny_2worker_triplets_per_s``, ``submit_to_first_step_s``
 and ``ray_start_s`` among its results. The machine is shared: the load average before and
 after every run is reported, and wall times swing with it.

@@ -31,7 +31,7 @@ step (all threads; on a loaded machine wall time stretches, CPU time much less),
 breakdown (backbone, regressor, decode = face model + render + landmarks, losses), backward,
 parameter counts, and the resident-memory high-water mark during the case's steps (VmHWM,
 reset before each step through ``/proc/self/clear_refs``) and its rise over the resident
-memory just before the step. ``--json`` prints one JSON object as the last line (DESIGN.md
+memory just before the step. ``--json`` prints one JSON object as the last line (docs/design.md
 "Machine-readable results") with ``paper_full_s_per_triplet``,
 ``paper_ref_trinet_s_per_triplet``, ``paper_full_over_ref_trinet`` and
 ``tiny_triplets_per_s`` among its results.

@@ -65,7 +65,7 @@ class RenderConfig:
     image_size: int = 224
     """Square image side in pixels; the camera's focal length and centre scale with it."""
     focal_224: float = 1015.0
-    """Focal length in pixels at 224 px (DESIGN.md camera)."""
+    """Focal length in pixels at 224 px (docs/design.md, "Camera")."""
     camera_distance: float = 10.0
     """Camera position on +z in face-model units (decimetres), looking down -z."""
     znear: float = 5.0
@@ -161,13 +161,13 @@ class ModelConfig:
     involution_norm: Literal["group", "batch"] = "group"
     """Normalisation in RedNet's involution kernel generators: ``group`` (per sample; eval mode
     cannot overflow) or ``batch`` (the involution paper's; its eval mode overflowed to inf early in
-    training, docs/training.md)."""
+    training, docs/notes/training-readings.md, reading 3)."""
     mask_input: bool = True
     """Concatenate each view's parsing mask to its image (paper: yes)."""
     mask_encoding: Literal["ids", "onehot"] = "ids"
     """How the mask joins the image: ``ids`` (one channel of class ids scaled to [-1, 1]) or
-    ``onehot`` (one channel per parsing class, each part's silhouette on its own; DESIGN.md allows
-    both)."""
+    ``onehot`` (one channel per parsing class, each part's silhouette on its own; docs/design.md,
+    "Network inputs and outputs", allows both)."""
     input_masks: Literal["given", "parse_net"] = "parse_net"
     """Whose parsing masks the pipeline uses: the network's input (with ``mask_input``), the
     photometric weight map and the mask loss's target. ``parse_net`` (the paper's pipeline, every
@@ -200,7 +200,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """Loss weights (reference defaults, DESIGN.md table) and switches."""
+    """Loss weights (reference defaults, docs/design.md "Losses") and switches."""
 
     photo: float = 24.0
     """Mask-weighted photometric loss."""
@@ -226,7 +226,8 @@ class LossConfig:
     """Scale of the gradient that the picture-space terms (photometric, mask, 2D landmarks) send
     into the shape coefficients (identity, expression). 1: plain backpropagation (the paper);
     0: the shape learns from the 3D landmarks only while pose, texture and light still learn
-    from the pictures. Loss values are the same either way (``docs/training.md``)."""
+    from the pictures. Loss values are the same either way (``docs/notes/training-readings.md``,
+    readings 8, 11 and 27)."""
     backbone_grad_2d: float = 1.0
     """Scale of the gradient that the coefficients other than the shape (per-view pose, texture,
     light: what the picture terms and the small regularisers train) send into the network below
@@ -392,7 +393,7 @@ class TrackingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ParseNetConfig:
-    """The face parse net's own training job (``jobs/train_parsenet.py``, :mod:`dfmvr.parsing`).
+    """The face parse net's own training job (``jobs/train_parsenet.py``, :mod:`dfmvr.train.parsing`).
 
     It trains on the ``data`` section's shards (samples with masks; its splits and image size),
     and on single-view face-parsing shards (``data_url``) when given.

@@ -22,7 +22,8 @@ def register_preset(fn: Callable[[], Config]) -> Callable[[], Config]:
 
 @register_preset
 def tiny() -> Config:
-    """64 px on 2 CPU cores; every choice below is measured in docs/training.md ("Training efficiency")."""
+    """64 px on 2 CPU cores; every choice below is measured in docs/notes/training-readings.md
+    ("Training efficiency" and the readings), and summed up in docs/training.md."""
     return apply_overrides(Config(), {
         "facemodel.n_vertices": 2500,
         "render.image_size": 64,
@@ -33,7 +34,8 @@ def tiny() -> Config:
         "model.regressor_width": 16,
         # one bottleneck per RedNet stage instead of 3, 4, 6, 3: the same identity per triplet
         # (18.0% against 18.3% after 16k) at 31% more triplets per second, which pays for the
-        # parse net and the mask loss inside make train's 13 minutes (docs/training.md)
+        # parse net and the mask loss inside make train's 13 minutes (docs/notes/training-readings.md,
+        # reading 6)
         "model.regressor_blocks": (1, 1, 1, 1),
         # each parsing class in its own input channel instead of one channel of class ids: every
         # part's silhouette (the side views' profiles above all) is there for the first convolution
@@ -63,7 +65,7 @@ def tiny() -> Config:
         # 12 min 15 s after the job starts (data and parse net included), so the job ends within
         # 13 minutes; 2 CPU workers x batch 8 train as many steps as fit, at most 2400, with the
         # cosine decay over the last 40% of them (1800 steps in 10-12 minutes of job on the
-        # machines measured, 35-57 triplets/s; docs/training.md, reading 28)
+        # machines measured, 35-57 triplets/s; docs/notes/training-readings.md, reading 28)
         "train.time_budget_s": 735.0,
         "optim.cosine_after": 1440,
         "train.steps": 2400,

@@ -2,8 +2,8 @@
 
 ``dfmvr.serving.load(uri)`` takes a checkpoint directory, ``s3://``, ``runs:/RUN_ID/model`` or
 ``models:/NAME/VERSION`` and returns a :class:`Reconstructor`; ``reconstruct(left, front,
-right)`` turns three uint8 face crops into a mesh. :class:`DFMVRPyfunc` is the MLflow pyfunc
-wrapper the training job logs and registers, so the MLflow UI's model can be served as is.
+right)`` turns three uint8 face crops into a mesh (the MLflow pyfunc over it that the training
+job logs and registers is :class:`dfmvr.bundle.DFMVRPyfunc`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow.pyfunc
 import numpy as np
 import torch
 
@@ -54,7 +53,7 @@ class Reconstructor:
         """Load from a checkpoint path or URI (``s3://``, ``runs:/``, ``models:/``). MLflow URIs are
         looked up where the jobs log: ``tracking_uri``, else ``MLFLOW_TRACKING_URI`` (or
         ``mlflow.set_tracking_uri``), else ``work/mlflow.db`` in the current folder
-        (:func:`dfmvr.train.checkpoint.registry_store`).
+        (:func:`dfmvr.tracking.registry_store`).
 
         Args:
             uri: where the checkpoint is.
@@ -190,10 +189,11 @@ class Reconstructor:
             dfmvr.detect.DetectExtraMissing: photos, and the ``detect`` extra is not installed.
         """
         extra: dict[str, Any] = {}
+        fit_masks = None
         if aligned:
             views, mask_arr = prepare_capture((left, front, right), masks, self.model.image_size, "capture")
         else:
-            from dfmvr.reconstruct import align_photos
+            from dfmvr.capture import align_photos
 
             cap = align_photos(self.photo_aligner(largest=largest_face), "capture", "capture",
                                [np.asarray(v) for v in (left, front, right)],
@@ -207,6 +207,7 @@ class Reconstructor:
                 lmk2d = np.stack([transform_points(m, p) for m, p in zip(cap.matrices, np.asarray(lmk2d))])
             elif cap.lmk2d is not None:
                 lmk2d = cap.lmk2d
+            fit_masks = cap.part_masks if mask_arr is None else None
         mask_t = torch.from_numpy(mask_arr)[None] if mask_arr is not None else None
         images = to_model_tensor(views[None])
         out = self.predict(images, mask_t)
@@ -214,6 +215,8 @@ class Reconstructor:
             from dfmvr.fit import FitConfig
 
             lmk_t = None if lmk2d is None else torch.as_tensor(np.asarray(lmk2d, np.float32))[None]
+            if mask_t is None and fit_masks is not None:  # the face mesh's parts of the photos
+                mask_t = torch.from_numpy(fit_masks.astype(np.int64))[None]
             res = self.fit(images, mask_t, lmk_t, init=out.coeffs, cfg=FitConfig(steps=fit_steps))
             extra["fit"] = {"steps": fit_steps, "seconds": res.seconds, "before": res.before[0], "after": res.after[0]}
             extra["network_coeffs"] = out.coeffs[0].cpu().numpy()
@@ -259,32 +262,3 @@ def load(uri: str | Path, device: str | torch.device = "cpu",
     :meth:`Reconstructor.from_checkpoint`): ``dfmvr.load("models:/dfmvr@champion")`` in the folder
     ``make train`` ran in finds the champion in its ``work/mlflow.db``."""
     return Reconstructor.from_checkpoint(uri, device, overrides, tracking_uri=tracking_uri)
-
-
-class DFMVRPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc over a model bundle.
-
-    ``predict({"images": uint8 [B, 3, H, H, 3]})`` (left, front, right; square aligned crops of
-    any side, resized to the model's) -> ``{"vertices": float32 [B, N, 3]`` (model frame,
-    decimetres), ``"faces": int [F, 3]``, ``"coeffs": float32 [B, 269]}``. Masks (``"masks":
-    uint8 [B, 3, H, H]``) are optional: the bundled parse net makes them.
-    """
-
-    def load_context(self, context) -> None:
-        self.reconstructor = Reconstructor.from_checkpoint(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input, params=None):
-        if not isinstance(model_input, dict) or "images" not in model_input:
-            raise ValueError(f"model input: expected a dict with 'images' (uint8 [B, 3, H, H, 3]), "
-                             f"got {type(model_input).__name__}")
-        raw = np.asarray(model_input["images"])
-        if raw.ndim != 5 or raw.shape[1] != 3:
-            raise ValueError(f"model input 'images': expected uint8 [B, 3, H, H, 3], got shape {list(raw.shape)}")
-        masks = model_input.get("masks")
-        prepared = [prepare_capture(raw[b], None if masks is None else masks[b], self.reconstructor.model.image_size,
-                                    f"capture {b}") for b in range(len(raw))]
-        images = to_model_tensor(np.stack([v for v, _ in prepared]))
-        mask_t = torch.from_numpy(np.stack([m for _, m in prepared])) if masks is not None else None
-        out = self.reconstructor.predict(images, mask_t)
-        return {"vertices": out.shape.cpu().numpy(), "faces": self.reconstructor.model.face.model.tri.cpu().numpy(),
-                "coeffs": out.coeffs.cpu().numpy()}

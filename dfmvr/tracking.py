@@ -228,81 +228,51 @@ instead of the parse net's: an upper bound no real input has; logged for models 
 parse net's masks, where the shards carry masks."""
 
 
-def dfmvr_requirement() -> str:
-    """The pip requirement that installs exactly the dfmvr running now: ``dfmvr @ file:///...`` for
-    a local checkout or wheel (PEP 610 ``direct_url.json``), else ``dfmvr==VERSION``; never a bare
-    ``dfmvr`` that a package index could satisfy with someone else's package."""
-    import json
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("dfmvr")
-    except metadata.PackageNotFoundError:
-        raise RuntimeError("dfmvr is not installed (pip install -e .): the logged model could not name it") from None
-    direct = dist.read_text("direct_url.json")
-    if direct:
-        url = json.loads(direct).get("url")
-        if url:
-            return f"dfmvr @ {url}"
-    return f"dfmvr=={dist.version}"
+EMBEDDED_STORE = Path("work") / "mlflow.db"
+"""The jobs' embedded MLflow store, relative to the folder they run in (``work_dir`` ``work``)."""
 
 
-def _version_score(client, name: str, version: str) -> float | None:
-    tags = client.get_model_version(name, version).tags or {}
-    try:
-        return float(tags[VAL_METRIC])
-    except (KeyError, ValueError):
-        return None
+def registry_store(tracking_uri: str | None = None) -> str:
+    """Where a ``runs:/`` or ``models:/`` URI is looked up, as the jobs resolve it: ``tracking_uri``,
+    else the URI MLflow was pointed at in this process (``mlflow.set_tracking_uri``) or by
+    ``MLFLOW_TRACKING_URI``, else the embedded store ``work/mlflow.db`` of the current folder when
+    it exists. Nothing is created.
 
-
-def register_best(run_id: str, checkpoint_dir: str | Path, name: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """Log ``checkpoint_dir`` (a whole model bundle: weights, parse net, face-model signature,
-    config) as an MLflow pyfunc model in ``run_id``, register it as a new version of ``name`` and
-    move alias ``champion`` to it when its ``val/rmse_mm`` beats the current champion's (or there
-    is none).
-
-    Returns:
-        ``model_uri`` (``runs:/...``), ``registered_uri`` (``models:/NAME/VERSION`` or None),
-        ``version``, ``champion`` (True when the alias moved here), ``champion_uri``
-        (``models:/NAME@champion``), ``previous_champion`` (version or None) and its score.
+    Raises:
+        FileNotFoundError: none of them: no store to look in (naming where it looked).
     """
+    if tracking_uri:
+        return tracking_uri
     import mlflow
 
-    from dfmvr.serving import DFMVRPyfunc
+    if mlflow.tracking.is_tracking_uri_set():
+        return mlflow.get_tracking_uri()
+    embedded = Path.cwd() / EMBEDDED_STORE
+    if embedded.is_file():
+        return f"sqlite:///{embedded}"
+    raise FileNotFoundError(f"no MLflow store to look in: MLFLOW_TRACKING_URI is not set and there is no {embedded} "
+                            "(the jobs' embedded store, made by python jobs/train.py in this folder); set "
+                            "MLFLOW_TRACKING_URI, or run from the folder the jobs ran in")
 
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=DFMVRPyfunc(),
-            artifacts={"checkpoint": str(checkpoint_dir)},
-            pip_requirements=[dfmvr_requirement()],
-            metadata={"val_metrics": metrics},
-        )
-    out: dict[str, Any] = {"model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}", "logged_model_uri": info.model_uri,
-                           "registered_uri": None, "version": None, "champion": False, "champion_uri": None,
-                           "previous_champion": None, "previous_champion_score": None}
-    if not name:
-        return out
-    from mlflow.exceptions import MlflowException
 
-    mv = mlflow.register_model(info.model_uri, name, tags={k: f"{v:.6g}" for k, v in metrics.items()})
-    client = mlflow.MlflowClient()
-    desc = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    client.update_model_version(name, mv.version, description=f"run {run_id}: {desc}")
-    out["registered_uri"] = f"models:/{name}/{mv.version}"
-    out["version"] = str(mv.version)
-    try:
-        current = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
-    except MlflowException:
-        current = None
-    score = metrics.get(VAL_METRIC)
-    best = _version_score(client, name, current) if current is not None else None
-    out["previous_champion"], out["previous_champion_score"] = current, best
-    if score is not None and (current is None or best is None or float(score) < best):
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
-        out["champion"] = True
-    out["champion_uri"] = f"models:/{name}@{CHAMPION_ALIAS}"
-    return out
+def artifact_uri(uri: str, store: str) -> str:
+    """``uri`` with a ``models:/`` name resolved in ``store``'s registry to where its artifacts are.
+
+    MLflow 3.17's ``download_artifacts`` looks ``models:/NAME@ALIAS`` up in the process's default
+    registry whatever ``registry_uri`` it is given (and creates ``mlflow.db`` in the current folder
+    doing so), so the name is resolved here with a client bound to ``store``."""
+    if not uri.startswith("models:/"):
+        return uri
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    base, path = ModelsArtifactRepository.split_models_uri(uri)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    found = get_model_name_and_version(client, base)
+    root = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
+            else client.get_model_version_download_uri(*found))
+    return f"{root.rstrip('/')}/{path}" if path else root
 
 
 def ui_command(uri: str) -> str:

@@ -38,7 +38,7 @@ from dfmvr.cli import parse_job_args, print_summary  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     args, cfg, note = parse_job_args(__doc__, argv)
 
-    from dfmvr.parsing import run_job
+    from dfmvr.train.parsing import run_job
 
     summary = run_job(cfg, overrides_note=note)
     print_summary("parse net", {k: v for k, v in summary.items() if k not in ("iou", "iou_photo")})

@@ -48,7 +48,7 @@ from dfmvr.data.shards import (
     write_manifest,
 )
 from dfmvr.nets.parsenet import BiSeNet, load_parsenet
-from dfmvr.parsing import predict_masks
+from dfmvr.train.parsing import predict_masks
 
 _logger = logging.getLogger(__name__)
 

@@ -205,7 +205,7 @@ class AlignmentTemplate:
     @classmethod
     def from_face_model(cls, model: FaceModel, yaw_deg: tuple[float, ...] | list[float], size: int,
                         *, focal_224: float = 1015.0) -> "AlignmentTemplate":
-        """Project the mean face of ``model`` at each yaw with the DESIGN.md camera."""
+        """Project the mean face of ``model`` at each yaw with the camera of docs/design.md ("Camera")."""
         cam = Camera.at_size(224, focal_224=focal_224)
         projected = {float(y): project_mean_landmarks(model, float(y), cam) for y in yaw_deg}
         return cls(size=size, points_224={y: five_points(p) for y, p in projected.items()},

@@ -6,7 +6,7 @@ white balance and exposure, out of focus or shaken, noisy, and JPEG-compressed.
 :class:`PhotoAugment` degrades one view ``(image uint8 [S, S, 3] RGB, mask uint8 [S, S])`` that
 way, each component on with its own probability; :func:`augment_views` does it to a training
 batch (``[N, 3, S, S]`` in [-1, 1], ``[N, S, S]`` int64). Horizontal flips are not here:
-:func:`dfmvr.parsing.random_hflip` does them, with the left/right class swap they need.
+:func:`dfmvr.train.parsing.random_hflip` does them, with the left/right class swap they need.
 
 Order of the stages, and why
 ----------------------------

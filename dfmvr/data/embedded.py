@@ -17,8 +17,9 @@ DATA_URL_ENV = "DFMVR_DATA_URL"
 # The synthetic dataset is data.synth_subjects x data.synth_captures (2000 x 2 by default).
 # Identity generalises only with many subjects: with 240 training subjects a model regressing
 # the 3D landmarks directly overfits and stalls at 24% below the mean face's error after 32k
-# triplets; with 1600 it reaches 38% and is still improving (docs/training.md,
-# benchmarks/identity_ceiling.py). 4000 triplets at 64 px take about 40 s on two cores.
+# triplets; with 1600 it reaches 38% and is still improving (docs/notes/training-readings.md,
+# "Earlier analysis"; benchmarks/identity_ceiling.py). 4000 triplets at 64 px take about 40 s
+# on two cores.
 
 
 def default_data_url(cfg: Config) -> str:

@@ -1,7 +1,7 @@
 """WebDataset shards of multi-view face captures, and the ``manifest.json`` beside them.
 
-One sample is one capture of one subject with all three views (DESIGN.md "Shards"). Its key is
-``{subject}-{capture}`` and its tar entries are::
+One sample is one capture of one subject with all three views (docs/design.md "Shard schema").
+Its key is ``{subject}-{capture}`` and its tar entries are::
 
     {key}.left.png  {key}.front.png  {key}.right.png     RGB uint8 [S, S, 3] (or .jpg)
     {key}.left.mask.png ...                              uint8 class map [S, S] (0..9), optional

@@ -14,7 +14,7 @@ composited over their backgrounds with the coverage mask.
 Each sample carries: the images; the parsing masks (the renderer's per-pixel region labels);
 the 68 projected landmarks per view (``Camera.project`` of the posed keypoint vertices); the
 3D landmarks (vertices ``lm3d_index`` of the shape in the face-model frame, before any pose:
-DESIGN.md's "front view frame" for lm3d is this frame, the frame the reconstruction's shape
+the frame of the lm3d loss in docs/design.md ("Losses"), the frame the reconstruction's shape
 lives in before its per-view rigid pose); the ground-truth mesh ``gt.npz`` (model-frame
 vertices, the model's faces, units dm); the true coefficients (``CoeffLayout.join`` of id,
 exp, tex, gamma, per-view angles and translations) and meta.
@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 
@@ -701,10 +702,10 @@ def write_preview(root: str, path: str, *, count: int = 4, scale: int | None = N
     if scale is None:
         scale = max(1, round(160 / manifest.image_size))
     grid = preview_image(samples, scale=scale)
-    from dfmvr.visualize import write_png
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return str(write_png(path, grid))
+    if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: could not write PNG")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ All functions work on NumPy arrays (OpenCV does the pixel work) and are determin
 their inputs and ``rng``; the loader turns their outputs into tensors in
 :func:`dfmvr.data.batch.collate`.
 
-Photometric weight maps (paper Fig. 4; DESIGN.md "Weight map")
----------------------------------------------------------------
+Photometric weight maps (paper Fig. 4; docs/design.md "Weight map")
+--------------------------------------------------------------------
 ``kind="paper"`` (default):
     the face (every non-background class, 1..9) is dilated by ``20 * S / 224`` pixels
     (Euclidean distance, so "dilated by r" means every pixel within r pixels of the face);

@@ -42,7 +42,7 @@ import torch
 
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.shards import VIEWS, read_manifest
-from dfmvr.evaluate.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
+from dfmvr.data.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
 from dfmvr.inputs import to_uint8
 from dfmvr.model import reads_parse_net_masks
 

@@ -151,7 +151,7 @@ def nose_outline(s: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def parse_labels(s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Parsing class (1..9, DESIGN.md) of each canonical point ``[N]``."""
+    """Parsing class (1..9, docs/design.md "Face-parsing classes") of each canonical point ``[N]``."""
     labels = np.full(s.shape, SKIN, dtype=np.int64)
     centre, half = brow_band(s)
     brow = (half > 0) & (np.abs(t - centre) < half)

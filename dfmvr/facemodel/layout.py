@@ -1,6 +1,6 @@
 """The 3DMM coefficient vector: named slices instead of magic numbers.
 
-Layout (DESIGN.md, Deep3DFaceRecon order), for ``V`` views::
+Layout (docs/design.md "Coefficient layout", Deep3DFaceRecon order), for ``V`` views::
 
     [ id (80) | exp (64) | tex (80) | gamma (27) | view 0: angles (3), trans (3) | view 1 ... ]
 

@@ -24,7 +24,7 @@ from dfmvr.facemodel.layout import CoeffLayout
 
 _logger = logging.getLogger(__name__)
 
-# Face-parsing classes (DESIGN.md); left/right are the subject's own.
+# Face-parsing classes (docs/design.md "Face-parsing classes"); left/right are the subject's own.
 PARSE_CLASSES = (
     "background", "skin", "left_brow", "right_brow", "left_eye", "right_eye",
     "nose", "mouth", "upper_lip", "lower_lip",

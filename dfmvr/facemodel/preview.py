@@ -6,7 +6,7 @@
 Columns: the mean face, then random faces (identity, expression and albedo coefficients drawn
 from N(0, scale^2)), then the per-vertex parsing labels of the mean face; rows: yaw -45, 0,
 +45 degrees. Rendered with :class:`dfmvr.render.Renderer` (torch backend) through the
-DESIGN.md camera, Lambertian SH shading of the albedo.
+camera of docs/design.md ("Camera"), Lambertian SH shading of the albedo.
 """
 
 from __future__ import annotations

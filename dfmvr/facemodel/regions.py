@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.path import Path as _Polygon
 
-# class ids (DESIGN.md "Face-parsing classes")
+# class ids (docs/design.md "Face-parsing classes")
 SKIN, L_BROW, R_BROW, L_EYE, R_EYE, NOSE, MOUTH, U_LIP, L_LIP = range(1, 10)
 
 def _poly(points: np.ndarray) -> _Polygon:

@@ -1,4 +1,4 @@
-"""The loss terms of DF-MVR (paper Sec. IV; DESIGN.md "Losses"), one function each.
+"""The loss terms of DF-MVR (paper Sec. IV; docs/design.md "Losses"), one function each.
 
 Images here are in [0, 1] (inputs arrive in [-1, 1] and are mapped by the caller). Shapes use
 ``B`` samples, ``V`` views; per-view tensors are flattened to ``B*V`` by the caller.

@@ -168,7 +168,7 @@ class Involution2d(nn.Module):
             grow with ``x``, the layer is then quadratic in it, and in eval mode, where running
             statistics lag the weights early in training, a stack of such layers squares any
             excess scale at every block and overflows to inf (seen at step 25 of the tiny preset:
-            44 of 200 validation triplets non-finite; ``docs/training.md``).
+            44 of 200 validation triplets non-finite; ``docs/notes/training-readings.md``, reading 3).
         method: how the sum is computed (:func:`involve`): ``"auto"``, ``"loop"`` or
             ``"unfold"``; the same result either way. An attribute, so a built model can be
             switched (the train-step benchmark compares them).

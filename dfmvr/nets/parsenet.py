@@ -4,7 +4,7 @@ DF-MVR uses a parse net frozen: it makes the parsing masks the network reads bes
 (the paper's pipeline: "by leveraging pre-trained BiSeNet, we could attain the corresponding face
 mask"), the masks that weigh the photometric loss, and the mask loss (cross-entropy of its
 prediction on the rendered image against the input's mask). It is trained by its own job
-(:mod:`dfmvr.parsing`).
+(:mod:`dfmvr.train.parsing`).
 
 Architectures are registered by name (``parsenet.arch``; :func:`create_parsenet`,
 :func:`list_parsenets`), every one a :class:`ParseNet`: ``x [B, C_in, H, W]`` in [-1, 1] ->
@@ -501,7 +501,7 @@ def parsenet_from_dict(ckpt: object, source: str, device: str | torch.device = "
     if n_classes is not None and meta["n_classes"] != n_classes:
         raise ValueError(
             f"parse net checkpoint {source}: has {meta['n_classes']} classes, expected {n_classes} "
-            "(DESIGN.md parsing classes)"
+            '(docs/design.md, "Face-parsing classes")'
         )
     arch = meta.get("arch", DEFAULT_ARCH)
     if arch not in _PARSENETS:

@@ -1,4 +1,4 @@
-"""The pinhole camera every dfmvr module shares (DESIGN.md "camera").
+"""The pinhole camera every dfmvr module shares (docs/design.md "Camera").
 
 Perspective, focal 1015 px and principal point 112 px at 224 x 224 (both scale with the image
 size), camera at ``z = distance`` (10 decimetres) on the world +z axis looking down -z, y up in
@@ -33,7 +33,7 @@ class Camera:
     @classmethod
     def at_size(cls, image_size: int, *, focal_224: float = 1015.0, distance: float = 10.0,
                 znear: float = 5.0, zfar: float = 15.0) -> "Camera":
-        """The DESIGN.md camera scaled to ``image_size``."""
+        """The camera of docs/design.md ("Camera") scaled to ``image_size``."""
         scale = image_size / 224.0
         return cls(image_size=image_size, focal=focal_224 * scale, center=112.0 * scale,
                    distance=distance, znear=znear, zfar=zfar)

@@ -136,60 +136,6 @@ def check_face_signature(payload: dict, face_signature: dict, source: str) -> No
         )
 
 
-EMBEDDED_STORE = Path("work") / "mlflow.db"
-"""The jobs' embedded MLflow store, relative to the folder they run in (``work_dir`` ``work``)."""
-
-
-def registry_store(tracking_uri: str | None = None) -> str:
-    """Where a ``runs:/`` or ``models:/`` URI is looked up, as the jobs resolve it: ``tracking_uri``,
-    else the URI MLflow was pointed at in this process (``mlflow.set_tracking_uri``) or by
-    ``MLFLOW_TRACKING_URI``, else the embedded store ``work/mlflow.db`` of the current folder when
-    it exists. Nothing is created.
-
-    Raises:
-        FileNotFoundError: none of them: no store to look in (naming where it looked).
-    """
-    if tracking_uri:
-        return tracking_uri
-    import mlflow
-
-    if mlflow.tracking.is_tracking_uri_set():
-        return mlflow.get_tracking_uri()
-    embedded = Path.cwd() / EMBEDDED_STORE
-    if embedded.is_file():
-        return f"sqlite:///{embedded}"
-    raise FileNotFoundError(f"no MLflow store to look in: MLFLOW_TRACKING_URI is not set and there is no {embedded} "
-                            "(the jobs' embedded store, made by python jobs/train.py in this folder); set "
-                            "MLFLOW_TRACKING_URI, or run from the folder the jobs ran in")
-
-
-def _redacted(uri: str) -> str:
-    """``uri`` without a password (``user:password@host``), for messages."""
-    import re
-
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
-
-
-def _artifact_uri(uri: str, store: str) -> str:
-    """``uri`` with a ``models:/`` name resolved in ``store``'s registry to where its artifacts are.
-
-    MLflow 3.17's ``download_artifacts`` looks ``models:/NAME@ALIAS`` up in the process's default
-    registry whatever ``registry_uri`` it is given (and creates ``mlflow.db`` in the current folder
-    doing so), so the name is resolved here with a client bound to ``store``."""
-    if not uri.startswith("models:/"):
-        return uri
-    from mlflow import MlflowClient
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    base, path = ModelsArtifactRepository.split_models_uri(uri)
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    found = get_model_name_and_version(client, base)
-    root = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
-            else client.get_model_version_download_uri(*found))
-    return f"{root.rstrip('/')}/{path}" if path else root
-
-
 def load_checkpoint_uri(uri: str, map_location: str | torch.device = "cpu", *,
                         tracking_uri: str | None = None) -> dict[str, Any]:
     """:func:`load_checkpoint` for any URI :func:`resolve_checkpoint` takes; whatever it downloads
@@ -202,7 +148,7 @@ def load_checkpoint_uri(uri: str, map_location: str | torch.device = "cpu", *,
 def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, *, tracking_uri: str | None = None) -> Path:
     """Local path for a checkpoint given as a path, ``s3://``, ``runs:/`` or ``models:/`` URI.
 
-    ``runs:/`` and ``models:/`` are looked up in :func:`registry_store` (``tracking_uri``, else
+    ``runs:/`` and ``models:/`` are looked up in :func:`dfmvr.tracking.registry_store` (``tracking_uri``, else
     where the jobs log). A download goes to ``cache_dir``, else to a new temporary folder the
     caller owns (and should remove); :func:`load_checkpoint_uri` does both for callers that only
     need the payload.
@@ -211,9 +157,9 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, *, trackin
         FileNotFoundError: nothing there; for MLflow URIs the message names the store searched.
     """
     if uri.startswith(("runs:/", "models:/")):
-        # MLflow's artifact API directly, not dfmvr.tracking: tracking registers models with the
-        # serving layer's pyfunc, which loads checkpoints through this module
         import mlflow
+
+        from dfmvr.tracking import artifact_uri, redact, registry_store
 
         try:
             store = registry_store(tracking_uri)
@@ -221,10 +167,10 @@ def resolve_checkpoint(uri: str, cache_dir: str | Path | None = None, *, trackin
             raise FileNotFoundError(f"checkpoint {uri}: {e}") from None
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="dfmvr-ckpt-"))
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=_artifact_uri(uri, store), dst_path=str(dst),
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri(uri, store), dst_path=str(dst),
                                                         tracking_uri=store)
         except Exception as e:
-            raise FileNotFoundError(f"checkpoint {uri}: cannot download from the MLflow store {_redacted(store)} "
+            raise FileNotFoundError(f"checkpoint {uri}: cannot download from the MLflow store {redact(store)} "
                                     f"({e})") from e
         return Path(local)
     if uri.startswith("s3://"):

@@ -5,7 +5,7 @@ same model, objective, optimiser, schedule and clipping as :func:`dfmvr.train.lo
 on a split held in memory (no loader, no Ray, no MLflow), with the validation metric of
 training (aligned vertex RMSE against the mean face's on the same triplets) every few
 triplets. Used by ``benchmarks/learning_curve.py`` and the learning test; the numbers it
-gives are what ``docs/training.md`` compares configurations with.
+gives are what ``docs/notes/training-readings.md`` compares configurations with.
 
 ::
 

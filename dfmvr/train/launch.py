@@ -119,7 +119,7 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
     if parse_net is not None and parse_summary is None:
         # a parse net the job did not train (named, builtin, or bundled in a resumed run): its
         # figures on this data's validation views, as its training job gives them
-        from dfmvr.parsing import score_parse_net
+        from dfmvr.train.parsing import score_parse_net
 
         parse_summary = score_parse_net(cfg, parse_net, source=cfg.model.parse_net or "the resumed run's parse net")
     data_url = cfg.data.url
@@ -127,7 +127,8 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
 
     if not ray.is_initialized():
         # a local Ray for this job alone: no dashboard (its processes took about 2% of the two
-        # cores, docs/training.md); `ray start --head` gives one for ray job submit and the UI
+        # cores, docs/notes/training-readings.md, "Where the acceptance of issue #11 stands");
+        # `ray start --head` gives one for ray job submit and the UI
         ray.init(configure_logging=False, log_to_driver=True, include_dashboard=False)
     scaling, n_workers, use_gpu = _scaling(cfg)
 
@@ -221,12 +222,14 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         val.update({k: float(v) for k, v in report.items() if v is not None and math.isfinite(float(v))})
         try:
             with tempfile.TemporaryDirectory(prefix="dfmvr-best-") as tmp:
-                reg = tracking.register_best(run_id, ckpt.to_directory(tmp), cfg.tracking.registered_model, val)
+                from dfmvr.bundle import register_best
+
+                reg = register_best(run_id, ckpt.to_directory(tmp), cfg.tracking.registered_model, val)
         except Exception as exn:  # the run's checkpoint is safe in storage: say how to register it later
             _logger.error("registering the model failed (MLflow %s): %s", tracking.redact(tracking_uri), exn)
             summary["registration_error"] = str(exn)[:500]
             summary["register_later"] = (
-                "python -c \"from dfmvr.tracking import register_best; from dfmvr.train.checkpoint import "
+                "python -c \"from dfmvr.bundle import register_best; from dfmvr.train.checkpoint import "
                 f"resolve_checkpoint; register_best('{run_id}', resolve_checkpoint('{summary['checkpoint']}'), "
                 f"'{cfg.tracking.registered_model}', {val!r})\"")
         else:
@@ -304,7 +307,7 @@ def resolve_parse_net(cfg: Config, resumed: tuple[str, dict] | None = None) -> t
         # a resume keeps training with the parse net its checkpoint bundles, not a new one
         bundle, source = resumed[1]["parse_net"], f"bundled in {resumed[0]}"
     elif needs_parse_net(cfg):
-        from dfmvr.parsing import run_job
+        from dfmvr.train.parsing import run_job
 
         _logger.info("no parse net given (model.parse_net): training one first (parsenet.steps=%d)",
                      cfg.parsenet.steps)

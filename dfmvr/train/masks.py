@@ -62,7 +62,7 @@ def ensure_mask_cache(cfg: Config, parse_net: dict, splits: Iterable[str] | None
         ``(cache, info)``: ``info`` says whether it was made (``made``), in how many seconds and for
         how many samples, and which were skipped.
     """
-    from dfmvr.parsing import predict_masks
+    from dfmvr.train.parsing import predict_masks
 
     endpoint = cfg.data.s3_endpoint or None
     splits = tuple(splits or cache_splits(cfg))

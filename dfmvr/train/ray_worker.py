@@ -174,7 +174,7 @@ def train_func_per_worker(config: dict) -> None:
         # rank 0 alone validates and checkpoints, and BatchNorm in training mode normalises with the
         # batch's own statistics: DDP's default broadcast of rank 0's running statistics before
         # every forward pass changed nothing rank 0 computes and took 4% of a CPU step (py-spy;
-        # docs/training.md, reading 19)
+        # docs/notes/training-readings.md, reading 19)
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     tracker = None

@@ -98,7 +98,7 @@ def ablation() -> SweepPlan:
 @register_sweep
 def loss_weights() -> SweepPlan:
     """Photo, mask, landmark (2D and 3D) and regulariser weights, log-uniform over a factor of 3
-    either side of the reference defaults (DESIGN.md: 24, 1, 2e-2, 1, 3e-4), with ASHA."""
+    either side of the reference defaults (docs/design.md "Losses": 24, 1, 2e-2, 1, 3e-4), with ASHA."""
     return SweepPlan(
         preset="loss-weights",
         space={

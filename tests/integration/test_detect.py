@@ -173,7 +173,7 @@ def _fresh_reconstructor():
     from dfmvr.facemodel import build_face_model
     from dfmvr.model import DFMVR
     from dfmvr.nets.parsenet import BiSeNet
-    from dfmvr.parsing import N_PARSE_CLASSES
+    from dfmvr.train.parsing import N_PARSE_CLASSES
     from dfmvr.presets import tiny
     from dfmvr.serving import Reconstructor
 

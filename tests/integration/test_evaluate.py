@@ -71,7 +71,9 @@ def trained(tmp_path_factory):
         session = LocalSession(root / "ckpts")
         last = run_loop(cfg, session, tracker=RunLogger(tracking_uri, run_id), parse_net=bundle)
         checkpoint = session.checkpoints[-1]
-        reg = tracking.register_best(run_id, checkpoint, "dfmvr-eval-test", {"val/rmse_mm": last["val/rmse_mm"]})
+        from dfmvr.bundle import register_best
+
+        reg = register_best(run_id, checkpoint, "dfmvr-eval-test", {"val/rmse_mm": last["val/rmse_mm"]})
         yield SimpleNamespace(root=root, shards=shards, checkpoint=checkpoint, run_id=run_id, tracking_uri=tracking_uri,
                               runs_uri=reg["model_uri"], models_uri=reg["registered_uri"], cfg=cfg)
 
@@ -168,7 +170,7 @@ def test_evaluate_job_on_ray_matches_in_process_and_logs_to_the_run(trained, tmp
     # the baselines are what they claim: the mean face's NoW error computed directly, and the
     # single-view numbers come from the model fed the front view three times
     from dfmvr.data.shards import read_manifest
-    from dfmvr.evaluate.samples import make_decoder, plan_chunks, read_chunk
+    from dfmvr.data.samples import make_decoder, plan_chunks, read_chunk
 
     manifest = read_manifest(str(trained.shards))
     item = next(read_chunk(plan_chunks(manifest, "test", 1)[0], make_decoder(manifest, 64, with_gt=True)))

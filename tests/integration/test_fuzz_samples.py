@@ -104,7 +104,7 @@ def test_training_loader_yields_exactly_the_good_samples(fuzzed):
 
 
 def test_evaluation_reader_yields_the_good_and_names_the_bad(fuzzed):
-    from dfmvr.evaluate.samples import Skipped, make_decoder, plan_chunks, read_chunk
+    from dfmvr.data.samples import Skipped, make_decoder, plan_chunks, read_chunk
 
     root, good, bad = fuzzed
     manifest = sh.read_manifest(root)

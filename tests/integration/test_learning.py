@@ -94,14 +94,14 @@ def identity_setup(root, *, seed: int = 0):
     masks of the views made into the mask cache, and the splits held in memory with them."""
     from dfmvr.data.synth import generate
     from dfmvr.nets import read_parsenet_file
-    from dfmvr.parsing import score_parse_net
+    from dfmvr.train.parsing import score_parse_net
     from dfmvr.train.curve import load_split
     from dfmvr.train.masks import ensure_mask_cache
 
     generate(str(root), n_subjects=600, n_captures=2, size=64, seed=5, workers=1, n_vertices=2500,
              splits=(0.8, 0.2, 0.0))
     # batch 8: one optimiser step of `make train` (2 workers x the preset's 8 would be 16; one
-    # process at 8 per step is what docs/training.md's curves measure)
+    # process at 8 per step is what the curves of docs/notes/training-readings.md measure)
     cfg = apply_overrides(tiny(), {"data.url": str(root), "data.num_workers": 0, "data.batch_size": 8,
                                    "seed": seed, "parsenet.val_samples": 100, "parsenet.robustness": False})
     bundle = read_parsenet_file(cfg.model.parse_net)

@@ -200,7 +200,7 @@ def test_reconstruct_job_on_plain_pngs_without_masks(trained, synth_root, tmp_pa
 def test_champion_moves_only_to_a_better_version(trained):
     import mlflow
 
-    from dfmvr import tracking as tr
+    from dfmvr import bundle as tr
     from dfmvr.train.checkpoint import resolve_checkpoint
 
     summary, tracking, _ = trained

@@ -24,7 +24,7 @@ def _grid(n=12):
 def _write_mat(path, **overrides):
     rng = np.random.default_rng(0)
     verts, tri = _grid()
-    n, f = len(verts), len(tri)
+    n = len(verts)
     mat = {
         "meanshape": (verts + 2.0).reshape(1, -1),  # off-centre on purpose: the loader re-centres
         "meantex": rng.uniform(50, 200, (1, 3 * n)),

@@ -1,7 +1,8 @@
 """The package's import structure: no import cycles in ``dfmvr/`` (counting imports inside
-functions, which only hide a cycle until the wrong module is imported first), the library never
-imports ``sharding`` (the packing tools build on the library, not the other way round), and
-every module imports on its own in a fresh interpreter in any order."""
+functions, which only hide a cycle until the wrong module is imported first), no import that
+runs up the layers (:data:`LAYERS`), the library never imports ``sharding`` (the packing tools
+build on the library, not the other way round), and every module imports on its own in a fresh
+interpreter in any order."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imported(name: str, file: Path) -> set[str]:
+def _imported(name: str, file: Path, modules: dict[str, Path] | None = None) -> set[str]:
     """Every module named by an import anywhere in ``file`` (except under ``if TYPE_CHECKING:``)."""
     found: set[str] = set()
     package = name.split(".") if file.name == "__init__.py" else name.split(".")[:-1]
@@ -49,8 +50,13 @@ def _imported(name: str, file: Path) -> set[str]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{a.name}" for a in node.names)
+            subs = {f"{module}.{a.name}" for a in node.names}
+            # ``from dfmvr import tracking`` imports the submodule, not the package's own API
+            named = {n for n in subs if modules is not None and n in modules}
+            found.update(named)
+            if len(named) < len(subs) or modules is None:
+                found.add(module)
+                found.update(subs - named)
 
     Visitor().visit(ast.parse(file.read_text(), str(file)))
     return found
@@ -61,7 +67,7 @@ def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     modules = _modules()
     internal, raw = {}, {}
     for name, file in modules.items():
-        names = _imported(name, file)
+        names = _imported(name, file, modules)
         raw[name] = names
         edges = set()
         for n in names:
@@ -107,6 +113,59 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # foundations: the typed config and presets, MLflow's helpers
+    ("dfmvr.tune.settings", "dfmvr.config", "dfmvr.presets", "dfmvr.tracking"),
+    # the face model and the renderer
+    ("dfmvr.facemodel", "dfmvr.render"),
+    # data (shards, synthetic data, loaders), the networks, the loss terms
+    ("dfmvr.data", "dfmvr.nets", "dfmvr.losses"),
+    # the DF-MVR network
+    ("dfmvr.model",),
+    # the training pieces inference shares: the objective, metrics, checkpoints, schedules
+    ("dfmvr.train.objective", "dfmvr.train.metrics", "dfmvr.train.checkpoint", "dfmvr.train.schedule",
+     "dfmvr.train.weights"),
+    # inference and evaluation: inputs, detection, fitting, loading, reconstruction, pictures,
+    # the model bundle in MLflow, the evaluators
+    ("dfmvr.inputs", "dfmvr.visualize", "dfmvr.pictures", "dfmvr.facemesh", "dfmvr.detect", "dfmvr.capture",
+     "dfmvr.fit", "dfmvr.serving", "dfmvr.reconstruct", "dfmvr.bundle", "dfmvr.evaluate"),
+    # the training jobs (the loop, Ray Train, parse-net training), then the sweeps
+    ("dfmvr.train",),
+    ("dfmvr.tune",),
+    # the package's own API (dfmvr.load) and the command line
+    ("dfmvr", "dfmvr.cli"),
+)
+"""Layers, lowest first: a module may import its own layer and those below, never one above.
+A module belongs to the longest prefix listed (``dfmvr.train.objective`` before ``dfmvr.train``)."""
+
+
+def _layer(module: str) -> int | None:
+    best, found = -1, None
+    for i, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), i
+    return found
+
+
+def test_every_module_has_a_layer():
+    graph, _ = _graph()
+    assert [m for m in sorted(graph) if _layer(m) is None] == []
+
+
+def test_no_import_runs_up_the_layers():
+    graph, _ = _graph()
+    upward = sorted(f"{m} (layer {_layer(m)}) imports {n} (layer {_layer(n)})"
+                    for m, names in graph.items() for n in names
+                    if _layer(m) is not None and _layer(n) is not None and _layer(n) > _layer(m))
+    assert upward == []
+
+
+def test_the_layer_checker_finds_an_upward_import():
+    assert _layer("dfmvr.train.objective") < _layer("dfmvr.fit") < _layer("dfmvr.train.loop")
+    assert _layer("dfmvr.data.synth") > _layer("dfmvr.render.camera")
 
 
 def test_the_checker_finds_a_cycle():

@@ -28,7 +28,7 @@ from dfmvr.nets import (
     save_parsenet,
 )
 from dfmvr.nets.blocks import AttentionGate
-from dfmvr.parsing import parse_loss
+from dfmvr.train.parsing import parse_loss
 
 # The tiny preset: 64 px, encoder width 8 with 4 levels, regressor stem width 16.
 SIZE, WIDTH, LEVELS, REG_WIDTH = 64, 8, 4, 16

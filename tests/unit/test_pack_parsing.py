@@ -531,7 +531,7 @@ def test_the_parse_net_trains_on_packed_parsing_shards_beside_the_triplets(tmp_p
     """Both layouts packed, then the parse net's job trains on them mixed with a triplet split (and
     on them alone), and validates on their val split (``val_real/``) beside the triplets' own."""
     from dfmvr.config import apply_overrides
-    from dfmvr.parsing import train_parsenet
+    from dfmvr.train.parsing import train_parsenet
     from dfmvr.presets import tiny
     from tests.unit.test_parsing import write_dataset
 

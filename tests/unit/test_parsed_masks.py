@@ -19,7 +19,7 @@ from dfmvr.data.loader import make_loader
 from dfmvr.data.shards import VIEWS, ShardInfo, ShardWriter, read_manifest, shard_samples, write_manifest
 from dfmvr.model import frozen_parse_net
 from dfmvr.nets import create_parsenet, parsenet_digest, read_parsenet_file, save_parsenet
-from dfmvr.parsing import predict_masks
+from dfmvr.train.parsing import predict_masks
 from dfmvr.presets import tiny
 from dfmvr.train.masks import MaskCacheMissing, ensure_mask_cache, find_mask_cache
 from tests.conftest import make_face_sample

@@ -26,7 +26,7 @@ from dfmvr.data.loader import make_loader
 from dfmvr.data.shards import VIEWS, ShardWriter, read_manifest, write_manifest
 from dfmvr.facemodel.model import N_PARSE_CLASSES, PARSE_CLASSES
 from dfmvr.nets.parsenet import BiSeNet, load_parsenet, save_parsenet
-from dfmvr.parsing import (
+from dfmvr.train.parsing import (
     FLIP_CLASSES,
     class_iou,
     confusion_matrix,
@@ -384,7 +384,7 @@ def test_training_with_photo_augmentation_sees_other_views_than_without(dataset)
 
 def test_training_views_mix_parsing_shards_into_each_step_by_the_share(dataset, tmp_path):
     from dfmvr.data.parsing_shards import ParsingSample, ParsingShardWriter, write_parsing_manifest
-    from dfmvr.parsing import TrainingViews
+    from dfmvr.train.parsing import TrainingViews
 
     rng = np.random.default_rng(0)
     with ParsingShardWriter(str(tmp_path / "parsing"), "train", max_count=4) as writer:

@@ -14,7 +14,6 @@ from dfmvr.tune.journal import ResultJournal, ResumableASHA, best_record, last_s
 from dfmvr.tune.presets import get_sweep, list_sweeps
 from dfmvr.tune.results import Row, TrialRecord, markdown, plot, summarise
 from dfmvr.tune.runs import short_error
-from dfmvr.tune.settings import TuneConfig
 from dfmvr.tune.space import DISTRIBUTIONS, parse_distribution, parse_space
 from dfmvr.tune.sweep import check_sweep, count_trials, with_plan
 from dfmvr.tune.trial import SweepContext, trial_config, trial_name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfmvr.evaluate.samples import LANDMARK_MARGIN, landmark_problem
+from dfmvr.data.samples import LANDMARK_MARGIN, landmark_problem
 
 
 def _inside(size: int = 64) -> np.ndarray:
