@@ -323,17 +323,22 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
         scored.append((row, record["model"][RANK_KEY]))
         by_row[row] = record
     if n_overlays and scored:
+        from dfmvr.pictures import crisp_crops, render_views
+
         chosen = _extremes(scored, n_overlays)
-        rendered = model.decode(outputs["model"].coeffs[[r for r, _ in chosen]], render=True)
+        rendered = model.decode(outputs["model"].coeffs[[r for r, _ in chosen]], render=False)
+        tile = max(160, model.image_size)
+        scale = tile / model.image_size
         for j, (row, value) in enumerate(chosen):
             i = keep[row]
             rec = by_row[row]
             title = (f"{batch.keys[i]}: NoW mean {value:.2f} mm (mean face {rec['mean_face'][RANK_KEY]:.2f}, "
                      f"single view {rec['single_view'][RANK_KEY]:.2f}); green given, red predicted landmarks")
-            imgs = to_uint8(batch.images[i])
-            image = overlay_row(imgs, rendered.image[j].permute(0, 2, 3, 1).cpu().numpy(),
-                                rendered.render_mask[j, :, 0].cpu().numpy(), rendered.lm2d[j].cpu().numpy(),
-                                batch.lmk2d[i].numpy(), tile=max(160, model.image_size), title=title)
+            # rendered at the tile's size, over the crop resized to it (not a model-size render scaled up)
+            renders, covers, _ = render_views(model, rendered.posed[j], rendered.colors[j], tile)
+            image = overlay_row(crisp_crops(to_uint8(batch.images[i]), tile), renders, covers,
+                                rendered.lm2d[j].cpu().numpy() * scale, batch.lmk2d[i].numpy() * scale, tile=tile,
+                                title=title)
             result.candidates.append(Candidate(key=batch.keys[i], score=value, image=image))
     return result
 
