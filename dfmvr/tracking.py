@@ -275,6 +275,47 @@ def artifact_uri(uri: str, store: str) -> str:
     return f"{root.rstrip('/')}/{path}" if path else root
 
 
+def run_of_checkpoint(uri: str, payload: dict) -> tuple[str | None, str]:
+    """The MLflow run a checkpoint belongs to (tracking URI already set), and how it was found
+    or why there is none.
+
+    ``runs:/RUN_ID/...`` names it; ``models:/NAME/VERSION`` (also ``@ALIAS``, ``/latest`` and
+    logged-model ids ``models:/m-...``) through the registry; a path or ``s3://`` through the
+    ``mlflow_run_id`` the training loop stores in every checkpoint.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith(("runs:/", "models:/")) and not (payload.get("extra") or {}).get("mlflow_run_id"):
+        return None, "the checkpoint carries no MLflow run id"
+    c = client()
+    run_id = None
+    try:
+        if uri.startswith("runs:/"):
+            run_id, how = uri[len("runs:/"):].split("/")[0], "from the runs:/ URI"
+        elif uri.startswith("models:/"):
+            rest = uri[len("models:/"):].strip("/")
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                run_id = c.get_model_version_by_alias(name, alias).run_id
+            elif "/" in rest:
+                name, version = rest.split("/", 1)
+                if version == "latest":
+                    versions = c.search_model_versions(f"name='{name}'")
+                    version = str(max(int(v.version) for v in versions)) if versions else version
+                run_id = c.get_model_version(name, version).run_id
+            else:
+                run_id = c.get_logged_model(rest).source_run_id
+            how = "from the model registry"
+        else:
+            run_id, how = (payload.get("extra") or {}).get("mlflow_run_id"), "stored in the checkpoint"
+        if not run_id:
+            return None, "the checkpoint carries no MLflow run id"
+        c.get_run(run_id)
+    except (MlflowException, ValueError) as e:
+        return None, f"run {run_id or '?'} of {uri} not found in the tracking store ({str(e).splitlines()[0]:.200})"
+    return run_id, how
+
+
 def ui_command(uri: str) -> str:
     """How a person opens the tracking store's UI: ``mlflow ui`` on a local store, the server's
     address (credentials redacted) otherwise."""

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args, cli_cfg, _ = parse_job_args(__doc__, argv, add_arguments=_options)
 
     from dfmvr import tracking
-    from dfmvr.evaluate.run import (EvalConfig, checkpoint_slug, evaluate, find_run, format_table, log_to_mlflow,
-                                    resolve_device)
+    from dfmvr.evaluate.report import format_table, log_to_mlflow
+    from dfmvr.evaluate.run import EvalConfig, checkpoint_slug, evaluate, resolve_device
     from dfmvr.serving import load
 
     overrides = overrides_of(args)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e.args[0] if e.args else str(e))
 
     summary = report.summary
-    run_id, how = find_run(args.checkpoint, recon.payload) if not args.no_mlflow else (None, "--no-mlflow")
+    run_id, how = tracking.run_of_checkpoint(args.checkpoint, recon.payload) if not args.no_mlflow else (None, "--no-mlflow")
     if run_id:
         logged = log_to_mlflow(report, run_id, summary["checkpoint_step"])
         summary["mlflow"] = {"run_id": run_id, "found": how, "tracking_uri": tracking.redact(tracking_uri),

@@ -44,21 +44,14 @@ from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.shards import VIEWS, read_manifest
 from dfmvr.data.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
 from dfmvr.inputs import to_uint8
+from dfmvr.evaluate.report import EvalReport, summarize
+from dfmvr.evaluate.scoring import METHODS, RANK_KEY, _now_ibug, scan_truth, score
 from dfmvr.model import reads_parse_net_masks
 
 if TYPE_CHECKING:
     from dfmvr.serving import Reconstructor
 
 _logger = logging.getLogger(__name__)
-
-METHODS = ("model", "mean_face", "single_view")
-"""The reconstructions scored per sample; the last two are the baselines."""
-BASELINES = METHODS[1:]
-NOSE_TIP_IBUG = 30
-TABLE_KEYS = ("now_mean_mm", "now_median_mm", "now_std_mm", "p2p_rmse_mm", "vertex_rmse_mm")
-"""Rows of the printed table (region rows follow when present)."""
-RANK_KEY = "now_mean_mm"
-"""Per-sample metric of the model that orders the best and worst overlays."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,69 +125,6 @@ def resolve_device(device: str) -> torch.device:
 
 # --------------------------------------------------------------------------- per-sample work
 
-
-@dataclass(kw_only=True, slots=True)
-class ScanTruth:
-    """A sample's ground truth as the metrics take it (face-model units)."""
-
-    vertices: np.ndarray
-    faces: np.ndarray
-    lmk7: np.ndarray
-    """``[7, 3]`` NoW's landmarks on the scan."""
-    nose_tip: np.ndarray
-    same_topology: bool
-    """The scan is a mesh of the face model's topology (synthetic data): vertex-wise metrics apply."""
-
-
-def scan_truth(item: TripletItem, keypoints: np.ndarray, n_vertices: int, now_ibug: tuple[int, ...]
-               ) -> ScanTruth | str:
-    """The ground truth of ``item``, or why it has none usable."""
-    if item.gt_vertices is None or item.gt_faces is None:
-        return "no ground-truth mesh (gt.npz) in the sample"
-    verts, faces = item.gt_vertices.astype(np.float64), item.gt_faces
-    if len(verts) == n_vertices:
-        lmk68 = verts[keypoints]
-        same = True
-    elif item.lmk3d is not None and len(item.lmk3d) == 68:
-        lmk68 = item.lmk3d.astype(np.float64)
-        same = False
-    else:
-        k = 0 if item.lmk3d is None else len(item.lmk3d)
-        return (f"scan has {len(verts)} vertices (not the face model's {n_vertices}) and lmk3d holds {k} "
-                "points, not the 68 iBUG landmarks: no scan landmarks for the alignment")
-    return ScanTruth(vertices=verts, faces=faces, lmk7=lmk68[list(now_ibug)], nose_tip=lmk68[NOSE_TIP_IBUG],
-                     same_topology=same)
-
-
-def score(pred: np.ndarray, truth: ScanTruth, faces: np.ndarray, keypoints: np.ndarray, regions: np.ndarray,
-          *, source: str, icp_iters: int) -> tuple[dict[str, float], np.ndarray]:
-    """All metrics of one reconstruction ``pred [N, 3]`` (decimetres) against ``truth``.
-
-    Returns:
-        ``(metrics, now_distances_mm [K] float32)``.
-
-    Raises:
-        dfmvr.evaluate.metrics.ScanError: the scan or the prediction cannot be scored.
-    """
-    from dfmvr.evaluate import metrics as m
-    from dfmvr.train.metrics import aligned_vertex_rmse_mm
-
-    lmk = pred[keypoints]
-    pred_lmk7 = lmk[list(m.NOW_LANDMARKS_IBUG)]
-    icp = m.IcpConfig(max_iters=icp_iters)
-    now = m.now_error(pred, faces, pred_lmk7, truth.vertices, truth.faces, truth.lmk7, icp=icp, source=source)
-    out = {"now_mean_mm": now.mean_mm, "now_median_mm": now.median_mm, "now_std_mm": now.std_mm,
-           "now_points": float(now.n_scan_points)}
-    # the 7 landmarks give ICP its start (a scan's frame need not be the model's); the nose tip crops
-    out["p2p_rmse_mm"] = float(m.p2p_rmse(pred, faces, truth.vertices, truth.faces, scan_nose_tip=truth.nose_tip,
-                                          pred_nose_tip=lmk[NOSE_TIP_IBUG], scan_landmarks=truth.lmk7,
-                                          pred_landmarks=pred_lmk7, icp=icp, source=source))
-    if truth.same_topology:
-        p, g = torch.from_numpy(pred)[None], torch.from_numpy(truth.vertices)[None]
-        out["vertex_rmse_mm"] = float(aligned_vertex_rmse_mm(p.double(), g.double())[0])
-        for name, value in m.region_errors(pred, truth.vertices, regions, source=source).items():
-            out[f"region_{name}_mm"] = float(value)
-    return out, now.distances_mm.astype(np.float32)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -343,12 +273,6 @@ def evaluate_items(recon: "Reconstructor", items: list[TripletItem], sources: li
     return result
 
 
-def _now_ibug() -> tuple[int, ...]:
-    from dfmvr.evaluate.metrics import NOW_LANDMARKS_IBUG
-
-    return tuple(NOW_LANDMARKS_IBUG)
-
-
 def _extremes(scored: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
     """The ``k`` lowest and ``k`` highest entries by value (each once)."""
     order = sorted(scored, key=lambda rv: rv[1])
@@ -458,78 +382,6 @@ def merge(results: Iterable[ChunkResult], n_overlays: int) -> ChunkResult:
     return total
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def summarize(result: ChunkResult) -> dict[str, Any]:
-    """Split statistics per method: the model's at the top level, the baselines' under
-    ``baselines.<name>`` (same keys). ``None`` where no sample had the metric."""
-
-    def method(name: str) -> dict[str, float | None]:
-        d = np.concatenate(result.distances[name]).astype(np.float64) if result.distances[name] else np.zeros(0)
-        out: dict[str, float | None] = {
-            "now_mean_mm": _finite_or_none(d.mean()) if d.size else None,
-            "now_median_mm": _finite_or_none(np.median(d)) if d.size else None,
-            "now_std_mm": _finite_or_none(d.std()) if d.size else None,
-        }
-        per_sample: dict[str, list[float]] = {}
-        for rec in result.records:
-            for k, v in rec[name].items():
-                if k.startswith("now_"):
-                    continue
-                per_sample.setdefault(k, []).append(v)
-        for k, values in per_sample.items():
-            out[k] = _finite_or_none(float(np.mean(values)))
-            if k == "p2p_rmse_mm":
-                out["p2p_rmse_std_mm"] = _finite_or_none(float(np.std(values)))
-        out.setdefault("p2p_rmse_mm", None)
-        out.setdefault("vertex_rmse_mm", None)
-        out["samples"] = len(result.records)
-        return out
-
-    summary: dict[str, Any] = method("model")
-    summary["baselines"] = {name: method(name) for name in BASELINES + (("network",) if result.fit_terms else ())}
-    if result.fit_terms:
-        n = len(result.fit_terms)
-        summary["fit"] = {
-            "samples": n, "seconds_per_triplet": result.fit_seconds / n,
-            "views_with_landmarks_found": result.fit_landmarks_found,
-            "before": {k: float(np.mean([b[k] for b, _ in result.fit_terms])) for k in result.fit_terms[0][0]},
-            "after": {k: float(np.mean([a[k] for _, a in result.fit_terms])) for k in result.fit_terms[0][1]},
-        }
-    return summary
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The model beside its baselines, one metric per row (mm)."""
-    rows = list(TABLE_KEYS) + sorted(k for k in summary if k.startswith("region_"))
-    fitted = "network" in summary["baselines"]
-    head = (f"{'metric (mm)':<22}{'fitted' if fitted else 'model':>10}{'mean face':>12}{'single view':>13}"
-            + (f"{'network':>10}" if fitted else ""))
-    lines = [head, "-" * len(head)]
-
-    def cell(v) -> str:
-        return f"{v:.3f}" if isinstance(v, (int, float)) and v is not None else "-"
-
-    for key in rows:
-        base = summary["baselines"]
-        lines.append(f"{key:<22}{cell(summary.get(key)):>10}{cell(base['mean_face'].get(key)):>12}"
-                     f"{cell(base['single_view'].get(key)):>13}"
-                     + (f"{cell(base['network'].get(key)):>10}" if fitted else ""))
-    return "\n".join(lines)
-
-
-@dataclass(kw_only=True, slots=True)
-class EvalReport:
-    """An evaluation's results and where its files went."""
-
-    summary: dict[str, Any]
-    records: list[dict]
-    skipped: list[Skipped]
-    out: Path
-    overlays: list[Path]
-
 
 def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None = None,
              data_url: str | None = None) -> EvalReport:
@@ -615,86 +467,4 @@ def evaluate(recon: "Reconstructor", cfg: EvalConfig, *, overrides: dict | None 
     return EvalReport(summary=summary, records=result.records, skipped=result.skipped, out=out, overlays=overlays)
 
 
-# --------------------------------------------------------------------------- MLflow
-
-
-def find_run(uri: str, payload: dict) -> tuple[str | None, str]:
-    """The MLflow run a checkpoint belongs to (tracking URI already set), and how it was found
-    or why there is none.
-
-    ``runs:/RUN_ID/...`` names it; ``models:/NAME/VERSION`` (also ``@ALIAS``, ``/latest`` and
-    logged-model ids ``models:/m-...``) through the registry; a path or ``s3://`` through the
-    ``mlflow_run_id`` the training loop stores in every checkpoint.
-    """
-    from mlflow.exceptions import MlflowException
-
-    from dfmvr import tracking
-
-    if not uri.startswith(("runs:/", "models:/")) and not (payload.get("extra") or {}).get("mlflow_run_id"):
-        return None, "the checkpoint carries no MLflow run id"
-    client = tracking.client()
-    run_id = None
-    try:
-        if uri.startswith("runs:/"):
-            run_id, how = uri[len("runs:/"):].split("/")[0], "from the runs:/ URI"
-        elif uri.startswith("models:/"):
-            rest = uri[len("models:/"):].strip("/")
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                run_id = client.get_model_version_by_alias(name, alias).run_id
-            elif "/" in rest:
-                name, version = rest.split("/", 1)
-                if version == "latest":
-                    versions = client.search_model_versions(f"name='{name}'")
-                    version = str(max(int(v.version) for v in versions)) if versions else version
-                run_id = client.get_model_version(name, version).run_id
-            else:
-                run_id = client.get_logged_model(rest).source_run_id
-            how = "from the model registry"
-        else:
-            run_id, how = (payload.get("extra") or {}).get("mlflow_run_id"), "stored in the checkpoint"
-        if not run_id:
-            return None, "the checkpoint carries no MLflow run id"
-        client.get_run(run_id)
-    except (MlflowException, ValueError) as e:
-        return None, f"run {run_id or '?'} of {uri} not found in the tracking store ({str(e).splitlines()[0]:.200})"
-    return run_id, how
-
-
-def log_to_mlflow(report: EvalReport, run_id: str, step: int) -> list[str]:
-    """Log ``eval/<split>/...`` metrics (baselines under ``eval/<split>/<baseline>/...``) at the
-    checkpoint's step, and the summary, per-sample JSONL and overlays as artifacts under
-    ``eval/<split>/``; a fitted evaluation under ``eval/<split>/fit_<start>_<landmarks>/`` (with
-    each term ``terms_before/...`` and ``terms_after/...``). Returns the metric names logged."""
-    from dfmvr import tracking
-
-    client = tracking.client()
-    split = report.summary["split"]
-    if report.summary.get("fit_steps"):
-        split = f"{split}/fit_{report.summary['fit_from']}_{report.summary['fit_landmarks']}"
-    metrics: dict[str, float] = {}
-
-    def add(prefix: str, values: dict) -> None:
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
-                metrics[f"{prefix}/{k}"] = float(v)
-
-    add(f"eval/{split}", {k: v for k, v in report.summary.items() if k.endswith("_mm") or k == "samples"})
-    add(f"eval/{split}", {"skipped": report.summary["n_skipped"]})
-    for name, values in report.summary["baselines"].items():
-        add(f"eval/{split}/{name}", values)
-    if "fit" in report.summary:
-        fit = report.summary["fit"]
-        add(f"eval/{split}", {"fit_steps": report.summary["fit_steps"], "fit_seconds_per_triplet": fit["seconds_per_triplet"]})
-        add(f"eval/{split}/terms_before", fit["before"])
-        add(f"eval/{split}/terms_after", fit["after"])
-    tracking.log_metrics(client, run_id, metrics, step)
-    client.log_artifact(run_id, str(report.out / "summary.json"), artifact_path=f"eval/{split}")
-    client.log_artifact(run_id, str(report.out / "per_sample.jsonl"), artifact_path=f"eval/{split}")
-    if report.overlays:
-        client.log_artifacts(run_id, str(report.out / "overlays"), artifact_path=f"eval/{split}/overlays")
-    return sorted(metrics)
-
-
-__all__ = ["EvalConfig", "EvalReport", "METHODS", "evaluate", "find_run", "format_table", "log_to_mlflow",
-           "summarize"]
+__all__ = ["ChunkResult", "EvalConfig", "checkpoint_slug", "evaluate", "evaluate_items", "merge", "resolve_device"]
