@@ -1,8 +1,6 @@
 """Synthetic (left, front, right) triplets of procedural faces, written as dfmvr shards.
 
-    python -m sharding.synth --out ROOT [--subjects 40] [--captures 3] [--size 224]
-        [--yaw -45,0,45] [--seed 0] [--splits 0.8,0.1,0.1] [--workers 2] [--n-vertices N]
-        [--max-count 200] [--preview preview.png]
+    python -m sharding.synth --out ROOT [--subjects 40] ...       (the command line: sharding/synth.py)
 
 Per subject: identity and albedo coefficients. Per capture (an expression of that subject;
 capture 0 is neutral): expression coefficients, SH lighting (DC-dominant with modest
@@ -31,7 +29,6 @@ shard whose stored sha256 still matches and makes only the others.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -53,8 +50,9 @@ import torch
 from dfmvr.config import FaceModelConfig
 from dfmvr.data import storage
 from dfmvr.data.shards import VIEWS, Sample, ShardInfo, ShardWriter, decode_sample, shard_samples, write_manifest
-from dfmvr.data.backgrounds import random_background
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
+from dfmvr.data.synth_faces import (SampleParams, SamplingConfig, capture_name, make_sample, render_views,  # noqa: F401
+                                    sample_params, subject_name)
 
 _logger = logging.getLogger(__name__)
 
@@ -74,37 +72,6 @@ def default_n_vertices(size: int) -> int:
     if size >= 96:
         return 12000
     return 4000
-
-
-@dataclass(kw_only=True, slots=True)
-class SamplingConfig:
-    """Distributions the generator draws from (all coefficient scales multiply N(0, 1))."""
-
-    id_scale: float = 1.0
-    """Identity coefficients."""
-    exp_scale: float = 1.0
-    """Expression coefficients (captures after the first)."""
-    tex_scale: float = 0.8
-    """Albedo coefficients. At 1.0 the procedural model's first (skin tone) component puts 1% of
-    faces at albedo luminance below 0.07 (near black) and some at negative green; 0.8 keeps
-    the 1st..99th percentile within about 0.15..0.85."""
-    neutral_first: bool = True
-    """Capture 0 of every subject has a neutral expression (zero expression coefficients)."""
-    light_dc: tuple[float, float] = (-0.15, 0.35)
-    """Uniform range added to every channel's SH DC term (on top of the renderer's +0.8)."""
-    light_tint: float = 0.06
-    """Std-dev of the per-channel deviation of the DC term (coloured light)."""
-    light_dir: float = 0.18
-    """Std-dev of the first-order (directional) SH terms, shared by the channels."""
-    light_second: float = 0.06
-    """Std-dev of the second-order SH terms, shared by the channels."""
-    angle_jitter_deg: tuple[float, float, float] = (4.0, 4.0, 2.0)
-    """Std-dev of pitch, yaw and roll jitter per view, degrees (clipped at 2.5 sigma)."""
-    trans_jitter: tuple[float, float, float] = (0.04, 0.04, 0.15)
-    """Std-dev of x, y, z translation per view, decimetres (clipped at 2.5 sigma)."""
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -220,14 +187,6 @@ class SynthSummary:
     """Vertices of the face model used (the procedural model rounds the requested count to its grid)."""
 
 
-def subject_name(index: int) -> str:
-    return f"synth{index:05d}"
-
-
-def capture_name(index: int) -> str:
-    return f"e{index:02d}"
-
-
 def plan_shards(cfg: SynthConfig) -> list[ShardTask]:
     """Assign every (subject, capture) to a split and a shard, deterministically."""
     names = [subject_name(i) for i in range(cfg.n_subjects)]
@@ -238,139 +197,6 @@ def plan_shards(cfg: SynthConfig) -> list[ShardTask]:
         for index, start in enumerate(range(0, len(items), cfg.max_count)):
             tasks.append(ShardTask(split=split, index=index, items=items[start:start + cfg.max_count]))
     return tasks
-
-
-# ---------------------------------------------------------------------------------------------
-# one sample
-
-
-def sample_lighting(rng: np.random.Generator, s: SamplingConfig) -> np.ndarray:
-    """``[27]`` SH coefficients (9 per channel, R first): DC-dominant, white-ish, modest direction."""
-    gamma = np.zeros((3, 9))
-    dc = rng.uniform(*s.light_dc)
-    gamma[:, 0] = dc + rng.normal(0.0, s.light_tint, size=3)
-    gamma[:, 1:4] = rng.normal(0.0, s.light_dir, size=3)[None, :]
-    gamma[:, 4:9] = rng.normal(0.0, s.light_second, size=5)[None, :]
-    return gamma.reshape(27)
-
-
-def _clipped_normal(rng: np.random.Generator, std: tuple[float, ...], n: int) -> np.ndarray:
-    std = np.asarray(std, dtype=np.float64)
-    return np.clip(rng.standard_normal((n, len(std))), -2.5, 2.5) * std
-
-
-@dataclass(kw_only=True, slots=True)
-class SampleParams:
-    """Everything random about one sample (numpy float64)."""
-
-    id: np.ndarray
-    exp: np.ndarray
-    tex: np.ndarray
-    gamma: np.ndarray
-    angles: np.ndarray
-    """``[3, 3]`` radians per view."""
-    trans: np.ndarray
-    """``[3, 3]`` decimetres per view."""
-    backgrounds: list[np.ndarray]
-    """Per view ``[S, S, 3]`` float32 in [0, 1]."""
-    yaw_deg: tuple[float, ...] = ()
-    """Nominal yaw of each view (before jitter), degrees."""
-
-
-def sample_params(model, cfg: SynthConfig, subject: int, capture: int) -> SampleParams:
-    """Draw one sample's parameters from generators seeded by (seed, subject[, capture])."""
-    s = cfg.sampling
-    rng_subject = np.random.default_rng([cfg.seed, subject])
-    rng = np.random.default_rng([cfg.seed, subject, capture + 1])
-    n_id, n_exp, n_tex = model.id_base.shape[1], model.exp_base.shape[1], model.tex_base.shape[1]
-    id_c = rng_subject.standard_normal(n_id) * s.id_scale
-    tex_c = rng_subject.standard_normal(n_tex) * s.tex_scale
-    if capture == 0 and s.neutral_first:
-        exp_c = np.zeros(n_exp)
-    else:
-        exp_c = rng.standard_normal(n_exp) * s.exp_scale
-    gamma = sample_lighting(rng, s)
-    jitter = np.deg2rad(_clipped_normal(rng, s.angle_jitter_deg, 3))
-    trans = _clipped_normal(rng, s.trans_jitter, 3)
-    backgrounds = [random_background(rng, cfg.size) for _ in VIEWS]
-    yaw = cfg.yaw_deg
-    if cfg.side_yaw_choices:
-        left, right = rng.choice(np.asarray(cfg.side_yaw_choices), size=2)
-        yaw = (-float(left), cfg.yaw_deg[1], float(right))
-    angles = jitter + np.array([[0.0, math.radians(y), 0.0] for y in yaw])
-    return SampleParams(id=id_c, exp=exp_c, tex=tex_c, gamma=gamma, angles=angles, trans=trans,
-                        backgrounds=backgrounds, yaw_deg=tuple(yaw))
-
-
-@dataclass(kw_only=True, slots=True)
-class RenderedViews:
-    """A rendered triplet (numpy): what a sample is assembled from."""
-
-    images: np.ndarray
-    """``[3, S, S, 3]`` uint8 composited over the backgrounds."""
-    masks: np.ndarray
-    """``[3, S, S]`` uint8 parse classes."""
-    coverage: np.ndarray
-    """``[3, S, S]`` bool."""
-    lmk2d: np.ndarray
-    """``[3, 68, 2]`` float32 pixels."""
-    shape: np.ndarray
-    """``[N, 3]`` float32 model-frame vertices (before pose), decimetres."""
-
-
-@torch.no_grad()
-def render_views(model, renderer, p: SampleParams) -> RenderedViews:
-    """Render the three views of one parameter set with ``renderer`` (its camera sets the size)."""
-    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-    from dfmvr.facemodel.decode import decode_faces
-    from dfmvr.facemodel.layout import Coeffs
-
-    parts = Coeffs(f32(p.id)[None], f32(p.exp)[None], f32(p.tex)[None], f32(p.gamma)[None],
-                   f32(p.angles)[None], f32(p.trans)[None])
-    out = decode_faces(model, parts, renderer, clamp_albedo=True)
-    cover = out.mask[:, 0]  # [V, H, W]
-    bg = f32(np.stack(p.backgrounds)).permute(0, 3, 1, 2)  # [V, 3, H, W]
-    img = out.image.clamp(0.0, 1.0) * cover[:, None] + bg * (1.0 - cover[:, None])
-    images = (img.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    return RenderedViews(
-        images=images,
-        masks=out.region.to(torch.uint8).numpy(),
-        coverage=(cover > 0.5).numpy(),
-        lmk2d=out.lm2d.numpy().astype(np.float32),
-        shape=out.shape[0].numpy().astype(np.float32),
-    )
-
-
-def make_sample(model, renderer, cfg: SynthConfig, subject: int, capture: int) -> Sample:
-    """One synthetic sample: parameters, render, and everything the schema carries."""
-    from dfmvr.facemodel.layout import Coeffs
-
-    p = sample_params(model, cfg, subject, capture)
-    r = render_views(model, renderer, p)
-    layout = model.layout(len(VIEWS))
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)[None]  # noqa: E731
-    coeffs = layout.join(Coeffs(t(p.id), t(p.exp), t(p.tex), t(p.gamma), t(p.angles), t(p.trans)))[0]
-    return Sample(
-        subject=subject_name(subject),
-        capture=capture_name(capture),
-        images={v: r.images[i] for i, v in enumerate(VIEWS)},
-        masks={v: r.masks[i] for i, v in enumerate(VIEWS)},
-        lmk2d=r.lmk2d,
-        lmk3d=r.shape[model.lm3d_index.numpy()],
-        gt={"vertices": r.shape, "faces": model.tri.numpy().astype(np.int32), "units": "dm"},
-        coeffs=coeffs.numpy().astype(np.float32),
-        meta={
-            "yaw_deg": list(p.yaw_deg),
-            "source": "synthetic",
-            "seed": cfg.seed,
-            "subject_index": subject,
-            "capture_index": capture,
-            "expression": "neutral" if not np.any(p.exp) else "random",
-            "face_model": model.name,
-            "lm3d_frame": "face model (before pose)",
-        },
-        image_format=cfg.image_format,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,60 +532,3 @@ def write_preview(root: str, path: str, *, count: int = 4, scale: int | None = N
     if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
         raise OSError(f"{path}: could not write PNG")
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sharding.synth", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
-    p.add_argument("--subjects", type=int, default=40)
-    p.add_argument("--captures", type=int, default=3, help="captures (expressions) per subject; the first is neutral")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--yaw", default="-45,0,45", help="nominal yaw of left,front,right in degrees")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions of the subjects")
-    p.add_argument("--workers", type=int, default=2, help="rendering processes")
-    p.add_argument("--n-vertices", type=int, default=None,
-                   help="procedural model size (default: 35709 at >= 160 px, 12000 at >= 96 px, else 4000)")
-    p.add_argument("--model-seed", type=int, default=0, help="procedural face model seed")
-    p.add_argument("--facemodel", default="procedural", choices=("procedural", "bfm"))
-    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
-    p.add_argument("--max-count", type=int, default=200, help="samples per shard")
-    p.add_argument("--image-format", default="png", choices=("png", "jpg"))
-    p.add_argument("--preview", default=None, help="write a PNG of the first samples (masks, landmarks) here")
-    p.add_argument("--preview-count", type=int, default=4)
-    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    facemodel = None
-    if args.facemodel == "bfm":
-        facemodel = FaceModelConfig(source="bfm", bfm_path=args.bfm_path)
-    cfg = SynthConfig(
-        out=args.out, n_subjects=args.subjects, n_captures=args.captures, size=args.size,
-        yaw_deg=tuple(float(v) for v in args.yaw.split(",")), seed=args.seed,
-        splits=parse_fractions(args.splits), workers=args.workers, n_vertices=args.n_vertices,
-        model_seed=args.model_seed, facemodel=facemodel, max_count=args.max_count, image_format=args.image_format,
-    )
-    summary = run(cfg, progress=not args.no_progress)
-    print(f"{summary.n_samples} triplets ({', '.join(f'{k} {v}' for k, v in summary.per_split.items())}) "
-          f"of {sum(summary.subjects_per_split.values())} subjects at {cfg.size} px, {summary.n_vertices} vertices")
-    print(f"made {len(summary.generated)} shards, kept {len(summary.kept)}; "
-          f"{summary.seconds:.1f} s, {summary.triplets_per_s:.2f} triplets/s")
-    print(f"manifest: {summary.manifest}")
-    if args.preview:
-        print(f"preview: {write_preview(cfg.out, args.preview, count=args.preview_count, endpoint=cfg.endpoint)}")
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
