@@ -30,16 +30,8 @@ from dfmvr.data.synth import SynthConfig, render_views, sample_params
 from dfmvr.data.transforms import resize_masks
 from dfmvr.render import Renderer
 from dfmvr.render.camera import Camera
-from sharding.pack_parsing import (
-    CELEBAMASK_HQ_CLASSES,
-    LAPA_CLASSES,
-    LAPA_FIVE_POINTS,
-    ParsingPackConfig,
-    class_table,
-    main,
-    pack,
-    read_lapa_landmarks,
-)
+from sharding.pack_parsing import ParsingPackConfig, main, pack
+from sharding.parsing_layouts import CELEBAMASK_HQ_CLASSES, LAPA_CLASSES, LAPA_FIVE_POINTS, class_table, read_lapa_landmarks
 from tests.conftest import make_face_sample
 
 RENDER = 128
