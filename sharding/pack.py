@@ -29,55 +29,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import logging
 import os
-import socket
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-import numpy as np
 
 from dfmvr.config import FaceModelConfig
-from dfmvr.data import storage
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
-from dfmvr.data.align import AlignmentTemplate, align_view
+from dfmvr.data.align import AlignmentTemplate
+from sharding.progress import RootBusyError, load_progress, next_index, report, root_lock, save_progress
+from sharding.captures import DM_PER_UNIT, load_capture, safe_name
 from sharding.layouts import (
     DEFAULT_YAW_DEG,
     LAYOUTS,
     PIXELFACE_LM3D_DROP,
-    VIEWS,
     CaptureSource,
     InputError,
-    read_rows,
     discover,
     parse_view_map,
-    read_bnt,
-    read_image,
-    read_landmarks,
-    read_lm3d,
-    read_mask,
-    yaw_sign_check,
 )
 
 _logger = logging.getLogger(__name__)
-
-DM_PER_UNIT = {"mm": 0.01, "cm": 0.1, "dm": 1.0, "m": 10.0}
-"""Factor from a file's length unit to face-model units (decimetres)."""
-
-DELAUNAY_MAX_EDGE_FACTOR = 6.0
-"""Triangles of a Delaunay-meshed point cloud with an edge longer than this many times the
-median edge are dropped: they bridge holes and the concave outline, not the surface."""
-
-PROGRESS_NAME = "pack-progress.json"
-"""Under the output root: the shards a run has published so far, so a rerun of the same command
-after an interruption packs only the rest (as ``sharding.synth`` does)."""
 
 MASKLESS_HINT = ("run the parse-net job to fill them in "
                  "(python -m sharding.fill_masks --input ROOT --out ROOT2 --parse-net CKPT)")
@@ -186,199 +163,6 @@ class PackSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# meshes
-
-
-def delaunay_mesh(points: np.ndarray, max_edge_factor: float = DELAUNAY_MAX_EDGE_FACTOR) -> np.ndarray:
-    """Triangulate a frontal point cloud in its x-y plane.
-
-    Args:
-        points: ``[P, 3]`` scan points, the face looking down +z (towards the camera).
-        max_edge_factor: drop triangles with an edge longer than this times the median edge.
-
-    Returns:
-        ``[F, 3]`` int32 faces, counter-clockwise seen from +z.
-    """
-    from scipy.spatial import Delaunay
-
-    if len(points) < 3:
-        raise ValueError(f"cannot mesh {len(points)} points: need at least 3")
-    faces = Delaunay(points[:, :2]).simplices.astype(np.int64)
-    xy = points[:, :2]
-    a, b, c = xy[faces[:, 0]], xy[faces[:, 1]], xy[faces[:, 2]]
-    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-    faces[cross < 0] = faces[cross < 0][:, [0, 2, 1]]
-    v = points[faces]
-    edges = np.stack([np.linalg.norm(v[:, i] - v[:, (i + 1) % 3], axis=1) for i in range(3)], axis=1)
-    longest = edges.max(axis=1)
-    keep = longest <= max_edge_factor * np.median(edges)
-    return faces[keep].astype(np.int32)
-
-
-def read_scan(path: Path, units: str) -> dict:
-    """Ground-truth mesh or point cloud -> ``{"vertices": float32 [N, 3] dm, "faces": int32 [F, 3], "units": "dm"}``.
-
-    ``.obj``/``.ply`` are read with trimesh (a file without faces counts as a point cloud);
-    ``.bnt`` (Bosphorus), ``.xyz``/``.txt`` (``x y z`` per line) and ``.npy`` are point clouds.
-    Point clouds are meshed with :func:`delaunay_mesh`.
-    """
-    path = Path(path)
-    ext = path.suffix.lower()
-    faces = None
-    try:
-        if ext in (".obj", ".ply"):
-            import trimesh
-
-            loaded = trimesh.load(str(path), process=False)
-            if isinstance(loaded, trimesh.Scene):
-                loaded = loaded.to_mesh() if hasattr(loaded, "to_mesh") else loaded.dump(concatenate=True)
-            verts = np.asarray(loaded.vertices, dtype=np.float64)
-            if getattr(loaded, "faces", None) is not None and len(loaded.faces):
-                faces = np.asarray(loaded.faces, dtype=np.int32)
-        elif ext == ".bnt":
-            verts = read_bnt(path)
-        elif ext in (".xyz", ".txt"):
-            verts = read_rows(path, 3)
-        elif ext == ".npy":
-            verts = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
-        else:
-            raise InputError(f"{path}: unknown scan format {ext!r}; expected .obj, .ply, .bnt, .xyz, .txt or .npy")
-    except InputError:
-        raise
-    except Exception as e:  # trimesh and numpy raise many types for a broken file
-        raise InputError(f"{path}: unreadable scan ({type(e).__name__}: {e})") from e
-    if verts.ndim != 2 or verts.shape[1] != 3 or len(verts) < 3 or not np.isfinite(verts).all():
-        raise InputError(f"{path}: expected finite scan points [N >= 3, 3], got {list(verts.shape)}")
-    if faces is None:
-        faces = delaunay_mesh(verts)
-    return {"vertices": (verts * DM_PER_UNIT[units]).astype(np.float32), "faces": faces.astype(np.int32), "units": "dm"}
-
-
-# ---------------------------------------------------------------------------------------------
-# one capture
-
-
-def _require(src: CaptureSource, view: str, mode: str) -> tuple[Path, Path | None]:
-    """The view's image and landmark file (None: the detector finds the landmarks)."""
-    files = src.views[view]
-    if files.image is None:
-        raise InputError(f"{src.folder}: missing view {view!r}: no image found (expected {files.expected})")
-    if mode == "detect":
-        return files.image, None
-    if files.landmarks is None and mode == "files":
-        raise InputError(
-            f"{src.folder}: view {view!r} has no 68-point landmark file beside {files.image.name} "
-            f"(expected {files.image.with_suffix('')}.{{pts,txt,npy}}; or let the detector find them: "
-            "--landmarks auto)"
-        )
-    return files.image, files.landmarks
-
-
-LANDMARK_SOURCES = {
-    "mesh": "MediaPipe face mesh (face_landmark.tflite, Apache 2.0), iBUG-68 from its 468 points",
-    "ibug68": "dlib shape_predictor_68_face_landmarks (iBUG 300-W, non-commercial)",
-}
-"""``meta["landmarks"][view]["source"]`` of detected landmarks, by landmarker."""
-
-
-def _detected_landmarks(image: np.ndarray, img_path: Path, cfg: PackConfig) -> tuple[np.ndarray, dict]:
-    """68 landmarks of the face in ``image`` from the detector, and what to record about them."""
-    from dfmvr.detect import FaceDetector, ManyFacesError, NoFaceError
-
-    if "detector" not in _worker_state:
-        _worker_state["detector"] = FaceDetector(landmarker=cfg.landmarker, accept_noncommercial=cfg.accept_ibug_68)
-    try:
-        face = _worker_state["detector"].one_face(image, str(img_path), largest=cfg.largest_face)
-    except (NoFaceError, ManyFacesError) as e:
-        raise InputError(str(e)) from None
-    record = {"source": LANDMARK_SOURCES[face.landmarker],
-              "detector": face.detector, "score": round(face.score, 4), "box": [round(v, 1) for v in face.box],
-              "landmark_confidence": round(face.landmark_confidence, 4)}
-    if face.mesh_score is not None:
-        record["mesh_score"] = round(face.mesh_score, 4)
-    return face.points68.astype(np.float32), record
-
-
-def load_capture(src: CaptureSource, template: AlignmentTemplate, cfg: PackConfig) -> tuple[Sample, list[str]]:
-    """Read, align and assemble one capture.
-
-    Returns:
-        ``(sample, warnings)``; the sample's ``masks`` is None when any view has no mask.
-
-    Raises:
-        InputError: naming the file that is missing or unreadable.
-    """
-    notes: list[str] = []
-    # check every view's files before decoding anything so the message names the first gap
-    paths = {v: _require(src, v, cfg.landmarks) for v in VIEWS}
-    landmark_sources: dict[str, object] = {}
-    images, masks, lmks, matrices = {}, {}, [], {}
-    have_masks = all(src.views[v].mask is not None for v in VIEWS)
-    if not have_masks and any(src.views[v].mask is not None for v in VIEWS):
-        notes.append(f"{src.folder}: masks for only some views; packing this capture without masks")
-    for view, yaw in zip(VIEWS, src.yaw_deg):
-        img_path, lmk_path = paths[view]
-        image = read_image(img_path)
-        if src.transpose and lmk_path is None:  # detect on the upright image, then store as the files are
-            upright = np.ascontiguousarray(image.transpose(1, 0, 2))
-            lmk, landmark_sources[view] = _detected_landmarks(upright, img_path, cfg)
-            lmk = lmk[:, ::-1].copy()
-        elif lmk_path is None:
-            lmk, landmark_sources[view] = _detected_landmarks(image, img_path, cfg)
-        else:
-            lmk = read_landmarks(lmk_path)
-            landmark_sources[view] = {"source": "file", "file": lmk_path.name}
-        mask = read_mask(src.views[view].mask, image.shape[:2]) if have_masks else None
-        if src.transpose:
-            image = np.ascontiguousarray(image.transpose(1, 0, 2))
-            lmk = lmk[:, ::-1].copy()
-            mask = None if mask is None else np.ascontiguousarray(mask.T)
-        if not yaw_sign_check(lmk, yaw):
-            notes.append(f"{lmk_path or img_path}: landmarks look like yaw {-yaw:+.0f} deg, not {yaw:+.0f} deg ({view} view): "
-                         "check the layout's view map")
-        try:
-            out_img, out_lmk, out_mask, matrix = align_view(image, lmk, template.points(yaw), cfg.size, mask)
-        except ValueError as e:
-            raise InputError(f"{lmk_path or img_path}: cannot align with these landmarks ({e})") from e
-        images[view] = out_img
-        lmks.append(out_lmk)
-        if out_mask is not None:
-            masks[view] = out_mask
-        matrices[view] = np.round(matrix, 6).tolist()
-    lm3d = None
-    if src.lm3d is not None:
-        lm3d = (read_lm3d(src.lm3d, src.lm3d_drop) * DM_PER_UNIT[cfg.lm3d_units]).astype(np.float32)
-    gt = read_scan(src.scan, cfg.scan_units) if src.scan is not None else None
-    meta = {
-        "yaw_deg": [float(y) for y in src.yaw_deg],
-        "source": src.source,
-        "input": str(src.folder),
-        "has_masks": have_masks,
-        "align": {"matrices": matrices, "transposed": src.transpose},
-        "landmarks": landmark_sources,
-    }
-    if lm3d is not None:
-        meta["lm3d"] = {"file": src.lm3d.name, "frame": "input (scan) frame", "dropped": list(src.lm3d_drop)}
-    if gt is not None:
-        meta["gt_file"] = src.scan.name
-    if src.extra:
-        meta.update(src.extra)
-    sample = Sample(
-        subject=safe_name(src.subject), capture=safe_name(src.capture),
-        images=images, masks=masks if have_masks else None,
-        lmk2d=np.stack(lmks).astype(np.float32), lmk3d=lm3d, gt=gt, meta=meta,
-        image_format=cfg.image_format,
-    )
-    sample.validate()
-    return sample, notes
-
-
-def safe_name(name: str) -> str:
-    """Sample keys allow letters, digits, '_' and '-': map anything else (dots, spaces) to '_'."""
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
-
-
-# ---------------------------------------------------------------------------------------------
 # workers
 
 _worker_state: dict = {}
@@ -426,48 +210,6 @@ def build_template(cfg: PackConfig) -> AlignmentTemplate:
     return AlignmentTemplate.from_face_model(model, cfg.yaw_deg, cfg.size)
 
 
-LOCK_NAME = ".dfmvr-packing.lock"
-"""Held in the output root while a packer writes there: a second packer on the same root fails fast."""
-
-
-class RootBusyError(RuntimeError):
-    """Another packer is writing the same root."""
-
-
-@contextmanager
-def root_lock(out: str, endpoint: str | None):
-    """Hold ``out/LOCK_NAME`` for the block: created only if absent (a local exclusive create, or an
-    S3 conditional put), removed at the end; a stale lock after a crash is named in the error."""
-    from dfmvr.data import storage
-
-    url = storage.join(out, LOCK_NAME)
-    note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode()
-    try:
-        if storage.is_s3(url):
-            bucket, key = storage.split_s3(url)
-            storage.s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=note, IfNoneMatch="*")
-        else:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            fd = os.open(url, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            with os.fdopen(fd, "wb") as f:
-                f.write(note)
-    except FileExistsError:
-        raise RootBusyError(_busy_message(url, Path(url).read_text(errors="replace"))) from None
-    except Exception as exn:
-        if "PreconditionFailed" in str(exn) or "412" in str(exn):
-            raise RootBusyError(_busy_message(url, "")) from None
-        raise
-    try:
-        yield
-    finally:
-        storage.delete(url, endpoint=endpoint)
-
-
-def _busy_message(url: str, holder: str) -> str:
-    return (f"{url}: another packer is writing this root ({holder.strip() or 'holder unknown'}); wait for it, "
-            "or delete the lock if no packer is running (a crashed one leaves it)")
-
-
 def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
     """Pack every capture under ``cfg.input`` into shards under ``cfg.out`` and write the manifest.
 
@@ -481,49 +223,6 @@ def pack(cfg: PackConfig, *, progress: bool = False) -> PackSummary:
 
 def _sample_key(src: CaptureSource) -> str:
     return f"{safe_name(src.subject)}-{safe_name(src.capture)}"
-
-
-def load_progress(cfg: PackConfig) -> tuple[list[ShardInfo], set[str]]:
-    """Shards an interrupted run with the same settings published and that are still intact
-    (size and sha256 as recorded), and the keys of their captures packed without masks;
-    nothing when there is no record, or one of other settings."""
-    url = storage.join(cfg.out, PROGRESS_NAME)
-    try:
-        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
-    except FileNotFoundError:
-        return [], set()
-    except (ValueError, UnicodeDecodeError) as e:
-        _logger.warning("%s: unreadable (%s); packing everything again", url, e)
-        return [], set()
-    if not isinstance(doc, dict) or doc.get("fingerprint") != cfg.fingerprint():
-        _logger.warning("%s: left by a pack with other settings; packing everything again", url)
-        return [], set()
-    kept = []
-    for rec in doc.get("shards", []):
-        try:
-            info = ShardInfo(**rec)
-            intact = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
-        except (TypeError, FileNotFoundError, storage.StorageError):
-            intact = False
-        if intact:
-            kept.append(info)
-        else:
-            _logger.warning("%s: recorded shard missing or changed; its captures are packed again", rec.get("url"))
-    kept_keys = {k for i in kept for k in i.keys}
-    return kept, {k for k in doc.get("without_masks", []) if k in kept_keys}
-
-
-def save_progress(cfg: PackConfig, infos: list[ShardInfo], without_masks: set[str]) -> None:
-    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos],
-           "without_masks": sorted(without_masks)}
-    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
-                        endpoint=cfg.endpoint)
-
-
-def next_index(infos: list[ShardInfo], split: str) -> int:
-    indices = [int(m.group(1)) for i in infos if i.split == split
-               and (m := re.search(rf"{re.escape(split)}-(\d+)\.tar$", i.url))]
-    return max(indices) + 1 if indices else 0
 
 
 def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
@@ -693,19 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return report(summary, args)
-
-
-def report(summary, args: argparse.Namespace) -> int:
-    """A packer's ending: the summary's lines, its JSON at ``--summary-json``, and the exit code
-    (0 when something was packed, 1 when nothing could be)."""
-    for line in summary.lines():
-        print(line)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
-    if summary.packed == 0:
-        print(f"nothing packed from {args.input} (layout {args.layout})", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dfmvr.data.parsing_shards import (
 from dfmvr.data.transforms import resize_image, resize_masks
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import IMAGE_EXTS, InputError, read_image
-from sharding.pack import safe_name
+from sharding.captures import safe_name
 
 _logger = logging.getLogger(__name__)
 

@@ -241,11 +241,12 @@ def test_packer_landmarker_follows_the_opt_in():
 @needs_mesh
 def test_packer_detects_the_mesh_68_points_without_the_opt_in(monkeypatch):
     _needs_dlib()
-    import sharding.pack as pack
+    import sharding.captures as captures
+    from sharding.pack import PackConfig
 
-    monkeypatch.setattr(pack, "_worker_state", {})
-    cfg = pack.PackConfig(input="in", out="out", landmarks="detect")
-    lmk, record = pack._detected_landmarks(_rgb(PORTRAIT), PORTRAIT, cfg)
+    monkeypatch.setattr(captures, "_detectors", {})
+    cfg = PackConfig(input="in", out="out", landmarks="detect")
+    lmk, record = captures._detected_landmarks(_rgb(PORTRAIT), PORTRAIT, cfg)
     assert lmk.shape == (68, 2) and lmk.dtype == np.float32
     assert record["source"].startswith("MediaPipe face mesh") and record["mesh_score"] > 0.9
 

@@ -20,7 +20,8 @@ from dfmvr.render import Renderer
 from dfmvr.render.camera import Camera
 from dfmvr.data.align import AlignmentTemplate, five_points, transform_points
 from sharding.layouts import VIEWS, read_bnt, read_landmarks
-from sharding.pack import PackConfig, delaunay_mesh, main, pack
+from sharding.captures import delaunay_mesh
+from sharding.pack import PackConfig, main, pack
 from dfmvr.data.synth import SynthConfig, iter_shard_samples, render_views, sample_params
 
 CANVAS = 160
@@ -412,7 +413,7 @@ def test_verify_finds_a_changed_and_a_missing_shard(packed, tmp_path):
 
 
 def test_a_second_packer_on_the_same_root_fails_fast(tmp_path, capture):
-    from sharding.pack import LOCK_NAME, RootBusyError, root_lock
+    from sharding.progress import LOCK_NAME, RootBusyError, root_lock
 
     root = tmp_path / "in"
     _write_capture(root / "ann" / "c1", capture, masks=False)
@@ -430,7 +431,7 @@ def test_a_second_packer_on_the_same_root_fails_fast(tmp_path, capture):
 
 
 def test_the_lock_is_a_conditional_put_on_s3(moto_s3):
-    from sharding.pack import RootBusyError, root_lock
+    from sharding.progress import RootBusyError, root_lock
 
     out = moto_s3.url("packed")
     with root_lock(out, None):

@@ -1,0 +1,133 @@
+"""What every packer shares (``sharding.pack``, ``sharding.pack_parsing``): one packer per output
+root (:func:`root_lock`: a local exclusive create or an S3 conditional put), the progress record
+that makes a packer resumable (:func:`load_progress`, :func:`save_progress`: every published
+shard with its size and sha256, under a fingerprint of the settings; a rerun with the same
+settings keeps the intact ones and packs the rest), shard numbering that continues after them
+(:func:`next_index`), and a packer's ending (:func:`report`).
+
+``cfg`` is any packer's config with ``out``, ``endpoint`` and ``fingerprint()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from dfmvr.data import storage
+from dfmvr.data.shards import ShardInfo
+
+_logger = logging.getLogger(__name__)
+
+PROGRESS_NAME = "pack-progress.json"
+"""The progress record under the output root."""
+
+
+LOCK_NAME = ".dfmvr-packing.lock"
+"""Held in the output root while a packer writes there: a second packer on the same root fails fast."""
+
+
+class RootBusyError(RuntimeError):
+    """Another packer is writing the same root."""
+
+
+@contextmanager
+def root_lock(out: str, endpoint: str | None):
+    """Hold ``out/LOCK_NAME`` for the block: created only if absent (a local exclusive create, or an
+    S3 conditional put), removed at the end; a stale lock after a crash is named in the error."""
+    from dfmvr.data import storage
+
+    url = storage.join(out, LOCK_NAME)
+    note = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode()
+    try:
+        if storage.is_s3(url):
+            bucket, key = storage.split_s3(url)
+            storage.s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=note, IfNoneMatch="*")
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            fd = os.open(url, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "wb") as f:
+                f.write(note)
+    except FileExistsError:
+        raise RootBusyError(_busy_message(url, Path(url).read_text(errors="replace"))) from None
+    except Exception as exn:
+        if "PreconditionFailed" in str(exn) or "412" in str(exn):
+            raise RootBusyError(_busy_message(url, "")) from None
+        raise
+    try:
+        yield
+    finally:
+        storage.delete(url, endpoint=endpoint)
+
+
+def _busy_message(url: str, holder: str) -> str:
+    return (f"{url}: another packer is writing this root ({holder.strip() or 'holder unknown'}); wait for it, "
+            "or delete the lock if no packer is running (a crashed one leaves it)")
+
+
+def load_progress(cfg) -> tuple[list[ShardInfo], set[str]]:
+    """Shards an interrupted run with the same settings published and that are still intact
+    (size and sha256 as recorded), and the keys of their captures packed without masks;
+    nothing when there is no record, or one of other settings."""
+    url = storage.join(cfg.out, PROGRESS_NAME)
+    try:
+        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
+    except FileNotFoundError:
+        return [], set()
+    except (ValueError, UnicodeDecodeError) as e:
+        _logger.warning("%s: unreadable (%s); packing everything again", url, e)
+        return [], set()
+    if not isinstance(doc, dict) or doc.get("fingerprint") != cfg.fingerprint():
+        _logger.warning("%s: left by a pack with other settings; packing everything again", url)
+        return [], set()
+    kept = []
+    for rec in doc.get("shards", []):
+        try:
+            info = ShardInfo(**rec)
+            intact = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
+        except (TypeError, FileNotFoundError, storage.StorageError):
+            intact = False
+        if intact:
+            kept.append(info)
+        else:
+            _logger.warning("%s: recorded shard missing or changed; its captures are packed again", rec.get("url"))
+    kept_keys = {k for i in kept for k in i.keys}
+    return kept, {k for k in doc.get("without_masks", []) if k in kept_keys}
+
+
+def save_progress(cfg, infos: list[ShardInfo], without_masks: set[str]) -> None:
+    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos],
+           "without_masks": sorted(without_masks)}
+    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
+                        endpoint=cfg.endpoint)
+
+
+def next_index(infos: list[ShardInfo], split: str) -> int:
+    indices = [int(m.group(1)) for i in infos if i.split == split
+               and (m := re.search(rf"{re.escape(split)}-(\d+)\.tar$", i.url))]
+    return max(indices) + 1 if indices else 0
+
+
+def report(summary, args: argparse.Namespace) -> int:
+    """A packer's ending: the summary's lines, its JSON at ``--summary-json``, and the exit code
+    (0 when something was packed, 1 when nothing could be)."""
+    for line in summary.lines():
+        print(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(asdict(summary), indent=1))
+    if summary.packed == 0:
+        print(f"nothing packed from {args.input} (layout {args.layout})", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["LOCK_NAME", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "report", "root_lock",
+           "save_progress"]
