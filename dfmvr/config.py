@@ -6,6 +6,9 @@ plain functions that return a :class:`Config`. Every override path (CLI ``key=va
 files, Ray Tune param spaces) goes through :func:`apply_overrides`, which type-checks and
 rejects unknown keys before anything starts. ``cfg.to_dict()`` is what goes to MLflow params
 and into every checkpoint.
+
+One job, and long for it: the typed config tree every job reads (its sections, their checks,
+overrides and YAML), one field per documented line.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ and the probability of background replacement (which has no magnitude); ``streng
 the inputs untouched and draws nothing from ``rng``. Sizes (blur sigma, motion length, edge
 softness, translation) are fractions of the image side, so a setting means the same at 64 and
 224 px.
+
+One job: the photo augmentation (each perturbation and their composition, masks following every
+geometric one).
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ and :class:`ShardLoader` adds them up (``loader.skipped``); a worker whose last 
 sends a :class:`SkipReport` instead of a batch at the end of the epoch, which the loader
 consumes. In resampled mode the stream is cut after a fixed number of batches, so skips counted
 after a worker's last batch of an epoch are not reported (they are still logged).
+
+One job: the training loader (shards to typed batches: decoding, mask-cache joins, shuffling,
+resampling, sharding by rank, what it skipped); per-sample reading for the jobs is
+:mod:`dfmvr.data.samples`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ Reading (:func:`make_parsing_loader`) reuses the capture loader's stages (:mod:`
 shard lists per rank and worker or resampled shards, streaming tar reads that count samples lost
 in damaged shards against the manifest, the shuffle buffer); only decoding and batching differ.
 Bad samples are skipped, logged once per key and counted (``loader.skipped``), as there.
+
+One job: the single-view parsing shard format end to end (schema, writer, manifest, loader), kept
+together as it is small beside the triplet shards'.
 """
 
 from __future__ import annotations

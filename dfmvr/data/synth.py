@@ -25,6 +25,9 @@ headers carry a fixed mtime; the same settings give byte-identical shards for an
 ``--workers``. Resumable: finished shards are recorded in
 ``synth-progress.json`` beside the shards; a rerun with the same settings keeps every recorded
 shard whose stored sha256 still matches and makes only the others.
+
+This module is the dataset job (plan, worker pool, resumption, manifest, read-back and previews);
+one sample's sampling and rendering is :mod:`dfmvr.data.synth_faces`.
 """
 
 from __future__ import annotations

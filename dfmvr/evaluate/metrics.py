@@ -14,6 +14,9 @@ Inputs are numpy arrays in one common unit, ``mm_per_unit`` mm each (default 100
 model's decimetres); everything is computed in float64 millimetres and reported in mm.
 Shapes: ``N`` predicted vertices, ``F`` predicted faces, ``M`` scan vertices, ``K`` scan points
 kept by a crop.
+
+One job: the metrics (each protocol's crop, alignment and distances, with the checks that name a bad
+scan); scoring a whole split is :mod:`dfmvr.evaluate.run`.
 """
 
 from __future__ import annotations

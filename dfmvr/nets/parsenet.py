@@ -39,6 +39,9 @@ Checkpoints (:func:`save_parsenet`, :func:`load_parsenet`) are plain dicts that
 "state_dict": {name: tensor}}``, with ``meta`` holding at least ``n_classes``, ``width``,
 ``in_channels`` and ``image_size``, and ``arch`` (``bisenet`` when absent: files written before
 the registry). :func:`parsenet_digest` names a checkpoint's weights (the mask cache's key).
+
+One job: the parse-net architectures, their registry and their checkpoint format; training them is
+:mod:`dfmvr.train.parsing`.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ mean.
 
 :func:`run_job` is what ``jobs/train_parsenet.py`` calls: data (synthetic shards by default),
 one MLflow run, training, and the exported checkpoint (:func:`dfmvr.nets.save_parsenet`).
+
+One job: training the parse net and scoring it (the training loop, its validation by per-class IoU,
+the job that writes and logs it); its masks at inference are the model's
+(:func:`dfmvr.model.parsed_masks`).
 """
 
 from __future__ import annotations
