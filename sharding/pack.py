@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -42,7 +41,8 @@ from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.align import AlignmentTemplate
-from sharding.progress import RootBusyError, load_progress, next_index, report, root_lock, save_progress
+from sharding.progress import (RootBusyError, load_progress, next_index, ordered_map, report, root_lock,
+                               save_progress)
 from sharding.captures import DM_PER_UNIT, load_capture, safe_name
 from sharding.layouts import (
     DEFAULT_YAW_DEG,
@@ -184,18 +184,9 @@ def _load_one(src: CaptureSource) -> tuple[Sample | None, list[str], str | None]
 
 def _iter_loaded(sources: list[CaptureSource], template: AlignmentTemplate, cfg: PackConfig
                  ) -> Iterator[tuple[CaptureSource, Sample | None, list[str], str | None]]:
-    if cfg.workers <= 1:
-        _init_worker(template, cfg)
-        for src in sources:
-            yield (src, *_load_one(src))
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(template, cfg)) as pool:
-        # map keeps input order, so the shards do not depend on the worker count
-        for src, result in zip(sources, pool.map(_load_one, sources, chunksize=4)):
-            yield (src, *result)
+    for src, result in ordered_map(_load_one, sources, workers=cfg.workers, initializer=_init_worker,
+                                   initargs=(template, cfg), chunksize=4):
+        yield (src, *result)
 
 
 # ---------------------------------------------------------------------------------------------

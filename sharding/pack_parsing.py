@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal
 
@@ -69,7 +68,8 @@ from dfmvr.data.shards import ShardInfo
 from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import InputError
-from sharding.progress import RootBusyError, load_progress, next_index, report, root_lock, save_progress
+from sharding.progress import (RootBusyError, load_progress, next_index, ordered_map, report, root_lock,
+                               save_progress)
 from sharding.parsing_layouts import (LAPA_FIVE_POINTS, LAYOUT_NAMES, ParsingSource, class_table, discover_parsing,
                                       load_celebamask_hq, load_lapa)
 
@@ -166,18 +166,9 @@ def _load_one(src: ParsingSource) -> tuple[ParsingSample | None, str | None]:
 
 def _iter_loaded(sources: list[ParsingSource], cfg: ParsingPackConfig, template: np.ndarray | None
                  ) -> Iterator[tuple[ParsingSource, ParsingSample | None, str | None]]:
-    if cfg.workers <= 1:
-        _init_worker(cfg, template)
-        for src in sources:
-            yield (src, *_load_one(src))
-        return
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(cfg, template)) as pool:
-        # map keeps input order, so the shards do not depend on the worker count
-        for src, result in zip(sources, pool.map(_load_one, sources, chunksize=8)):
-            yield (src, *result)
+    for src, result in ordered_map(_load_one, sources, workers=cfg.workers, initializer=_init_worker,
+                                   initargs=(cfg, template), chunksize=8):
+        yield (src, *result)
 
 
 # ---------------------------------------------------------------------------------------------

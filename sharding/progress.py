@@ -3,7 +3,8 @@ root (:func:`root_lock`: a local exclusive create or an S3 conditional put), the
 that makes a packer resumable (:func:`load_progress`, :func:`save_progress`: every published
 shard with its size and sha256, under a fingerprint of the settings; a rerun with the same
 settings keeps the intact ones and packs the rest), shard numbering that continues after them
-(:func:`next_index`), and a packer's ending (:func:`report`).
+(:func:`next_index`), loading captures on worker processes in input order
+(:func:`ordered_map`), and a packer's ending (:func:`report`).
 
 ``cfg`` is any packer's config with ``out``, ``endpoint`` and ``fingerprint()``.
 """
@@ -21,6 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from dfmvr.data import storage
 from dfmvr.data.shards import ShardInfo
@@ -129,5 +131,22 @@ def report(summary, args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["LOCK_NAME", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "report", "root_lock",
-           "save_progress"]
+def ordered_map(fn, items: list, *, workers: int, initializer, initargs: tuple, chunksize: int = 4) -> Iterator:
+    """``(item, fn(item))`` for every item in input order: in this process (``initializer`` run
+    here first) with ``workers <= 1``, else on that many spawned processes, each initialised
+    once; the order never depends on the worker count, so neither do the shards."""
+    if workers <= 1:
+        initializer(*initargs)
+        for item in items:
+            yield item, fn(item)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                             initargs=initargs) as pool:
+        yield from zip(items, pool.map(fn, items, chunksize=chunksize))
+
+
+__all__ = ["LOCK_NAME", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "ordered_map", "report",
+           "root_lock", "save_progress"]

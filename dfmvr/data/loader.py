@@ -337,30 +337,40 @@ class TripletDecoder:
         )
 
 
-@dataclass(kw_only=True, slots=True)
-class Batcher:
-    """Pipeline stage: group items into batches carrying the skips counted since the previous one."""
+@dataclass(kw_only=True)
+class BatchStage:
+    """Pipeline stage: group items into batches (:meth:`collate`) carrying the skips counted since
+    the previous one; the skips after the last batch come as a :class:`SkipReport`."""
 
     batch_size: int
-    with_gt: bool
     tally: Tally
-    mask_source: str = "given"
-    keep_given: bool = False
 
-    def __call__(self, src: Iterator[TripletItem]) -> Iterator[Batch | SkipReport]:
-        items: list[TripletItem] = []
+    def __call__(self, src: Iterator) -> Iterator:
+        items: list = []
         for item in src:
             items.append(item)
             if len(items) == self.batch_size:
-                yield self._collate(items)
+                yield self.collate(items)
                 items = []
         if items:
-            yield self._collate(items)
+            yield self.collate(items)
         pending = self.tally.take()
         if pending:
             yield SkipReport(pending)
 
-    def _collate(self, items: list[TripletItem]) -> Batch:
+    def collate(self, items: list):
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class Batcher(BatchStage):
+    """:class:`BatchStage` of triplets: :class:`~dfmvr.data.batch.Batch` es."""
+
+    with_gt: bool
+    mask_source: str = "given"
+    keep_given: bool = False
+
+    def collate(self, items: list[TripletItem]) -> Batch:
         return collate(items, skipped=self.tally.take(), with_gt=self.with_gt, mask_source=self.mask_source,
                        keep_given=self.keep_given)
 
@@ -603,5 +613,5 @@ def make_loader(
     )
 
 
-__all__ = ["Batcher", "EpochState", "ShardLoader", "SkipReport", "SubjectFilter", "Tally", "TripletDecoder",
+__all__ = ["BatchStage", "Batcher", "EpochState", "ShardLoader", "SkipReport", "SubjectFilter", "Tally", "TripletDecoder",
            "make_loader"]

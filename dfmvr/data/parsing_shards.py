@@ -46,10 +46,10 @@ import webdataset
 # counting and shuffling, and image entries encoded, size-checked from their header before
 # decoding, and decoded exactly as in the capture shards
 from dfmvr.data.loader import (
+    BatchStage,
     EpochState,
     SampleShuffle,
     ShardLoader,
-    SkipReport,
     Tally,
     TarSamples,
     decode_or_skip,
@@ -365,27 +365,11 @@ class ParsingDecoder:
                                mask=resize_masks(sample.mask[None], self.image_size)[0])
 
 
-@dataclass(kw_only=True, slots=True)
-class ParsingBatcher:
-    """Pipeline stage: stack items into :class:`ParsingBatch` es carrying the skips since the previous one."""
+@dataclass(kw_only=True)
+class ParsingBatcher(BatchStage):
+    """:class:`~dfmvr.data.loader.BatchStage` of single views: :class:`ParsingBatch` es."""
 
-    batch_size: int
-    tally: Tally
-
-    def __call__(self, src: Iterator[ParsingItem]) -> Iterator[ParsingBatch | SkipReport]:
-        items: list[ParsingItem] = []
-        for item in src:
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield self._collate(items)
-                items = []
-        if items:
-            yield self._collate(items)
-        pending = self.tally.take()
-        if pending:
-            yield SkipReport(pending)
-
-    def _collate(self, items: list[ParsingItem]) -> ParsingBatch:
+    def collate(self, items: list[ParsingItem]) -> ParsingBatch:
         return ParsingBatch(
             images=torch.from_numpy(np.stack([item.image for item in items])),
             masks=torch.from_numpy(np.stack([item.mask for item in items]).astype(np.int64)),
