@@ -316,6 +316,19 @@ def run_of_checkpoint(uri: str, payload: dict) -> tuple[str | None, str]:
     return run_id, how
 
 
+RUNS_PAGE_QUERY = "?workflowType=machine_learning"
+"""MLflow 3.17's UI opens an experiment on its GenAI overview (traces, tokens) unless the page's
+workflow switch says model training: the experiment's ``mlflow.experimentKind`` tag alone does
+not choose it there, this query (or clicking "Model training" once, which the browser keeps) does."""
+
+
+def runs_page(uri: str, experiment_id: str, port: int = 5000) -> str:
+    """The address of an experiment's runs table in the MLflow UI: on the tracking server for an
+    ``http(s)`` store (credentials redacted), else on ``mlflow ui``'s default local address."""
+    base = redact(uri).rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}{RUNS_PAGE_QUERY}"
+
+
 def ui_command(uri: str) -> str:
     """How a person opens the tracking store's UI: ``mlflow ui`` on a local store, the server's
     address (credentials redacted) otherwise."""

@@ -188,6 +188,7 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         "mlflow_tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "mlflow_ui": tracking.ui_command(tracking_uri),
+        "mlflow_runs_page": tracking.runs_page(tracking_uri, experiment_id),
         "num_workers": n_workers,
         "use_gpu": use_gpu,
         # the largest share of validation triplets with a non-finite prediction in any validation

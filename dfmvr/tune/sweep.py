@@ -319,6 +319,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         "mlflow_tracking_uri": tracking.redact(ctx.tracking_uri),
         "mlflow_parent_run_id": parent,
         "mlflow_ui": tracking.ui_command(ctx.tracking_uri),
+        "mlflow_runs_page": tracking.runs_page(ctx.tracking_uri, ctx.experiment_id),
         # the frozen parse net every trial's mask loss ran through (None: no mask loss in any trial)
         "parse_net": cfg.model.parse_net if ctx.parse_net is not None else None,
     }

@@ -20,3 +20,12 @@ def test_the_experiment_is_tagged_for_model_development_new_or_old(tmp_path):
         assert MlflowClient(uri).get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_runs_page_asks_the_ui_for_model_training():
+    from dfmvr import tracking
+
+    assert tracking.runs_page("sqlite:////x/mlflow.db", "3") == \
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert tracking.runs_page("http://user:secret@mlflow:5000/", "7") == \
+        "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
