@@ -43,6 +43,7 @@ from dfmvr.data.reader import ShardErrors, shard_samples, without_gt
 from dfmvr.data.schema import (
     IMAGE_FORMATS,
     MANIFEST_NAME,
+    MAX_IMAGE_SIDE,
     N_CLASSES,
     N_LANDMARKS,
     PARSING_VIEWS,
@@ -55,15 +56,16 @@ from dfmvr.data.schema import (
     describe_array,
     encode_image,
     encode_sample,
+    image_header_size,
     malformed_as_value_error,
     sample_where,
 )
 from dfmvr.data.writer import ShardInfo, ShardWriter, publish_file
 
 __all__ = [
-    "IMAGE_FORMATS", "MANIFEST_NAME", "N_CLASSES", "N_LANDMARKS", "PARSING_VIEWS", "SCHEMA_VERSION",
+    "IMAGE_FORMATS", "MANIFEST_NAME", "MAX_IMAGE_SIDE", "N_CLASSES", "N_LANDMARKS", "PARSING_VIEWS", "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS", "VIEWS", "Manifest", "ManifestError", "Sample", "ShardEntry", "ShardErrors",
-    "ShardInfo", "ShardWriter", "SplitEntry", "decode_image", "decode_sample", "describe_array", "encode_image", "encode_sample",
+    "ShardInfo", "ShardWriter", "SplitEntry", "decode_image", "decode_sample", "describe_array", "encode_image", "encode_sample", "image_header_size",
     "malformed_as_value_error", "manifest_url", "publish_file", "read_manifest", "sample_where", "shard_samples",
     "without_gt", "write_manifest",
 ]
