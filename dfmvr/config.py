@@ -350,10 +350,11 @@ class TrainConfig:
     starts a new run. Naming an existing run resumes it (its config may differ only in the step
     budget and where things are stored and logged: :mod:`dfmvr.train.resume`)."""
     parse_net_amp: bool = True
-    """The frozen parse net's pass inside the mask loss (forward and backward to the render) runs in
-    bfloat16 autocast where the device computes bf16 natively (CUDA with bf16; CPUs with
-    AVX512-BF16 or AMX), else in float32. The parse net's masks (the network's input, the weights
-    and the mask loss's target) are always made in float32."""
+    """The frozen parse net computes in bfloat16 autocast where the device computes bf16 natively
+    (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else in float32, for every use of it: its
+    pass inside the mask loss (forward and backward to the render), and its masks (the network's
+    input, the weights and the mask loss's target; the mask cache records the precision it was
+    made in), so that every use computes alike on one machine (:func:`dfmvr.model.frozen_parse_net`)."""
     holdout_report: bool = True
     """Validate during training (and so pick the checkpoint) on every other subject of the
     validation split in sorted order, and report the picked checkpoint on the others: the job's
