@@ -21,7 +21,6 @@ anything is written. ``ROOT`` and ``ROOT2`` may be local directories or ``s3://b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from dfmvr.data.shards import (
     ShardInfo,
     decode_sample,
     encode_sample,
+    publish_file,
     read_manifest,
     shard_samples,
     write_manifest,
@@ -104,8 +104,10 @@ def _same_root(a: str, b: str) -> bool:
 class _ShardOut:
     """One output shard, staged in a local temporary file and published on :meth:`close`."""
 
-    def __init__(self, url: str, split: str, image_size: int, endpoint: str | None) -> None:
+    def __init__(self, url: str, split: str, image_size: int, endpoint: str | None,
+                 transfer: storage.TransferSettings | None = None) -> None:
         self.url, self.split, self.image_size, self.endpoint = url, split, image_size, endpoint
+        self.transfer = transfer
         fd, self.tmp = tempfile.mkstemp(prefix="dfmvr-fill-", suffix=".tar")
         self.file = os.fdopen(fd, "wb")
         self.tar = webdataset.TarWriter(self.file, mtime=0)  # mtime 0: same content, same sha256
@@ -118,20 +120,14 @@ class _ShardOut:
         self.subjects.add(subject)
 
     def close(self) -> ShardInfo | None:
-        """Publish (or drop, when empty) the shard; returns its info."""
+        """Publish (or drop, when empty) the shard with the shard writer's publisher; returns its info."""
         self.tar.close()
         self.file.close()
-        try:
-            if not self.keys:
-                return None
-            digest = hashlib.sha256()
-            with open(self.tmp, "rb") as handle:
-                for block in storage.iter_chunks(handle):
-                    digest.update(block)
-            nbytes = storage.put_file(self.tmp, self.url, endpoint=self.endpoint)
-        finally:
+        if not self.keys:
             Path(self.tmp).unlink(missing_ok=True)
-        return ShardInfo(url=self.url, split=self.split, count=len(self.keys), size=nbytes, sha256=digest.hexdigest(),
+            return None
+        nbytes, sha256 = publish_file(self.tmp, self.url, endpoint=self.endpoint, transfer=self.transfer)
+        return ShardInfo(url=self.url, split=self.split, count=len(self.keys), size=nbytes, sha256=sha256,
                          image_size=self.image_size, keys=list(self.keys), subjects=sorted(self.subjects))
 
     def discard(self) -> None:
