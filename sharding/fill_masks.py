@@ -49,6 +49,7 @@ from dfmvr.data.shards import (
 )
 from dfmvr.nets.parsenet import BiSeNet, load_parsenet
 from dfmvr.train.parsing import predict_masks
+from sharding.progress import add_run_options, log_to_stderr
 
 _logger = logging.getLogger(__name__)
 
@@ -283,13 +284,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
+    add_run_options(p, progress_bar=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     try:
         summary = fill_masks(args.input, args.out, args.parse_net, batch_size=args.batch_size, device=args.device,
                              endpoint=args.endpoint)

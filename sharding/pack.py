@@ -41,8 +41,17 @@ from dfmvr.config import FaceModelConfig
 from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.align import AlignmentTemplate
-from sharding.progress import (RootBusyError, load_progress, next_index, ordered_map, report, root_lock,
-                               save_progress)
+from sharding.progress import (
+    RootBusyError,
+    add_run_options,
+    load_progress,
+    log_to_stderr,
+    next_index,
+    ordered_map,
+    report,
+    root_lock,
+    save_progress,
+)
 from sharding.captures import DM_PER_UNIT, load_capture, safe_name
 from sharding.layouts import (
     DEFAULT_YAW_DEG,
@@ -344,14 +353,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="accept the non-commercial terms of dlib's iBUG 300-W 68-point model (--landmarker ibug68)")
     p.add_argument("--largest-face", action="store_true",
                    help="views with several faces: take the largest (default: refuse the capture)")
-    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     options: dict = {}
     if args.view_dirs:
         options["view_dirs"] = parse_view_map(args.view_dirs, "--view-dirs")

@@ -68,8 +68,17 @@ from dfmvr.data.shards import ShardInfo
 from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import InputError
-from sharding.progress import (RootBusyError, load_progress, next_index, ordered_map, report, root_lock,
-                               save_progress)
+from sharding.progress import (
+    RootBusyError,
+    add_run_options,
+    load_progress,
+    log_to_stderr,
+    next_index,
+    ordered_map,
+    report,
+    root_lock,
+    save_progress,
+)
 from sharding.parsing_layouts import (LAPA_FIVE_POINTS, LAYOUT_NAMES, ParsingSource, class_table, discover_parsing,
                                       load_celebamask_hq, load_lapa)
 
@@ -348,8 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
     p.add_argument("--n-vertices", type=int, default=4000, help="procedural model size for the template")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p)
     return p
 
 
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exn:  # argparse: a missing or malformed option (it printed why)
         return int(exn.code or 0)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     try:
         cfg = ParsingPackConfig(
             input=args.input, out=args.out, layout=args.layout, size=args.size,

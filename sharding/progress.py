@@ -118,6 +118,18 @@ def next_index(infos: list[ShardInfo], split: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def add_run_options(p: argparse.ArgumentParser, *, progress_bar: bool = True) -> None:
+    """The options every sharding command line takes: ``--summary-json`` and ``--no-progress``."""
+    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
+    if progress_bar:
+        p.add_argument("--no-progress", action="store_true")
+
+
+def log_to_stderr() -> None:
+    """The sharding commands' logging: INFO and up, one line each, on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
 def report(summary, args: argparse.Namespace) -> int:
     """A packer's ending: the summary's lines, its JSON at ``--summary-json``, and the exit code
     (0 when something was packed, 1 when nothing could be)."""
@@ -148,5 +160,5 @@ def ordered_map(fn, items: list, *, workers: int, initializer, initargs: tuple, 
         yield from zip(items, pool.map(fn, items, chunksize=chunksize))
 
 
-__all__ = ["LOCK_NAME", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "ordered_map", "report",
+__all__ = ["LOCK_NAME", "add_run_options", "log_to_stderr", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "ordered_map", "report",
            "root_lock", "save_progress"]

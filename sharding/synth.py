@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from dfmvr.config import FaceModelConfig
 from dfmvr.data.splits import parse_fractions
 from dfmvr.data.synth import SynthConfig, run, write_preview
+from sharding.progress import add_run_options, log_to_stderr
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,14 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-format", default="png", choices=("png", "jpg"))
     p.add_argument("--preview", default=None, help="write a PNG of the first samples (masks, landmarks) here")
     p.add_argument("--preview-count", type=int, default=4)
-    p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     facemodel = None
     if args.facemodel == "bfm":
         facemodel = FaceModelConfig(source="bfm", bfm_path=args.bfm_path)
