@@ -68,17 +68,8 @@ from dfmvr.data.shards import ShardInfo
 from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import InputError
-from sharding.progress import (
-    RootBusyError,
-    add_run_options,
-    load_progress,
-    log_to_stderr,
-    next_index,
-    ordered_map,
-    report,
-    root_lock,
-    save_progress,
-)
+from sharding.progress import (RootBusyError, add_run_options, load_progress, log_to_stderr, next_index, ordered_map,
+                               report, root_lock, save_progress)
 from sharding.parsing_layouts import (LAPA_FIVE_POINTS, LAYOUT_NAMES, ParsingSource, class_table, discover_parsing,
                                       load_celebamask_hq, load_lapa)
 
