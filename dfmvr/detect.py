@@ -332,12 +332,19 @@ class FaceDetector:
 
     def faces(self, image: np.ndarray, *, source: str = "image") -> list[Face]:
         """Every face HOG finds, or (when it finds none and the fallback is on) the CNN detector,
-        largest first."""
+        largest first; of several, with the face mesh, only those it finds a face in (presence >= 0.5)."""
         image = _as_rgb(image, source)
         found = [(b, s, "hog") for b, s in self._boxes_hog(image)]
         if not found and self._cnn is not None:
             found = [(b, s, "cnn") for b, s in self._boxes_cnn(image)]
         faces = [self._face(image, b, s, d) for b, s, d in found]
+        if len(faces) > 1:
+            # of several detections, one the face mesh says holds no face (presence under
+            # MESH_MIN_SCORE) is not one: HOG's weak boxes on clothing (the astronaut's badge: HOG
+            # 0.12, mesh 0.00). A single detection is kept whatever the mesh says: on small or
+            # turned faces its presence can be low where the face is plain.
+            real = [f for f in faces if f.mesh_score is None or f.mesh_score >= MESH_MIN_SCORE]
+            faces = real or faces
         return sorted(faces, key=lambda f: -f.size)
 
     def mesh_in_frame(self, image: np.ndarray, matrix: np.ndarray, size: int, *,
