@@ -27,8 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dfmvr.facemodel import build_face_model  # noqa: E402
-from dfmvr.model import DFMVR  # noqa: E402
+from dfmvr.model import DFMVR, build_model  # noqa: E402
 from dfmvr.train.parsing import N_PARSE_CLASSES  # noqa: E402
 from dfmvr.presets import get_preset  # noqa: E402
 
@@ -73,7 +72,7 @@ def main() -> None:
 
     def fresh() -> DFMVR:
         torch.manual_seed(1)
-        return DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
+        return build_model(cfg)
 
     eager_model = fresh()
     eager, _ = bench(eager_model, eager_model.encode, images, masks, args.steps)

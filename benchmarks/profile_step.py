@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import random_batch  # noqa: E402  (benchmarks/train_step.py: the same step)
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
-from dfmvr.model import DFMVR  # noqa: E402
+from dfmvr.model import build_model  # noqa: E402
 from dfmvr.presets import get_preset  # noqa: E402
 from dfmvr.train.objective import reconstruction_losses  # noqa: E402
 
@@ -48,7 +48,7 @@ def build(preset: str, batch: int, device: torch.device, bf16: bool):
     cfg = apply_overrides(get_preset(preset), {"render.backend": "torch"})
     face_model = build_face_model(cfg.facemodel)
     torch.manual_seed(0)
-    model = DFMVR(cfg.model, cfg.render, face_model).train().to(device)
+    model = build_model(cfg, device=device, face_model=face_model).train()
     model.amp_dtype = torch.bfloat16 if bf16 else None
     data = random_batch(cfg, face_model, batch)
     for name in ("images", "masks", "weights", "lmk2d", "yaw_deg", "lmk3d", "lmk3d_valid", "has_lmk3d", "has_masks"):

@@ -189,12 +189,11 @@ def run_throughput(work: Path, data_url: str, *, workers: int, cpus: int, steps:
 
 def tiny_gradient_numel() -> int:
     """Trainable parameters of the tiny preset's model (what DDP all-reduces every step)."""
-    from dfmvr.facemodel import build_face_model
-    from dfmvr.model import DFMVR
+    from dfmvr.model import build_model
     from dfmvr.presets import tiny
 
     cfg = tiny()
-    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel))
+    model = build_model(cfg)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

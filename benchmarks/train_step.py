@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dfmvr.config import Config  # noqa: E402
 from dfmvr.data.batch import Batch  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
-from dfmvr.model import DFMVR, input_channels  # noqa: E402
+from dfmvr.model import DFMVR, build_model, input_channels  # noqa: E402
 from dfmvr.facemodel.layout import CoeffLayout  # noqa: E402
 from dfmvr.nets import create_backbone, create_regressor  # noqa: E402
 from dfmvr.nets.involution import Involution2d  # noqa: E402
@@ -246,7 +246,7 @@ def full_model_case(name: str, cfg: Config, face_model, batch: int, mode: str, w
                     involution: str = "auto") -> Case:
     channels_last, bf16 = MODES[mode]
     torch.manual_seed(0)
-    model = DFMVR(cfg.model, cfg.render, face_model).train()
+    model = build_model(cfg, face_model=face_model).train()
     for module in model.modules():
         if isinstance(module, Involution2d):
             module.method = involution

@@ -45,7 +45,7 @@ def worker(config: dict) -> None:
 
     from dfmvr.config import apply_overrides
     from dfmvr.facemodel import build_face_model
-    from dfmvr.model import DFMVR
+    from dfmvr.model import build_model
     from dfmvr.presets import get_preset
     from dfmvr.train.objective import reconstruction_losses
 
@@ -54,7 +54,7 @@ def worker(config: dict) -> None:
     cfg = apply_overrides(get_preset(config["preset"]), {"render.backend": "torch"})
     face_model = build_face_model(cfg.facemodel)
     torch.manual_seed(0)
-    model = prepare_model(DFMVR(cfg.model, cfg.render, face_model).train())
+    model = prepare_model(build_model(cfg, face_model=face_model).train())
     device = get_device()
     data = random_batch(cfg, face_model, config["batch"], seed=rank)
     for name in ("images", "masks", "weights", "lmk2d", "yaw_deg", "lmk3d", "lmk3d_valid", "has_lmk3d", "has_masks"):

@@ -128,6 +128,52 @@ def frozen_parse_net(bundle: dict, source: str, device: torch.device | str, *, a
     return net
 
 
+def check_face_signature(payload: dict, face_signature: dict, source: str) -> None:
+    """Refuse a checkpoint made for another face model or coefficient layout, naming both."""
+    saved = payload.get("face_signature", {})
+    keys = ("n_vertices", "n_faces", "n_id", "n_exp", "n_tex")
+    diff = {k: (saved.get(k), face_signature.get(k)) for k in keys if saved.get(k) != face_signature.get(k)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"checkpoint {source}: made for face model {saved.get('name')!r}, not {face_signature.get('name')!r} "
+            f"({detail}); set facemodel.* as in the checkpoint's config"
+        )
+
+
+def build_model(cfg, *, device: torch.device | str = "cpu", face_model: FaceModel | None = None,
+                payload: dict | None = None, source: str = "", parse_net: nn.Module | None = None) -> "DFMVR":
+    """The one way a :class:`DFMVR` is made from a :class:`dfmvr.config.Config`: its face model
+    (``face_model``, else built from ``cfg.facemodel``), the network, and with a checkpoint's
+    ``payload`` the face-model signature check and its weights; on ``device``; with
+    ``parse_net`` (frozen) set as the parse net whose masks it reads when it reads them.
+
+    Raises:
+        ValueError: a checkpoint of another face model or layout, weights that do not fit, or a
+            network that reads the parse net's masks given no parse net (``source`` names it).
+    """
+    from dfmvr.facemodel import build_face_model
+
+    face_model = face_model if face_model is not None else build_face_model(cfg.facemodel)
+    if payload is not None:
+        check_face_signature(payload, face_model.signature(), source)
+    model = DFMVR(cfg.model, cfg.render, face_model)
+    if payload is not None:
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
+                             f"({detail:.400})") from e
+    model.to(device)
+    if reads_parse_net_masks(cfg.model):
+        if parse_net is None and payload is not None:
+            raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
+                             "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
+        model.set_input_parse_net(parse_net)
+    return model
+
+
 def autocast_dtype(device: torch.device, *, amp: bool, cpu_amp: bool = False) -> torch.dtype | None:
     """The network part's autocast dtype for ``train.amp`` / ``train.cpu_amp`` on ``device``.
 

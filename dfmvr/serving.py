@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from dfmvr.config import Config, apply_overrides, from_dict
-from dfmvr.facemodel import build_face_model
 from dfmvr.inputs import prepare_capture, to_model_tensor
-from dfmvr.model import DFMVR, frozen_parse_net, parsed_masks, reads_parse_net_masks
-from dfmvr.train.checkpoint import check_face_signature, load_checkpoint_uri
+from dfmvr.model import DFMVR, build_model, frozen_parse_net, parsed_masks, reads_parse_net_masks
+from dfmvr.train.checkpoint import load_checkpoint_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -76,20 +75,8 @@ class Reconstructor:
         cfg = from_dict(Config, payload["config"])
         if overrides:
             cfg = apply_overrides(cfg, overrides)
-        face_model = build_face_model(cfg.facemodel)
-        check_face_signature(payload, face_model.signature(), source)
-        model = DFMVR(cfg.model, cfg.render, face_model)
-        try:
-            model.load_state_dict(payload["model"])
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())
-            raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
-                             f"({detail:.400})") from e
-        model.to(device)
         parse_net = _bundled_parse_net(payload, cfg, source, device, overrides)
-        if reads_parse_net_masks(cfg.model) and parse_net is None:
-            raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "
-                             "(model.input_masks=parse_net) and none is bundled or found (model.parse_net)")
+        model = build_model(cfg, device=device, payload=payload, source=source, parse_net=parse_net)
         return cls(model, cfg, parse_net, payload, source)
 
     def landmark_detector(self):

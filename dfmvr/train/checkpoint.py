@@ -123,19 +123,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def check_face_signature(payload: dict, face_signature: dict, source: str) -> None:
-    """Refuse a checkpoint made for another face model or coefficient layout, naming both."""
-    saved = payload.get("face_signature", {})
-    keys = ("n_vertices", "n_faces", "n_id", "n_exp", "n_tex")
-    diff = {k: (saved.get(k), face_signature.get(k)) for k in keys if saved.get(k) != face_signature.get(k)}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-        raise ValueError(
-            f"checkpoint {source}: made for face model {saved.get('name')!r}, not {face_signature.get('name')!r} "
-            f"({detail}); set facemodel.* as in the checkpoint's config"
-        )
-
-
 def load_checkpoint_uri(uri: str, map_location: str | torch.device = "cpu", *,
                         tracking_uri: str | None = None) -> dict[str, Any]:
     """:func:`load_checkpoint` for any URI :func:`resolve_checkpoint` takes; whatever it downloads

@@ -27,10 +27,10 @@ import torch
 
 from dfmvr.config import Config
 from dfmvr.data.batch import Batch
-from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
 from dfmvr.model import (
     DFMVR,
+    build_model,
     autocast_dtype,
     frozen_parse_net,
     network_masks,
@@ -220,7 +220,7 @@ def learning_curve(cfg: Config, train: MemorySplit, val: MemorySplit, *, triplet
     device = torch.device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = DFMVR(cfg.model, cfg.render, build_face_model(cfg.facemodel)).to(device)
+    model = build_model(cfg, device=device)
     model.amp_dtype = autocast_dtype(device, amp=amp, cpu_amp=cfg.train.cpu_amp)
     bs = cfg.data.batch_size
     per_step = bs * replicas

@@ -31,7 +31,9 @@ from dfmvr.facemodel import build_face_model
 from dfmvr.losses import picture_step
 from dfmvr.model import (
     DFMVR,
+    build_model,
     autocast_dtype,
+    check_face_signature,
     frozen_parse_net as frozen_parse_net_of,
     network_masks,
     parsed_masks,
@@ -39,7 +41,7 @@ from dfmvr.model import (
     uses_parse_net_masks,
 )
 from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, redact_all
-from dfmvr.train.checkpoint import check_face_signature, load_checkpoint, save_checkpoint, state_digest
+from dfmvr.train.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
 from dfmvr.train.schedule import StepBudget, StepPlan, build_optimizer, pose_row_rates
@@ -265,7 +267,7 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
     rank, world = session.rank, session.world_size
     torch.manual_seed(cfg.seed + rank)
     face_model = build_face_model(cfg.facemodel)
-    core = DFMVR(cfg.model, cfg.render, face_model).to(device)
+    core = build_model(cfg, device=device, face_model=face_model)
     core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
     model = prepare_model(core) if prepare_model else core
     core = unwrap(model)

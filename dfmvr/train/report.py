@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from dfmvr.config import Config
-from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR, frozen_parse_net, reads_parse_net_masks, uses_parse_net_masks
+from dfmvr.model import build_model, frozen_parse_net, uses_parse_net_masks
 from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, gain_pct
-from dfmvr.train.checkpoint import check_face_signature, load_checkpoint
+from dfmvr.train.checkpoint import load_checkpoint
 from dfmvr.train.loop import _val_batches, validate, validation_halves
 
 _logger = logging.getLogger(__name__)
@@ -37,15 +36,9 @@ def holdout_report(cfg: Config, checkpoint: str | Path, parse_net: dict | None, 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     payload = load_checkpoint(checkpoint, map_location=device)
     run_cfg = cfg  # the job's config, which trained the checkpoint (with its data resolved)
-    face_model = build_face_model(run_cfg.facemodel)
-    check_face_signature(payload, face_model.signature(), str(checkpoint))
-    model = DFMVR(run_cfg.model, run_cfg.render, face_model)
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
     frozen = (frozen_parse_net(parse_net, "the job's parse net", device, amp=run_cfg.train.parse_net_amp)
               if parse_net is not None else None)
-    if reads_parse_net_masks(run_cfg.model):
-        model.set_input_parse_net(frozen)
+    model = build_model(run_cfg, device=device, payload=payload, source=str(checkpoint), parse_net=frozen).eval()
     mask_cache = None
     if uses_parse_net_masks(run_cfg.model) and parse_net is not None:
         from dfmvr.train.masks import find_mask_cache
