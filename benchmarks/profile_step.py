@@ -50,9 +50,7 @@ def build(preset: str, batch: int, device: torch.device, bf16: bool):
     torch.manual_seed(0)
     model = build_model(cfg, device=device, face_model=face_model).train()
     model.amp_dtype = torch.bfloat16 if bf16 else None
-    data = random_batch(cfg, face_model, batch)
-    for name in ("images", "masks", "weights", "lmk2d", "yaw_deg", "lmk3d", "lmk3d_valid", "has_lmk3d", "has_masks"):
-        setattr(data, name, getattr(data, name).to(device))
+    data = random_batch(cfg, face_model, batch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     # the parts as ranges: forward hooks open and close them around the two networks
     ranges: dict[str, torch.autograd.profiler.record_function] = {}

@@ -56,9 +56,7 @@ def worker(config: dict) -> None:
     torch.manual_seed(0)
     model = prepare_model(build_model(cfg, face_model=face_model).train())
     device = get_device()
-    data = random_batch(cfg, face_model, config["batch"], seed=rank)
-    for name in ("images", "masks", "weights", "lmk2d", "yaw_deg", "lmk3d", "lmk3d_valid", "has_lmk3d", "has_masks"):
-        setattr(data, name, getattr(data, name).to(device))
+    data = random_batch(cfg, face_model, config["batch"], seed=rank).to(device)
     core = model.module if hasattr(model, "module") else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     times = []

@@ -20,7 +20,7 @@ import numpy as np
 from dfmvr.data.align import transform_points
 from dfmvr.data.samples import Skipped
 from dfmvr.data.shards import VIEWS
-from dfmvr.facemesh import JAW_IBUG68
+from dfmvr.facemesh import view_points68
 from dfmvr.inputs import CaptureError, prepare_view, to_uint8
 
 if TYPE_CHECKING:
@@ -127,8 +127,8 @@ def align_photos(aligner: "PhotoAligner", name: str, source: str, photos: list[n
     for i, a in enumerate(views):
         if a.face is not None and a.face.points68 is not None:
             lmk[i] = transform_points(a.matrix, a.face.points68)
-            if a.face.landmarker == "mesh" and VIEWS[i] != "front":
-                lmk[i, JAW_IBUG68] = np.nan  # the mesh's jaw is not the visible outline on a turned face
+            if a.face.landmarker == "mesh":  # the mesh's jaw is not the visible outline on a turned face
+                lmk[i] = view_points68(lmk[i], VIEWS[i])
     part = [a.mesh_mask for a in views]
     return Capture(name=name, source=source, images=np.stack([a.image for a in views]),
                    masks=None if masks is None else np.stack([a.mask for a in views]),

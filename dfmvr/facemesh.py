@@ -230,14 +230,19 @@ iBUG marks (see :data:`MESH_TO_IBUG68`), so test-time fitting leaves them out of
 below the mean face in vertex RMSE without them, 13.4% with them (docs/evaluation.md, "Fitting")."""
 
 
-def without_side_jaw(points68: np.ndarray, views: tuple[str, ...] = ("left", "front", "right")) -> np.ndarray:
-    """``[..., V, 68, 2]`` mesh landmarks with the jaw (:data:`JAW_IBUG68`) of every view but the
-    front set to NaN (missing, for the fit)."""
+def view_points68(points68: np.ndarray, view: str) -> np.ndarray:
+    """One view's mesh landmarks ``[..., 68, 2]`` as the fit reads them: the jaw (:data:`JAW_IBUG68`)
+    left out (NaN) unless the view is the front one."""
     out = np.array(points68, np.float32, copy=True)
-    for i, view in enumerate(views):
-        if view != "front":
-            out[..., i, JAW_IBUG68, :] = np.nan
+    if view != "front":
+        out[..., JAW_IBUG68, :] = np.nan
     return out
+
+
+def without_side_jaw(points68: np.ndarray, views: tuple[str, ...] = ("left", "front", "right")) -> np.ndarray:
+    """``[..., V, 68, 2]`` mesh landmarks with :func:`view_points68` applied to every view."""
+    points68 = np.asarray(points68, np.float32)
+    return np.stack([view_points68(points68[..., i, :, :], view) for i, view in enumerate(views)], axis=-3)
 
 
 def crop_points68(crops: np.ndarray, mesh: FaceMesh | None = None) -> np.ndarray:
@@ -329,5 +334,5 @@ def part_masks(points468: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 __all__ = [
     "FACE_OVAL", "FaceMesh", "INPUT_SIZE", "JAW_IBUG68", "MESH_TO_IBUG68", "MeshModelMissing", "MeshResult", "MeshRoi",
     "PART_OUTLINES", "available", "crop_points68", "model_path", "part_masks", "points68", "roi_from_mesh",
-    "roi_from_points5", "without_side_jaw",
+    "roi_from_points5", "view_points68", "without_side_jaw",
 ]

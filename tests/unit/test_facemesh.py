@@ -338,3 +338,12 @@ def test_a_turned_view_the_detectors_miss_is_found_by_the_mesh_in_the_front_view
         assert nme < 0.3, (v, nme)
     # nothing there: no face
     assert detector.mesh_in_frame(np.full((256, 256, 3), 127, np.uint8), front, 64) is None
+
+
+def test_the_fit_reads_the_mesh_jaw_of_the_front_view_only():
+    points = np.arange(2 * 3 * 68 * 2, dtype=np.float32).reshape(2, 3, 68, 2)
+    out = facemesh.without_side_jaw(points)
+    assert np.isnan(out[:, [0, 2], :17]).all()
+    np.testing.assert_array_equal(out[:, [0, 2], 17:], points[:, [0, 2], 17:])
+    np.testing.assert_array_equal(out[:, 1], points[:, 1])
+    np.testing.assert_array_equal(facemesh.view_points68(points[0, 1], "front"), points[0, 1])
