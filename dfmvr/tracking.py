@@ -67,9 +67,15 @@ def resolve_tracking_uri(tracking_cfg, work_dir: str | Path) -> str:
         return tracking_cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    path = Path(work_dir).resolve() / "mlflow.db"
+    path = embedded_store(work_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def embedded_store(work_dir: str | Path) -> Path:
+    """The jobs' embedded SQLite store under ``work_dir`` (what they log to when no tracking URI is
+    configured; :func:`resolve_tracking_uri` makes it, :func:`registry_store` only looks)."""
+    return Path(work_dir).resolve() / "mlflow.db"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -228,8 +234,8 @@ instead of the parse net's: an upper bound no real input has; logged for models 
 parse net's masks, where the shards carry masks."""
 
 
-EMBEDDED_STORE = Path("work") / "mlflow.db"
-"""The jobs' embedded MLflow store, relative to the folder they run in (``work_dir`` ``work``)."""
+DEFAULT_WORK_DIR = "work"
+"""The jobs' default ``work_dir`` (``Config.work_dir``), where :func:`registry_store` looks for their store."""
 
 
 def registry_store(tracking_uri: str | None = None) -> str:
@@ -247,7 +253,7 @@ def registry_store(tracking_uri: str | None = None) -> str:
 
     if mlflow.tracking.is_tracking_uri_set():
         return mlflow.get_tracking_uri()
-    embedded = Path.cwd() / EMBEDDED_STORE
+    embedded = embedded_store(Path.cwd() / DEFAULT_WORK_DIR)
     if embedded.is_file():
         return f"sqlite:///{embedded}"
     raise FileNotFoundError(f"no MLflow store to look in: MLFLOW_TRACKING_URI is not set and there is no {embedded} "
