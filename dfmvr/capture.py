@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
+import torch
 
 from dfmvr.data.align import transform_points
 from dfmvr.data.samples import Skipped
@@ -180,4 +181,26 @@ def iter_shards(url: str, split: str, size: int, *, endpoint: str | None = None,
             yield Capture(name=item.key, source=chunk.url, images=images, masks=item.masks, lmk2d=item.lmk2d)
 
 
-__all__ = ["Capture", "IMAGE_EXTENSIONS", "align_photos", "find_captures", "iter_folder", "iter_shards", "load_capture"]
+def fit_evidence(captures: list[Capture], images: torch.Tensor, make_masks
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What the fit of a batch of captures reads (:mod:`dfmvr.fit`): ``(masks [B, V, S, S] or None,
+    lmk2d [B, V, 68, 2])``. Masks: each capture's given ones, else the face mesh's part masks of its
+    photos, else ``make_masks`` (the parse net) for those only; None when no capture has its own
+    (the fit then asks the parse net itself). Landmarks: given or found, NaN where none."""
+    v = images.shape[1]
+    lmk = torch.from_numpy(np.stack([c.lmk2d if c.lmk2d is not None else np.full((v, 68, 2), np.nan, np.float32)
+                                     for c in captures]).astype(np.float32))
+    own = [c.masks if c.masks is not None else c.part_masks for c in captures]
+    if all(m is None for m in own):
+        return None, lmk
+    masks = torch.zeros(images.shape[0], v, *images.shape[-2:], dtype=torch.long)
+    missing = [i for i, m in enumerate(own) if m is None]
+    if missing:
+        masks[missing] = make_masks(images[missing]).cpu()
+    for i, m in enumerate(own):
+        if m is not None:
+            masks[i] = torch.from_numpy(m.astype(np.int64))
+    return masks, lmk
+
+
+__all__ = ["Capture", "IMAGE_EXTENSIONS", "align_photos", "fit_evidence", "find_captures", "iter_folder", "iter_shards", "load_capture"]

@@ -58,7 +58,7 @@ import cv2
 import numpy as np
 import torch
 
-from dfmvr.capture import Capture, iter_folder, iter_shards
+from dfmvr.capture import Capture, fit_evidence, iter_folder, iter_shards
 from dfmvr.data.align import invert_similarity, transform_points
 from dfmvr.data.samples import Skipped
 from dfmvr.data.shards import VIEWS
@@ -286,21 +286,11 @@ def _batches(items: Iterable[Capture | Skipped], size: int, skipped: list[Skippe
 
 
 def _fit(recon: "Reconstructor", ready: list[Capture], images: torch.Tensor, out, cfg: ReconstructConfig):
-    """Fit a batch of captures (:mod:`dfmvr.fit`): their given masks where they have them, else
-    the face mesh's part masks of photos, else the parse net's, their landmarks (given, or the landmarker's on photos; NaN where
-    none), from the network's prediction or the mean face."""
+    """Fit a batch of captures (:mod:`dfmvr.fit`) on what :func:`dfmvr.capture.fit_evidence` gives,
+    from the network's prediction or the mean face."""
     from dfmvr.fit import FitConfig
 
-    v = images.shape[1]
-    lmk = torch.from_numpy(np.stack([c.lmk2d if c.lmk2d is not None else np.full((v, 68, 2), np.nan, np.float32)
-                                     for c in ready]).astype(np.float32))
-    masks = None
-    own = [c.masks if c.masks is not None else c.part_masks for c in ready]
-    if any(m is not None for m in own):
-        masks = recon.make_masks(images).cpu()
-        for i, m in enumerate(own):
-            if m is not None:
-                masks[i] = torch.from_numpy(m.astype(np.int64))
+    masks, lmk = fit_evidence(ready, images, recon.make_masks)
     no_lmk = [c.name for c in ready if c.lmk2d is None]
     if no_lmk:
         _logger.warning("fitting without landmarks (none given or found): %s", ", ".join(no_lmk))

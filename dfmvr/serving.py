@@ -176,35 +176,30 @@ class Reconstructor:
             dfmvr.detect.DetectExtraMissing: photos, and the ``detect`` extra is not installed.
         """
         extra: dict[str, Any] = {}
-        fit_masks = None
+        from dfmvr.capture import Capture, align_photos, fit_evidence
+
         if aligned:
             views, mask_arr = prepare_capture((left, front, right), masks, self.model.image_size, "capture")
+            cap = Capture(name="capture", source="capture", images=views, masks=mask_arr,
+                          lmk2d=None if lmk2d is None else np.asarray(lmk2d, np.float32))
         else:
-            from dfmvr.capture import align_photos
-
             cap = align_photos(self.photo_aligner(largest=largest_face), "capture", "capture",
                                [np.asarray(v) for v in (left, front, right)],
                                None if masks is None else [np.asarray(m, np.uint8) for m in masks])
-            views = cap.images
-            mask_arr = None if cap.masks is None else cap.masks.astype(np.int64)
             extra = {"alignment": cap.alignment, "matrices": cap.matrices}
-            if lmk2d is not None:
+            if lmk2d is not None:  # given in photo pixels: into each view's crop
                 from dfmvr.data.align import transform_points
 
-                lmk2d = np.stack([transform_points(m, p) for m, p in zip(cap.matrices, np.asarray(lmk2d))])
-            elif cap.lmk2d is not None:
-                lmk2d = cap.lmk2d
-            fit_masks = cap.part_masks if mask_arr is None else None
-        mask_t = torch.from_numpy(mask_arr)[None] if mask_arr is not None else None
-        images = to_model_tensor(views[None])
+                cap.lmk2d = np.stack([transform_points(m, p) for m, p in zip(cap.matrices, np.asarray(lmk2d))]
+                                     ).astype(np.float32)
+        mask_t = torch.from_numpy(cap.masks.astype(np.int64))[None] if cap.masks is not None else None
+        images = to_model_tensor(cap.images[None])
         out = self.predict(images, mask_t)
         if fit_steps:
             from dfmvr.fit import FitConfig
 
-            lmk_t = None if lmk2d is None else torch.as_tensor(np.asarray(lmk2d, np.float32))[None]
-            if mask_t is None and fit_masks is not None:  # the face mesh's parts of the photos
-                mask_t = torch.from_numpy(fit_masks.astype(np.int64))[None]
-            res = self.fit(images, mask_t, lmk_t, init=out.coeffs, cfg=FitConfig(steps=fit_steps))
+            fit_masks, lmk_t = fit_evidence([cap], images, self.make_masks)
+            res = self.fit(images, fit_masks, lmk_t, init=out.coeffs, cfg=FitConfig(steps=fit_steps))
             extra["fit"] = {"steps": fit_steps, "seconds": res.seconds, "before": res.before[0], "after": res.after[0]}
             extra["network_coeffs"] = out.coeffs[0].cpu().numpy()
             out = res.output
