@@ -13,36 +13,39 @@ Reads every shard of ``ROOT``'s manifest (any split), and writes each as a new s
 - a bad sample (undecodable image, missing entry, wrong shape, ...) is skipped, logged, and
   listed at the end; samples a corrupt shard never yields are counted against the manifest.
 
-A missing or unreadable checkpoint, or a manifest of another schema version, fails before
-anything is written. ``ROOT`` and ``ROOT2`` may be local directories or ``s3://bucket/prefix``
+Output shards are written by the shard writer every shard-writing job shares (the ground truth
+into each shard's evaluation companion) and recorded in the one progress record
+(:mod:`dfmvr.data.progress`): the same command again after an interruption keeps every output
+shard made from the same input shard with the same parse net and fills the rest. A missing or
+unreadable checkpoint, or a manifest of another schema version, fails before anything is written. ``ROOT`` and ``ROOT2`` may be local directories or ``s3://bucket/prefix``
 (they must differ). The parse net is trained by ``jobs/train_parsenet.py``; see docs/parsenet.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset
 
 from dfmvr.data import storage
+from dfmvr.data.progress import ShardProgress
 from dfmvr.data.shards import (
     VIEWS,
     Manifest,
     ShardErrors,
     ShardInfo,
+    ShardWriter,
     decode_sample,
     encode_sample,
-    publish_file,
     read_manifest,
     shard_samples,
     write_manifest,
@@ -102,41 +105,6 @@ def _same_root(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-class _ShardOut:
-    """One output shard, staged in a local temporary file and published on :meth:`close`."""
-
-    def __init__(self, url: str, split: str, image_size: int, endpoint: str | None,
-                 transfer: storage.TransferSettings | None = None) -> None:
-        self.url, self.split, self.image_size, self.endpoint = url, split, image_size, endpoint
-        self.transfer = transfer
-        fd, self.tmp = tempfile.mkstemp(prefix="dfmvr-fill-", suffix=".tar")
-        self.file = os.fdopen(fd, "wb")
-        self.tar = webdataset.TarWriter(self.file, mtime=0)  # mtime 0: same content, same sha256
-        self.keys: list[str] = []
-        self.subjects: set[str] = set()
-
-    def write(self, entries: dict, subject: str) -> None:
-        self.tar.write(entries)
-        self.keys.append(entries["__key__"])
-        self.subjects.add(subject)
-
-    def close(self) -> ShardInfo | None:
-        """Publish (or drop, when empty) the shard with the shard writer's publisher; returns its info."""
-        self.tar.close()
-        self.file.close()
-        if not self.keys:
-            Path(self.tmp).unlink(missing_ok=True)
-            return None
-        nbytes, sha256 = publish_file(self.tmp, self.url, endpoint=self.endpoint, transfer=self.transfer)
-        return ShardInfo(url=self.url, split=self.split, count=len(self.keys), size=nbytes, sha256=sha256,
-                         image_size=self.image_size, keys=list(self.keys), subjects=sorted(self.subjects))
-
-    def discard(self) -> None:
-        self.tar.close()
-        self.file.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-
 def _fill_batch(model: BiSeNet, pending: list[tuple[dict, object]], provenance: str, batch_size: int) -> list[dict]:
     """Predict the masks of ``pending`` (raw entries, decoded sample) samples; returns the
     entries to write: the raw ones plus mask PNGs and the new ``meta.json``."""
@@ -193,11 +161,27 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
     provenance = f"parsenet:{Path(parse_net).name}"
     summary = FillSummary(manifest=None, parse_net=str(parse_net))
     t0 = time.perf_counter()
+    # resumable like every shard-writing job: an output shard recorded from the same input shard
+    # with the same parse net is kept
+    fingerprint = hashlib.sha256(json.dumps([manifest.url, storage.sha256_and_size(parse_net)[0]]).encode()).hexdigest()
+    progress = ShardProgress(out_root, fingerprint[:16], endpoint=endpoint)
+    recorded = progress.load()
     infos: list[ShardInfo] = []
     for split, entry in manifest.splits.items():
         for index, shard in enumerate(entry.shards):
-            info = _fill_shard(model, manifest, shard, split, storage.join(out_root, f"{split}-{index:06d}.tar"),
-                               provenance, batch_size, endpoint, summary)
+            done = recorded.get(f"{split}-{index:06d}.tar")
+            if done is not None and done.extra.get("source_sha256") == shard.sha256:
+                info = done.info
+                summary.filled += done.extra.get("filled", 0)
+                summary.kept += done.extra.get("kept", 0)
+                _logger.info("%s: kept from an earlier run (%d samples)", info.url, info.count)
+            else:
+                before = (summary.filled, summary.kept)
+                info = _fill_shard(model, manifest, shard, split, out_root, index, provenance, batch_size, endpoint,
+                                   summary)
+                if info is not None:
+                    progress.record(info, source_sha256=shard.sha256, filled=summary.filled - before[0],
+                                    kept=summary.kept - before[1])
             if info is not None:
                 infos.append(info)
                 summary.shards.append(info.url)
@@ -220,23 +204,29 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
     return summary
 
 
-def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: str, provenance: str,
+def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_root: str, index: int, provenance: str,
                 batch_size: int, endpoint: str | None, summary: FillSummary) -> ShardInfo | None:
+    """Write input ``shard`` as output shard ``index`` of ``split`` (its evaluation companion too,
+    by the shard writer); None when no sample of it could be written."""
     handler = ShardErrors()
     errors = handler.errors
-    out = _ShardOut(out_url, split, manifest.image_size, endpoint)
     pending: list[tuple[dict, object]] = []
     read = 0
+    with ShardWriter(out_root, split, max_count=1 << 62, max_size=1 << 62, start_index=index,
+                     endpoint=endpoint) as out:
 
-    def flush() -> None:
-        for entries in _fill_batch(model, pending, provenance, batch_size):
-            out.write(entries, subject=json.loads(entries["meta.json"])["subject"])
-            summary.filled += 1
-        pending.clear()
+        def write(entries: dict, subject: str) -> None:
+            out.write_encoded(entries, key=entries["__key__"], subject=subject, image_size=manifest.image_size)
 
-    try:
+        def flush() -> None:
+            for entries in _fill_batch(model, pending, provenance, batch_size):
+                write(entries, subject=json.loads(entries["meta.json"])["subject"])
+                summary.filled += 1
+            pending.clear()
+
         # an unopenable shard or damage inside it goes to handler.errors; the rest is read
-        with shard_samples(shard.url, endpoint=endpoint, handler=handler) as raws:
+        with shard_samples(shard.url, endpoint=endpoint, handler=handler,
+                           companions=[shard.eval_url] if shard.eval_url else []) as raws:
             for raw in raws:
                 read += 1
                 key = str(raw.get("__key__"))
@@ -251,7 +241,7 @@ def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: 
                     summary.skipped.append({"key": key, "shard": shard.url, "reason": str(exn)})
                     continue
                 if sample.masks is not None:
-                    out.write(entries, subject=sample.subject)
+                    write(entries, subject=sample.subject)
                     summary.kept += 1
                     continue
                 pending.append((entries, sample))
@@ -259,16 +249,13 @@ def _fill_shard(model: BiSeNet, manifest: Manifest, shard, split: str, out_url: 
                     flush()
             if pending:
                 flush()
-    except BaseException:
-        out.discard()
-        raise
     if read < shard.count or errors:
         reason = f"{errors[0]!r:.300}" if errors else ""
         _logger.warning("shard %s: manifest lists %d samples, read %d%s", shard.url, shard.count, read,
                         f"; first error: {reason}" if reason else "")
         summary.lost.append({"shard": shard.url, "expected": shard.count, "read": read, "reason": reason})
-    info = out.close()
-    _logger.info("%s -> %s: %d samples", shard.url, out_url, info.count if info else 0)
+    info = out.shards[0] if out.shards else None
+    _logger.info("%s -> %s: %d samples", shard.url, out.url_for(index), info.count if info else 0)
     return info
 
 

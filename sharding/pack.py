@@ -11,7 +11,7 @@ clouds are meshed by Delaunay triangulation in the frontal x-y plane. Captures t
 read (a missing view, an unreadable landmark file) are refused with a message naming the file
 and listed at the end; the rest are packed. ``--out`` may be ``s3://bucket/prefix``. An
 interrupted run publishes nothing partial, and the same command again resumes from the shards
-it did publish (``pack-progress.json``).
+it did publish (``shard-progress.json``).
 
 Landmarks come from files beside the images (``--landmarks files``, the default), from the
 detector for every view (``--landmarks detect``), or from files where they exist and the detector

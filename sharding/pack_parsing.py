@@ -39,7 +39,7 @@ when something was packed, 1 when nothing could be, 2 for bad arguments (unknown
 input folder, a folder without the layout's sub-folders), found before anything is written.
 
 ``--out`` may be ``s3://bucket/prefix``. Resumable as ``sharding.pack``: every published shard is
-recorded in ``pack-progress.json`` under the root (with a fingerprint of the settings), an
+recorded in ``shard-progress.json`` under the root (with a fingerprint of the settings), an
 interrupted run publishes nothing partial, and the same command again keeps the recorded shards
 that are still intact and packs only the rest.
 """

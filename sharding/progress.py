@@ -1,8 +1,9 @@
 """What every packer shares (``sharding.pack``, ``sharding.pack_parsing``): one packer per output
 root (:func:`root_lock`: a local exclusive create or an S3 conditional put), the progress record
-that makes a packer resumable (:func:`load_progress`, :func:`save_progress`: every published
-shard with its size and sha256, under a fingerprint of the settings; a rerun with the same
-settings keeps the intact ones and packs the rest), shard numbering that continues after them
+that makes a packer resumable (:func:`load_progress`, :func:`save_progress` over the one record
+every shard-writing job keeps, :mod:`dfmvr.data.progress`: every published shard with its size
+and sha256, under a fingerprint of the settings; a rerun with the same settings keeps the intact
+ones and packs the rest), shard numbering that continues after them
 (:func:`next_index`), loading captures on worker processes in input order
 (:func:`ordered_map`), and a packer's ending (:func:`report`).
 
@@ -25,12 +26,10 @@ from pathlib import Path
 from typing import Iterator
 
 from dfmvr.data import storage
+from dfmvr.data.progress import PROGRESS_NAME, Recorded, ShardProgress
 from dfmvr.data.shards import ShardInfo
 
 _logger = logging.getLogger(__name__)
-
-PROGRESS_NAME = "pack-progress.json"
-"""The progress record under the output root."""
 
 
 LOCK_NAME = ".dfmvr-packing.lock"
@@ -77,39 +76,20 @@ def _busy_message(url: str, holder: str) -> str:
 
 def load_progress(cfg) -> tuple[list[ShardInfo], set[str]]:
     """Shards an interrupted run with the same settings published and that are still intact
-    (size and sha256 as recorded), and the keys of their captures packed without masks;
-    nothing when there is no record, or one of other settings."""
-    url = storage.join(cfg.out, PROGRESS_NAME)
-    try:
-        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
-    except FileNotFoundError:
-        return [], set()
-    except (ValueError, UnicodeDecodeError) as e:
-        _logger.warning("%s: unreadable (%s); packing everything again", url, e)
-        return [], set()
-    if not isinstance(doc, dict) or doc.get("fingerprint") != cfg.fingerprint():
-        _logger.warning("%s: left by a pack with other settings; packing everything again", url)
-        return [], set()
-    kept = []
-    for rec in doc.get("shards", []):
-        try:
-            info = ShardInfo(**rec)
-            intact = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
-        except (TypeError, FileNotFoundError, storage.StorageError):
-            intact = False
-        if intact:
-            kept.append(info)
-        else:
-            _logger.warning("%s: recorded shard missing or changed; its captures are packed again", rec.get("url"))
-    kept_keys = {k for i in kept for k in i.keys}
-    return kept, {k for k in doc.get("without_masks", []) if k in kept_keys}
+    (the shard-writing jobs' one record, :class:`dfmvr.data.progress.ShardProgress`), and the
+    keys of their captures packed without masks; nothing when there is no record, or one of other
+    settings."""
+    kept = ShardProgress(cfg.out, cfg.fingerprint(), endpoint=cfg.endpoint).load().values()
+    return [r.info for r in kept], {k for r in kept for k in r.extra.get("without_masks", [])}
 
 
 def save_progress(cfg, infos: list[ShardInfo], without_masks: set[str]) -> None:
-    doc = {"fingerprint": cfg.fingerprint(), "shards": [asdict(i) for i in infos],
-           "without_masks": sorted(without_masks)}
-    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
-                        endpoint=cfg.endpoint)
+    """Record the published shards ``infos``, each with its keys among ``without_masks``."""
+    progress = ShardProgress(cfg.out, cfg.fingerprint(), endpoint=cfg.endpoint)
+    for info in infos:
+        progress.shards[storage.basename(info.url)] = Recorded(
+            info=info, extra={"without_masks": sorted(without_masks.intersection(info.keys))})
+    progress.save()
 
 
 def next_index(infos: list[ShardInfo], split: str) -> int:

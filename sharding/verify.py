@@ -1,7 +1,7 @@
 """``python -m sharding.verify ROOT``: check every shard of a root against its manifest.
 
 Reads ``ROOT/manifest.json`` (local or ``s3://``), streams every shard of every split and
-compares its size and sha256 with what the manifest lists. Prints one line per bad shard
+compares its size and sha256 (and its evaluation companion's) with what the manifest lists. Prints one line per bad shard
 (missing, wrong size, wrong digest) and a summary; exit code 0 when every shard matches, 1 when
 any does not, 2 when the manifest itself cannot be read.
 
@@ -37,17 +37,18 @@ def verify(root: str, *, endpoint: str | None = None) -> tuple[int, list[ShardPr
     checked = 0
     for split in manifest.splits:
         for shard in manifest.split(split).shards:
-            checked += 1
-            try:
-                digest, size = storage.sha256_and_size(shard.url, endpoint=endpoint)
-            except Exception as exn:  # missing object, no rights, an outage: each named
-                problems.append(ShardProblem(shard.url, f"cannot be read ({str(exn)[:200]})"))
-                continue
-            if size != shard.size:
-                problems.append(ShardProblem(shard.url, f"{size} bytes, the manifest says {shard.size}"))
-                continue
-            if digest != shard.sha256:
-                problems.append(ShardProblem(shard.url, f"sha256 {digest[:16]}..., the manifest says {shard.sha256[:16]}..."))
+            for url, expected_size, expected_sha256 in shard.files():  # the shard, its evaluation companion
+                checked += 1
+                try:
+                    digest, size = storage.sha256_and_size(url, endpoint=endpoint)
+                except Exception as exn:  # missing object, no rights, an outage: each named
+                    problems.append(ShardProblem(url, f"cannot be read ({str(exn)[:200]})"))
+                    continue
+                if size != expected_size:
+                    problems.append(ShardProblem(url, f"{size} bytes, the manifest says {expected_size}"))
+                elif digest != expected_sha256:
+                    problems.append(ShardProblem(url, f"sha256 {digest[:16]}..., the manifest says "
+                                                      f"{expected_sha256[:16]}..."))
     return checked, problems
 
 

@@ -160,6 +160,8 @@ class TarSamples:
     max_bad_in_a_row: int = 16
     companions: dict[str, str] | None = None
     """Shard URL -> its mask-cache companion (:mod:`dfmvr.data.parsed_masks`), joined by key."""
+    eval_companions: dict[str, str] | None = None
+    """Shard URL -> its evaluation companion (the ground truth), joined by key when ``with_gt``."""
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         bad: list[tuple[str, str]] = []  # (url, first error) of the shards in a row that gave nothing
@@ -169,9 +171,10 @@ class TarSamples:
             handler = ShardErrors()
             yielded = 0
             # a shard that cannot be opened is counted like an empty one
-            companion = self.companions.get(url) if self.companions is not None else None
+            companions = [found.get(url) for found in (self.eval_companions if self.with_gt else None,
+                                                       self.companions) if found and found.get(url)]
             with shard_samples(url, endpoint=self.endpoint, handler=handler,
-                               select_files=None if self.with_gt else without_gt, companion=companion) as samples:
+                               select_files=None if self.with_gt else without_gt, companions=companions) as samples:
                 for sample in samples:
                     yielded += 1
                     yield sample
@@ -568,7 +571,8 @@ def make_loader(
                              "for this split")
     stages.append(TarSamples(expected=manifest.shard_counts(split), endpoint=endpoint, tally=tally, with_gt=with_gt,
                               max_bad_in_a_row=data_cfg.max_bad_shards_in_a_row,
-                              companions=mask_cache.companions if mask_cache is not None else None))
+                              companions=mask_cache.companions if mask_cache is not None else None,
+                              eval_companions=manifest.eval_companions(split)))
     if subjects is not None:
         stages.append(SubjectFilter(subjects=frozenset(subjects)))
     if shuffle:

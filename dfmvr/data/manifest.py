@@ -37,6 +37,15 @@ class ShardEntry:
     size: int
     sha256: str
     subjects: list[str] = field(default_factory=list)
+    eval_url: str | None = None
+    """Its evaluation companion (the entries only evaluation reads, e.g. ``gt.npz``), or None."""
+    eval_size: int = 0
+    eval_sha256: str = ""
+
+    def files(self) -> list[tuple[str, int, str]]:
+        """``(url, size, sha256)`` of the shard and of its evaluation companion when it has one."""
+        return [(self.url, self.size, self.sha256)] + (
+            [(self.eval_url, self.eval_size, self.eval_sha256)] if self.eval_url else [])
 
 
 @dataclass(kw_only=True, slots=True)
@@ -81,6 +90,11 @@ class Manifest:
     def shard_urls(self, split: str) -> list[str]:
         """Full URLs of the shards of ``split``, in manifest order."""
         return [shard.url for shard in self.split(split).shards]
+
+    def eval_companions(self, split: str) -> dict[str, str]:
+        """Shard URL -> its evaluation companion's URL, for the shards of ``split`` that have one
+        (shards written before companions keep their ground truth inside)."""
+        return {shard.url: shard.eval_url for shard in self.split(split).shards if shard.eval_url}
 
     def shard_counts(self, split: str) -> dict[str, int]:
         """URL -> sample count for the shards of ``split``."""
@@ -157,9 +171,10 @@ def write_manifest(
         )
     if verify:
         for info in shards:
-            stored = storage.size(info.url, endpoint=endpoint)
-            if stored != info.size:
-                raise ManifestError(f"{info.url}: stored size {stored} bytes, expected {info.size} bytes; not listing it")
+            for url, expected in ((info.url, info.size), (info.eval_url, info.eval_size)):
+                stored = storage.size(url, endpoint=endpoint) if url else 0
+                if stored != expected:
+                    raise ManifestError(f"{url}: stored size {stored} bytes, expected {expected} bytes; not listing it")
     splits: dict[str, Any] = {}
     for split, infos in sorted(by_split.items()):
         infos = sorted(infos, key=lambda info: info.url)
@@ -173,6 +188,8 @@ def write_manifest(
                     "size": info.size,
                     "sha256": info.sha256,
                     "subjects": info.subjects,
+                    **({"eval": {"name": _relative_name(root, info.eval_url), "size": info.eval_size,
+                                 "sha256": info.eval_sha256}} if info.eval_url else {}),
                 }
                 for info in infos
             ],
@@ -193,6 +210,10 @@ def write_manifest(
         "wrote %s: %s", url, ", ".join(f"{s} {d['count']} samples in {len(d['shards'])} shards" for s, d in splits.items())
     )
     return url
+
+
+def _resolve(root: str, name: str) -> str:
+    return name if storage.is_s3(name) or name.startswith("/") else storage.join(root, name)
 
 
 def manifest_url(root_or_url: str) -> str:
@@ -236,7 +257,8 @@ def read_manifest(root_or_url: str, *, endpoint: str | None = None) -> Manifest:
             entries = []
             for shard in body["shards"]:
                 name = str(shard["name"])
-                full = name if storage.is_s3(name) or name.startswith("/") else storage.join(root, name)
+                full = _resolve(root, name)
+                companion = shard.get("eval")
                 entries.append(
                     ShardEntry(
                         name=name,
@@ -245,6 +267,9 @@ def read_manifest(root_or_url: str, *, endpoint: str | None = None) -> Manifest:
                         size=int(shard["size"]),
                         sha256=str(shard["sha256"]),
                         subjects=list(shard.get("subjects", [])),
+                        eval_url=_resolve(root, str(companion["name"])) if companion else None,
+                        eval_size=int(companion["size"]) if companion else 0,
+                        eval_sha256=str(companion["sha256"]) if companion else "",
                     )
                 )
             splits[split] = SplitEntry(

@@ -13,7 +13,7 @@ running the parse net on every view of every step::
 
 ``<root>`` is the shard root (``data.url``) unless ``data.parsed_masks_root`` names another
 (a local directory or ``s3://`` prefix, for a shard root one may not write to). The reader
-(:func:`dfmvr.data.shards.shard_samples` with ``companion=``) joins a companion's entries to
+(:func:`dfmvr.data.shards.shard_samples` with ``companions=``) joins a companion's entries to
 its shard's samples by key.
 
 A cache is *current* for a manifest when it was made by the same parse net (its digest names

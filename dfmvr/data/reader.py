@@ -1,11 +1,11 @@
 """Reading shards: a shard's samples as webdataset groups them by key, from local files or S3,
-optionally joined with a companion shard's entries (the parse net's cached masks) and without
-the entries a reader never decodes (:func:`without_gt`)."""
+optionally joined with companion shards' entries (the evaluation companion's ground truth, the
+parse net's cached masks) and without the entries a reader never decodes (:func:`without_gt`)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Sequence
 
 import webdataset
 
@@ -34,7 +34,7 @@ def without_gt(fname: str) -> bool:
 
 @contextmanager
 def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
-                  select_files=None, companion: str | None = None) -> Iterator[Iterator[dict]]:
+                  select_files=None, companions: Sequence[str] = ()) -> Iterator[Iterator[dict]]:
     """The one reader of shards: opens ``url`` (a streaming S3 body or a local file; nothing
     is written to disk) and yields an iterator of its raw samples in order, as webdataset dicts
     (``__key__``, ``__url__``, ``left.png``, ``meta.json``, ...; :func:`decode_sample` decodes
@@ -44,22 +44,22 @@ def shard_samples(url: str, *, endpoint: str | None = None, handler=None,
         handler: webdataset error handler (e.g. :class:`ShardErrors`) for a shard that cannot be
             opened (the iterator is then empty) and for damage inside the tar; None re-raises.
         select_files: entry filter (e.g. :func:`without_gt`).
-        companion: a companion shard of ``url``: a small tar holding more entries for some of its
-            samples under the same keys (the parse net's masks, :mod:`dfmvr.data.parsed_masks`);
-            its entries join each sample's. A companion that cannot be opened counts as empty
-            (the handler hears of it): the samples come without.
+        companions: companion shards of ``url``: tars holding more entries for some of its
+            samples under the same keys (the evaluation companion's ground truth,
+            :func:`dfmvr.data.schema.eval_companion_url`; the parse net's masks,
+            :mod:`dfmvr.data.parsed_masks`); their entries join each sample's. A companion that
+            cannot be opened counts as empty (the handler hears of it): the samples come without.
 
     Raises:
         FileNotFoundError / dfmvr.data.storage.StorageError: without a handler, when the shard
             cannot be opened.
     """
     handler = handler or webdataset.reraise_exception
-    with _raw_samples(url, endpoint, handler, select_files) as samples:
-        if companion is None:
-            yield samples
-            return
-        with _raw_samples(companion, endpoint, handler, None) as extra:
-            yield _join_by_key(samples, extra)
+    with ExitStack() as stack:
+        samples = stack.enter_context(_raw_samples(url, endpoint, handler, select_files))
+        for companion in companions:
+            samples = _join_by_key(samples, stack.enter_context(_raw_samples(companion, endpoint, handler, None)))
+        yield samples
 
 
 @contextmanager
@@ -79,14 +79,32 @@ def _raw_samples(url: str, endpoint: str | None, handler, select_files) -> Itera
         stream.close()
 
 
-def _join_by_key(samples: Iterator[dict], extra: Iterator[dict]) -> Iterator[dict]:
-    """Each sample with the entries of the ``extra`` sample of its key. A companion is small (a
-    few entries per sample) and read whole first, so that a sample either one lacks costs only
-    that sample its entries."""
-    by_key = {item["__key__"]: item for item in extra}
-    for sample in samples:
-        more = by_key.get(sample["__key__"])
-        if more is not None:
-            sample = {**sample, **{k: v for k, v in more.items() if not k.startswith("__")}}
-        yield sample
+JOIN_WINDOW = 64
+"""How many companion samples :func:`_join_by_key` reads ahead of the shard: writers keep one order
+in a shard and its companions, so a sample's companion entries are the next ones, or a few ahead
+when some samples have none."""
 
+
+def _join_by_key(samples: Iterator[dict], extra: Iterator[dict]) -> Iterator[dict]:
+    """Each sample with the entries of the ``extra`` sample of its key, streamed: at most
+    :data:`JOIN_WINDOW` companion samples are held (an evaluation companion holds 200 meshes of
+    1.2 MiB each; reading it whole would hold them all). A sample whose companion entries are
+    not within the window comes without them."""
+    pending: dict[str, dict] = {}  # read ahead, in companion order
+    for sample in samples:
+        key = sample["__key__"]
+        while key not in pending and len(pending) < JOIN_WINDOW:
+            item = next(extra, None)
+            if item is None:
+                break
+            pending[item["__key__"]] = item
+        if key not in pending:
+            yield sample
+            continue
+        # one order in both: what was read before this sample's entries belongs to samples passed by
+        for older in list(pending):
+            if older == key:
+                break
+            del pending[older]
+        more = pending.pop(key)
+        yield {**sample, **{k: v for k, v in more.items() if not k.startswith("__")}}

@@ -52,6 +52,8 @@ class ShardChunk:
     url: str
     start: int
     stop: int
+    eval_url: str | None = None
+    """The shard's evaluation companion (its ground truth), or None."""
 
     @property
     def count(self) -> int:
@@ -77,7 +79,8 @@ def plan_chunks(manifest: Manifest, split: str, chunk_size: int, *, max_samples:
     for shard in manifest.split(split).shards:
         count = int(min(shard.count, left))
         for start in range(0, count, chunk_size):
-            chunks.append(ShardChunk(url=shard.url, start=start, stop=min(start + chunk_size, count)))
+            chunks.append(ShardChunk(url=shard.url, start=start, stop=min(start + chunk_size, count),
+                                     eval_url=shard.eval_url))
         left -= count
         if left <= 0:
             break
@@ -129,7 +132,8 @@ def read_chunk(chunk: ShardChunk, decoder: TripletDecoder, *, endpoint: str | No
     handler = ShardErrors()
     position = 0
     with shard_samples(chunk.url, endpoint=endpoint, handler=handler,
-                       select_files=None if decoder.with_gt else without_gt) as raws:
+                       select_files=None if decoder.with_gt else without_gt,
+                       companions=[chunk.eval_url] if decoder.with_gt and chunk.eval_url else []) as raws:
         for raw in raws:
             index, position = position, position + 1
             if index < chunk.start:

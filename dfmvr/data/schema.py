@@ -30,10 +30,22 @@ N_LANDMARKS = 68
 N_CLASSES = 10
 IMAGE_FORMATS = ("png", "jpg")
 MANIFEST_NAME = "manifest.json"
+EVAL_ENTRIES = ("gt.npz",)
+"""Entries only evaluation reads (the ground-truth mesh, 85% of a synthetic 224 px triplet's
+bytes): :class:`dfmvr.data.writer.ShardWriter` puts them in the shard's evaluation companion
+(:func:`eval_companion_url`), so a training stream never fetches them."""
 MANIFEST_FORMAT = "dfmvr-shards"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def eval_companion_url(shard_url: str) -> str:
+    """Where a shard's evaluation companion lives: ``train-000000.tar`` -> ``train-000000.eval.tar``
+    beside it (the manifest lists it as the shard's ``eval``)."""
+    if not shard_url.endswith(".tar"):
+        raise ValueError(f"{shard_url}: expected a shard URL ending in .tar")
+    return shard_url[: -len(".tar")] + ".eval.tar"
 
 
 # --------------------------------------------------------------------------- samples

@@ -7,7 +7,8 @@ Its key is ``{subject}-{capture}`` and its tar entries are::
     {key}.left.mask.png ...                              uint8 class map [S, S] (0..9), optional
     {key}.lmk2d.npy                                      float32 [3, 68, 2] pixels (x right, y down)
     {key}.lmk3d.npy                                      float32 [K, 3] decimetres, optional
-    {key}.gt.npz                                         vertices [N, 3], faces [F, 3], units; optional
+    {key}.gt.npz                                         vertices [N, 3], faces [F, 3], units; optional,
+                                                         in the evaluation companion {split}-{index:06d}.eval.tar
     {key}.coeffs.npy                                     float32 [269] true coefficients, optional
     {key}.meta.json                                      subject, capture, yaw_deg, source, schema_version
 
@@ -41,6 +42,7 @@ from dfmvr.data.manifest import (
 )
 from dfmvr.data.reader import ShardErrors, shard_samples, without_gt
 from dfmvr.data.schema import (
+    EVAL_ENTRIES,
     IMAGE_FORMATS,
     MANIFEST_NAME,
     MAX_IMAGE_SIDE,
@@ -56,6 +58,7 @@ from dfmvr.data.schema import (
     describe_array,
     encode_image,
     encode_sample,
+    eval_companion_url,
     image_header_size,
     malformed_as_value_error,
     sample_where,
@@ -63,7 +66,7 @@ from dfmvr.data.schema import (
 from dfmvr.data.writer import ShardInfo, ShardWriter, publish_file
 
 __all__ = [
-    "IMAGE_FORMATS", "MANIFEST_NAME", "MAX_IMAGE_SIDE", "N_CLASSES", "N_LANDMARKS", "PARSING_VIEWS", "SCHEMA_VERSION",
+    "EVAL_ENTRIES", "eval_companion_url", "IMAGE_FORMATS", "MANIFEST_NAME", "MAX_IMAGE_SIDE", "N_CLASSES", "N_LANDMARKS", "PARSING_VIEWS", "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS", "VIEWS", "Manifest", "ManifestError", "Sample", "ShardEntry", "ShardErrors",
     "ShardInfo", "ShardWriter", "SplitEntry", "decode_image", "decode_sample", "describe_array", "encode_image", "encode_sample", "image_header_size",
     "malformed_as_value_error", "manifest_url", "publish_file", "read_manifest", "sample_where", "shard_samples",

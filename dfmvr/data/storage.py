@@ -107,6 +107,11 @@ def join(root: str, name: str) -> str:
     return str(Path(root) / name)
 
 
+def basename(url: str) -> str:
+    """The file or object name of ``url`` (its last path part)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def parent(url: str) -> str:
     """The directory or prefix holding ``url``."""
     if is_s3(url):
@@ -438,6 +443,7 @@ def sha256_and_size(url: str, *, endpoint: str | None = None) -> tuple[str, int]
 
 
 __all__ = [
+    "basename",
     "StorageError",
     "TransferSettings",
     "delete",

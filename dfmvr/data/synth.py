@@ -22,9 +22,10 @@ Deterministic: a sample's random numbers come from generators seeded with
 samples are assigned to shards by a fixed plan, every sample is rendered with one torch thread
 (by whichever worker process), the main process writes the shards in plan order, and tar
 headers carry a fixed mtime; the same settings give byte-identical shards for any
-``--workers``. Resumable: finished shards are recorded in
-``synth-progress.json`` beside the shards; a rerun with the same settings keeps every recorded
-shard whose stored sha256 still matches and makes only the others.
+``--workers``. Resumable: finished shards are recorded in the progress record every shard-writing
+job keeps (:mod:`dfmvr.data.progress`, ``shard-progress.json`` beside the shards); a rerun with
+the same settings keeps every recorded shard whose stored sha256 still matches and makes only the
+others.
 
 This module is the dataset job (plan, worker pool, resumption, manifest, read-back and previews);
 one sample's sampling and rendering is :mod:`dfmvr.data.synth_faces`.
@@ -42,7 +43,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -52,7 +53,9 @@ import torch
 
 from dfmvr.config import FaceModelConfig
 from dfmvr.data import storage
-from dfmvr.data.shards import VIEWS, Sample, ShardInfo, ShardWriter, decode_sample, shard_samples, write_manifest
+from dfmvr.data.progress import PROGRESS_NAME, ShardProgress  # noqa: F401  (PROGRESS_NAME: the record's name)
+from dfmvr.data.shards import (VIEWS, Sample, ShardWriter, decode_sample, eval_companion_url, shard_samples,
+                               write_manifest)
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.synth_faces import (SampleParams, SamplingConfig, capture_name, make_sample, render_views,  # noqa: F401
                                     sample_params, subject_name)
@@ -61,7 +64,6 @@ _logger = logging.getLogger(__name__)
 
 SYNTH_VERSION = 1
 """Bump when the generator's output changes for the same settings (invalidates resumption)."""
-PROGRESS_NAME = "synth-progress.json"
 
 
 def default_n_vertices(size: int) -> int:
@@ -252,61 +254,20 @@ def _make_item(item: tuple[int, int]) -> tuple[Sample, str]:
 # resumption
 
 
-@dataclass(kw_only=True, slots=True)
-class _Done:
-    info: ShardInfo
-    model: str
-    """:func:`model_digest` of the face model that made the shard."""
+def _load_progress(cfg: SynthConfig, tasks: list[ShardTask]) -> ShardProgress:
+    """The job's progress record (:class:`dfmvr.data.progress.ShardProgress`), keeping the recorded
+    shards of an earlier run with the same settings that are intact and hold the planned samples."""
+    progress = ShardProgress(cfg.out, cfg.fingerprint(), endpoint=cfg.endpoint)
+    planned = {t.name: [f"{subject_name(s)}-{capture_name(c)}" for s, c in t.items] for t in tasks}
+    for name, rec in progress.load().items():
+        if planned.get(name) != rec.info.keys or "model" not in rec.extra:
+            progress.forget(name)
+    return progress
 
 
-def _load_progress(cfg: SynthConfig, tasks: list[ShardTask]) -> dict[str, _Done]:
-    """Recorded shards of an earlier run with the same settings that are still intact."""
-    url = storage.join(cfg.out, PROGRESS_NAME)
-    try:
-        doc = json.loads(storage.read_bytes(url, endpoint=cfg.endpoint))
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        _logger.warning("%s: unreadable (%s); regenerating every shard", url, e)
-        return {}
-    if doc.get("fingerprint") != cfg.fingerprint():
-        _logger.warning("%s: made with other settings; regenerating every shard", url)
-        return {}
-    planned = {t.name: t for t in tasks}
-    kept = {}
-    for name, rec in doc.get("shards", {}).items():
-        task = planned.get(name)
-        if task is None:
-            continue
-        try:
-            info = ShardInfo(**rec["info"])
-            model = str(rec["model"])
-        except (KeyError, TypeError):
-            continue
-        if info.keys != [f"{subject_name(s)}-{capture_name(c)}" for s, c in task.items]:
-            continue
-        try:
-            ok = storage.sha256_and_size(info.url, endpoint=cfg.endpoint) == (info.sha256, info.size)
-        except FileNotFoundError:
-            ok = False
-        if ok:
-            kept[name] = _Done(info=info, model=model)
-        else:
-            _logger.warning("%s: missing or changed since it was recorded; regenerating it", info.url)
-    return kept
-
-
-def _save_progress(cfg: SynthConfig, done: dict[str, _Done]) -> None:
-    doc = {
-        "fingerprint": cfg.fingerprint(),
-        "shards": {k: {"info": asdict(v.info), "model": v.model} for k, v in sorted(done.items())},
-    }
-    storage.write_bytes(storage.join(cfg.out, PROGRESS_NAME), json.dumps(doc, indent=1).encode(),
-                        endpoint=cfg.endpoint)
-
-
-def _make_shards(cfg: SynthConfig, model, todo: list[ShardTask], done: dict[str, _Done], bar) -> list[str]:
-    """Make the shards ``todo``, recording each finished one in ``done`` and the progress file.
+def _make_shards(cfg: SynthConfig, model, todo: list[ShardTask], progress: ShardProgress, bar) -> list[str]:
+    """Make the shards ``todo``, recording each finished one in the progress record (with the
+    digest of the face model that made it).
 
     Samples are rendered in parallel (one task per sample, so the work spreads over the
     workers however few shards there are) and come back in plan order; this process writes
@@ -332,9 +293,8 @@ def _make_shards(cfg: SynthConfig, model, todo: list[ShardTask], done: dict[str,
                 raise RuntimeError(f"worker processes built different face models ({sorted(digests)}) from "
                                    f"{cfg.face_model_config()}: the face model is not deterministic, so the "
                                    "shards would not be either")
-            done[task.name] = _Done(info=info, model=digests.pop())
+            progress.record(info, model=digests.pop())
             made.append(task.name)
-            _save_progress(cfg, done)
 
     if cfg.workers == 1:
         _init_worker(cfg, model, pool_process=False)
@@ -397,7 +357,8 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     tasks = plan_shards(cfg)
     by_name = {t.name: t for t in tasks}
-    done = _load_progress(cfg, tasks)
+    progress = _load_progress(cfg, tasks)
+    done = progress.shards
     kept_before = set(done)
     todo = [t for t in tasks if t.name not in done]
     n_total = sum(len(t.items) for t in tasks)
@@ -409,12 +370,12 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
 
     model = build_face_model(fm)
     current = model_digest(model)
-    stale = sorted(n for n, d in done.items() if d.model != current)
+    stale = sorted(n for n, d in done.items() if d.extra["model"] != current)
     if stale:
         _logger.warning("%d recorded shards were made by a different face model; making them again: %s",
                         len(stale), ", ".join(stale))
         for name in stale:
-            del done[name]
+            progress.forget(name)
         todo = [t for t in tasks if t.name not in done]
     bar = None
     if progress:
@@ -425,8 +386,8 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
     generated: list[str] = []
     try:
         if todo:
-            generated = _make_shards(cfg, model, todo, done, bar)
-            digests = {done[n].model for n in generated}
+            generated = _make_shards(cfg, model, todo, progress, bar)
+            digests = {done[n].extra["model"] for n in generated}
             if digests != {current}:
                 raise RuntimeError(f"worker processes hold face models {sorted(digests)}, the parent built "
                                    f"{current} from {fm}: the shards would not be reproducible")
@@ -435,7 +396,7 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
             bar.close()
     seconds = time.perf_counter() - start
     n_made = sum(len(by_name[n].items) for n in generated)
-    models = sorted({d.model for d in done.values()})
+    models = sorted({d.extra["model"] for d in done.values()})
     extra = {
         "source": "synthetic",
         "synth": {
@@ -469,8 +430,11 @@ def run(cfg: SynthConfig, *, progress: bool = False) -> SynthSummary:
 
 def iter_shard_samples(url: str, *, endpoint: str | None = None) -> Iterator[Sample]:
     """Decode the samples of one shard in order (streams the tar; local or ``s3://``), through
-    the one shard reader, :func:`dfmvr.data.shards.shard_samples`."""
-    with shard_samples(url, endpoint=endpoint) as raws:
+    the one shard reader, :func:`dfmvr.data.shards.shard_samples`, with its evaluation companion's
+    entries when it has one."""
+    companion = eval_companion_url(url)
+    companions = [companion] if storage.exists(companion, endpoint=endpoint) else []
+    with shard_samples(url, endpoint=endpoint, companions=companions) as raws:
         for raw in raws:
             yield decode_sample(raw)
 

@@ -1,6 +1,9 @@
 """Writing shards: :class:`ShardWriter` writes ``{split}-{index:06d}.tar`` under a root (local or
 ``s3://``), each shard to a local temporary file first, then published (:func:`publish_file`:
-renamed locally; verified, retried, multipart on S3), so only whole shards are ever seen."""
+renamed locally; verified, retried, multipart on S3), so only whole shards are ever seen. The
+entries only evaluation reads (:data:`dfmvr.data.schema.EVAL_ENTRIES`, the ground-truth mesh)
+go to the shard's evaluation companion ``{split}-{index:06d}.eval.tar``, published before the
+shard itself, so the training stream carries the views, masks and landmarks alone."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 import webdataset
 
 from dfmvr.data import storage
-from dfmvr.data.schema import Sample, check_split, encode_sample
+from dfmvr.data.schema import EVAL_ENTRIES, Sample, check_split, encode_sample, eval_companion_url
 
 _logger = logging.getLogger(__name__)
 
@@ -39,7 +42,43 @@ class ShardInfo:
     """Sample keys in write order."""
     subjects: list[str] = field(default_factory=list)
     """Sorted distinct subjects."""
+    eval_size: int = 0
+    """Bytes of the evaluation companion (:func:`dfmvr.data.schema.eval_companion_url`); 0: none."""
+    eval_sha256: str = ""
+    """Hex digest of the evaluation companion; empty when there is none."""
 
+    @property
+    def eval_url(self) -> str | None:
+        """The evaluation companion's URL, or None when the shard has none."""
+        return eval_companion_url(self.url) if self.eval_size else None
+
+
+class _StagedTar:
+    """One tar staged in a local temporary file (``mtime`` 0: the same samples give the same bytes
+    and so the same sha256), then published or discarded."""
+
+    def __init__(self, prefix: str, tmp_dir: str | None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".tar", dir=tmp_dir)
+        self.file = os.fdopen(fd, "wb")
+        self.tar = webdataset.TarWriter(self.file, mtime=0)
+        self.count = 0
+
+    def write(self, encoded: dict[str, Any]) -> int:
+        self.count += 1
+        return self.tar.write(encoded)
+
+    def publish(self, url: str, endpoint: str | None, transfer) -> tuple[int, str]:
+        self.close()
+        return publish_file(self.path, url, endpoint=endpoint, transfer=transfer)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.tar.close()
+            self.file.close()
+
+    def discard(self) -> None:
+        self.close()
+        Path(self.path).unlink(missing_ok=True)
 
 
 
@@ -60,6 +99,8 @@ class ShardWriter:
         endpoint: S3 endpoint (else ``AWS_ENDPOINT_URL``).
         transfer: multipart and retry settings for S3 uploads.
         tmp_dir: where shards are staged before publishing (default: the system temp dir).
+        split_eval: put :data:`~dfmvr.data.schema.EVAL_ENTRIES` in the evaluation companion
+            (default); False keeps every entry in the shard (the layout before companions).
     """
 
     def __init__(
@@ -73,6 +114,7 @@ class ShardWriter:
         endpoint: str | None = None,
         transfer: storage.TransferSettings | None = None,
         tmp_dir: str | None = None,
+        split_eval: bool = True,
     ) -> None:
         check_split(split)
         if max_count < 1:
@@ -88,11 +130,11 @@ class ShardWriter:
         self.endpoint = endpoint
         self.transfer = transfer
         self.tmp_dir = tmp_dir
+        self.split_eval = split_eval
         self.shards: list[ShardInfo] = []
         self._index = start_index
-        self._tar: webdataset.TarWriter | None = None
-        self._file: Any = None
-        self._tmp_path: str | None = None
+        self._tar: _StagedTar | None = None
+        self._eval: _StagedTar | None = None
         self._count = 0
         self._size = 0
         self._keys: list[str] = []
@@ -149,6 +191,12 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
+        evaluation = {k: encoded[k] for k in EVAL_ENTRIES if k in encoded} if self.split_eval else {}
+        if evaluation:
+            if self._eval is None:
+                self._eval = _StagedTar(f"dfmvr-{self.split}-{self._index:06d}-eval-", self.tmp_dir)
+            self._eval.write({"__key__": encoded["__key__"], **evaluation})
+            encoded = {k: v for k, v in encoded.items() if k not in evaluation}
         self._size += self._tar.write(encoded)
         self._count += 1
         self._keys.append(key)
@@ -171,39 +219,35 @@ class ShardWriter:
         return list(self.shards)
 
     def _open(self) -> None:
-        fd, path = tempfile.mkstemp(prefix=f"dfmvr-{self.split}-{self._index:06d}-", suffix=".tar", dir=self.tmp_dir)
-        self._file = os.fdopen(fd, "wb")
-        self._tmp_path = path
-        # mtime 0: the same samples give the same bytes and so the same sha256.
-        self._tar = webdataset.TarWriter(self._file, mtime=0)
+        self._tar = _StagedTar(f"dfmvr-{self.split}-{self._index:06d}-", self.tmp_dir)
         self._count = 0
         self._size = 0
         self._keys = []
         self._subjects = set()
-
-    def _close_tar(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._file.close()
-        self._tar = None
-        self._file = None
 
     def _discard(self) -> None:
         if self._tar is not None:
             _logger.warning(
                 "discarding unfinished shard %s (%d samples) after an error", self.url_for(self._index), self._count
             )
-        self._close_tar()
-        if self._tmp_path is not None:
-            Path(self._tmp_path).unlink(missing_ok=True)
-            self._tmp_path = None
+        for staged in (self._tar, self._eval):
+            if staged is not None:
+                staged.discard()
+        self._tar = self._eval = None
 
     def _publish(self) -> None:
-        assert self._tmp_path is not None and self._image_size is not None
-        self._close_tar()
+        assert self._tar is not None and self._image_size is not None
         url = self.url_for(self._index)
-        tmp, self._tmp_path = self._tmp_path, None
-        nbytes, sha256 = publish_file(tmp, url, endpoint=self.endpoint, transfer=self.transfer)
+        eval_size, eval_sha256 = 0, ""
+        staged, evaluation, self._tar, self._eval = self._tar, self._eval, None, None
+        try:
+            if evaluation is not None:  # first, so that a published shard always has its companion
+                eval_size, eval_sha256 = evaluation.publish(eval_companion_url(url), self.endpoint, self.transfer)
+            nbytes, sha256 = staged.publish(url, self.endpoint, self.transfer)
+        finally:
+            staged.discard()
+            if evaluation is not None:
+                evaluation.discard()
         info = ShardInfo(
             url=url,
             split=self.split,
@@ -213,9 +257,12 @@ class ShardWriter:
             image_size=self._image_size,
             keys=list(self._keys),
             subjects=sorted(self._subjects),
+            eval_size=eval_size,
+            eval_sha256=eval_sha256,
         )
         self.shards.append(info)
-        _logger.info("published %s: %d samples, %d bytes", url, info.count, info.size)
+        _logger.info("published %s: %d samples, %d bytes (+%d in its evaluation companion)", url, info.count,
+                     info.size, eval_size)
         self._index += 1
 
 

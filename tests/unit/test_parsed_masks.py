@@ -173,7 +173,7 @@ def test_companion_entries_join_their_samples_by_key(dataset, tmp_path):
     bundle = parse_net_file(tmp_path / "a.pt", seed=0)
     cache, _ = ensure_mask_cache(cfg, bundle, device="cpu")
     url = read_manifest(dataset).split("val").shards[0].url
-    with shard_samples(url, companion=cache.companions[url]) as samples:
+    with shard_samples(url, companions=[cache.companions[url]]) as samples:
         joined = list(samples)
     assert [s["__key__"] for s in joined] == ["s04-c0", "s04-c1", "s05-c0"]
     for raw in joined:

@@ -216,7 +216,8 @@ def test_predict_masks_resizes_to_the_training_size():
 
 def strip_masks(src: str, dst: Path, keep_every: int = 2) -> tuple[set[str], set[str]]:
     """Copy ``src`` to ``dst`` through the shard API with masks removed from every sample but
-    each ``keep_every``-th; returns (keys with masks, keys without)."""
+    each ``keep_every``-th, and a small ground-truth mesh (its vertices all ``i``, the sample's
+    position) given to every third sample that has none; returns (keys with masks, keys without)."""
     manifest = read_manifest(src)
     infos, masked, stripped = [], set(), set()
     for split in manifest.splits:
@@ -227,6 +228,8 @@ def strip_masks(src: str, dst: Path, keep_every: int = 2) -> tuple[set[str], set
                     stripped.add(sample.key)
                 else:
                     masked.add(sample.key)
+                if sample.gt is None and i % 3 == 0:
+                    sample.gt = {"vertices": np.full((4, 3), i, np.float32), "faces": np.array([[0, 1, 2], [1, 2, 3]])}
                 writer.write(sample)
         infos += writer.shards
     write_manifest(str(dst), infos, image_size=manifest.image_size)
@@ -254,6 +257,8 @@ def test_fill_masks_end_to_end(trained, dataset, tmp_path):
     ckpt = save_parsenet(tmp_path / "net" / "parsenet.pt", result.model.eval(), {"image_size": SIZE})
     result.model.train()
     masked, stripped = strip_masks(dataset, tmp_path / "in")
+    given = {s.key: s.gt for split in read_manifest(str(tmp_path / "in")).splits
+             for u in read_manifest(str(tmp_path / "in")).shard_urls(split) for s in iter_shard_samples(u)}
     bad_key = corrupt_one_sample(tmp_path / "in" / "train-000000.tar")
     out = tmp_path / "out"
     summary_json = tmp_path / "summary.json"
@@ -290,6 +295,19 @@ def test_fill_masks_end_to_end(trained, dataset, tmp_path):
     truth = torch.from_numpy(np.stack([originals[k].masks[v] for k in filled for v in VIEWS]))
     constant = torch.zeros_like(truth)
     assert mean_iou(class_iou(confusion_matrix(pred, truth))) > mean_iou(class_iou(confusion_matrix(constant, truth)))
+    # the ground truth came along, in the output shards' evaluation companions
+    written = {s.key: s.gt for split in manifest.splits for u in manifest.shard_urls(split) for s in iter_shard_samples(u)}
+    with_gt = [k for k in written if given[k] is not None]
+    assert len(with_gt) >= 3 and all(np.array_equal(written[k]["vertices"], given[k]["vertices"]) for k in with_gt)
+    assert all(written[k] is None for k in written if given[k] is None)
+
+    # the same command again keeps every output shard it recorded (the shard-writing jobs' one record)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert fill_main(["--input", str(tmp_path / "in"), "--out", str(out), "--parse-net", str(ckpt),
+                      "--batch-size", "3", "--device", "cpu", "--summary-json", str(summary_json)]) == 0
+    again = json.loads(summary_json.read_text())
+    assert (again["filled"], again["kept"]) == (summary["filled"], summary["kept"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
 
 
 def test_fill_masks_refuses_bad_checkpoints_and_manifests(dataset, tmp_path, capsys):

@@ -210,3 +210,54 @@ def test_storage_local_put_is_atomic_and_listable(tmp_path):
     assert storage.join("s3://bucket/prefix/", "x.tar") == "s3://bucket/prefix/x.tar"
     with pytest.raises(ValueError, match="expected an s3://bucket/key URL"):
         storage.split_s3("/local/path")
+
+
+def test_ground_truth_goes_to_the_evaluation_companion_and_joins_back(tmp_path):
+    from dfmvr.data.samples import make_decoder, plan_chunks, read_chunk
+
+    samples = [make_face_sample("subjA", f"{i:02d}", size=48, seed=i, with_gt=i != 2) for i in range(5)]
+    with sh.ShardWriter(str(tmp_path), "test", max_count=5) as writer:
+        for sample in samples:
+            writer.write(sample)
+    (info,) = writer.shards
+    assert info.eval_url == str(tmp_path / "test-000000.eval.tar") and info.eval_size > 0
+    with tarfile.open(info.url) as tar:
+        names = tar.getnames()
+    with tarfile.open(info.eval_url) as tar:
+        eval_names = tar.getnames()
+    # the training stream holds no mesh; the companion holds the meshes only, in the shard's order
+    assert not [n for n in names if n.endswith(".gt.npz")] and "subjA-00.front.png" in names
+    assert eval_names == [f"subjA-{i:02d}.gt.npz" for i in range(5) if i != 2]
+    assert info.size + info.eval_size > 0 and Path(info.eval_url).stat().st_size == info.eval_size
+
+    sh.write_manifest(str(tmp_path), [info], image_size=48)
+    manifest = sh.read_manifest(str(tmp_path))
+    (entry,) = manifest.split("test").shards
+    assert entry.eval_url == info.eval_url and entry.eval_sha256 == info.eval_sha256
+    assert manifest.eval_companions("test") == {info.url: info.eval_url}
+    # evaluation's reader joins the meshes back by key; the sample without one comes without
+    decoder = make_decoder(manifest, 48, with_gt=True)
+    items = [x for c in plan_chunks(manifest, "test", 2) for x in read_chunk(c, decoder)]
+    assert [x.key for x in items] == [s.key for s in samples]
+    for item, sample in zip(items, samples):
+        if sample.gt is None:
+            assert item.gt_vertices is None or len(item.gt_vertices) == 0
+        else:
+            np.testing.assert_array_equal(item.gt_vertices, sample.gt["vertices"])
+
+
+def test_the_companion_join_streams_and_survives_lost_samples():
+    from dfmvr.data import reader
+
+    shard = [{"__key__": f"k{i}", "a": i} for i in range(200) if i not in (5, 6, 7)]  # three lost in the shard
+    companion = iter({"__key__": f"k{i}", "b": -i} for i in range(200) if i % 50)  # every 50th has none
+    joined = list(reader._join_by_key(iter(shard), companion))
+    assert [s["__key__"] for s in joined] == [s["__key__"] for s in shard]
+    for s in joined:
+        i = s["a"]
+        assert s.get("b") == (-i if i % 50 else None)
+    # streamed: the first sample out has read at most the window of the companion, not all of it
+    read = []
+    counted = ({"__key__": f"k{i}", "b": -i} for i in range(200) if not read.append(i))
+    next(reader._join_by_key(iter(shard), counted))
+    assert len(read) <= reader.JOIN_WINDOW

@@ -57,15 +57,16 @@ def test_same_seed_same_bytes_for_any_worker_count(dataset, tmp_path):
     other = tmp_path / "synth_b"
     generate(str(other), workers=2, **SETTINGS)
     assert _digests(other) == _digests(root)
-    assert len(_digests(root)) == 4
+    assert len(_digests(root)) == 8  # four shards, each with its evaluation companion (the meshes)
 
 
 def test_different_seed_differs(dataset, tmp_path):
     root, _ = dataset
     settings = dict(SETTINGS, seed=4, n_subjects=1, n_captures=1, splits=(1.0, 0.0, 0.0))
     generate(str(tmp_path), workers=1, **settings)
-    (name,) = _digests(tmp_path)
-    assert _digests(tmp_path)[name] != _digests(root).get(name)
+    assert set(_digests(tmp_path)) == {"train-000000.tar", "train-000000.eval.tar"}
+    for name, digest in _digests(tmp_path).items():
+        assert digest != _digests(root).get(name)
 
 
 def test_splits_are_disjoint_by_subject(dataset, samples):
@@ -90,29 +91,30 @@ def test_splits_are_disjoint_by_subject(dataset, samples):
 def test_resume_regenerates_only_the_missing_shard(dataset):
     root, _ = dataset
     before = _digests(root)
+    shards = sorted(n for n in before if not n.endswith(".eval.tar"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in root.glob("*.tar")}
-    victim = sorted(before)[1]
+    victim = shards[1]
     (root / victim).unlink()
     summary = generate(str(root), workers=1, **SETTINGS)
     assert summary.generated == [victim]
-    assert sorted(summary.kept) == sorted(set(before) - {victim})
+    assert sorted(summary.kept) == sorted(set(shards) - {victim})
     assert _digests(root) == before  # remade byte for byte
     for name, mtime in mtimes.items():
-        if name != victim:
+        if name not in (victim, victim.replace(".tar", ".eval.tar")):
             assert (root / name).stat().st_mtime_ns == mtime
-    # a shard whose bytes changed is not trusted either
-    tampered = sorted(before)[0]
-    data = bytearray((root / tampered).read_bytes())
-    data[-1] ^= 0xFF
-    (root / tampered).write_bytes(bytes(data))
-    summary = generate(str(root), workers=1, **SETTINGS)
-    assert summary.generated == [tampered]
-    assert _digests(root) == before
+    # a shard whose bytes changed is not trusted either, nor one whose evaluation companion did
+    for tampered in (shards[0], shards[2].replace(".tar", ".eval.tar")):
+        data = bytearray((root / tampered).read_bytes())
+        data[-1] ^= 0xFF
+        (root / tampered).write_bytes(bytes(data))
+        summary = generate(str(root), workers=1, **SETTINGS)
+        assert summary.generated == [tampered.replace(".eval.tar", ".tar")]
+        assert _digests(root) == before
     progress = json.loads((root / PROGRESS_NAME).read_text())
-    assert progress["shards"].keys() == before.keys()
+    assert sorted(progress["shards"]) == shards
     # a shard recorded as made by another face model (the model's code changed) is made again
-    other = sorted(before)[2]
-    progress["shards"][other]["model"] = "0" * 16
+    other = shards[3]
+    progress["shards"][other]["extra"]["model"] = "0" * 16
     (root / PROGRESS_NAME).write_text(json.dumps(progress))
     summary = generate(str(root), workers=1, **SETTINGS)
     assert summary.generated == [other]
