@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
     parser.add_argument("--max-count", type=int, default=64, help="samples per shard")
     parser.add_argument("--synth-workers", type=int, default=2, help="processes for the synthetic generator")
+    parser.add_argument("--no-jpg", dest="jpg", action="store_false", help="skip the JPEG-views layout")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -230,30 +231,43 @@ def main(argv: list[str] | None = None) -> int:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        root = "s3://bench/loader"
-        start = time.perf_counter()
-        with sh.ShardWriter(root, "train", max_count=args.max_count) as writer:
+        # the layouts side by side: today's (meshes in the evaluation companions), the one before
+        # companions (meshes inside the training shards), and today's with JPEG views
+        layouts = {"s3": ("png", True), "inline": ("png", False)}
+        if args.jpg:
+            layouts["jpg"] = ("jpg", True)
+        roots, written = {}, {}
+        for name, (image_format, split_eval) in layouts.items():
+            roots[name] = f"s3://bench/{name}"
             for sample in samples:
-                writer.write(sample)
-        write_s = time.perf_counter() - start
-        sh.write_manifest(root, writer.shards, image_size=args.size)
-        shard_bytes = sum(info.size for info in writer.shards)
+                sample.image_format = image_format
+            start = time.perf_counter()
+            with sh.ShardWriter(roots[name], "train", max_count=args.max_count, split_eval=split_eval) as writer:
+                for sample in samples:
+                    writer.write(sample)
+            if name == "s3":
+                write_s = time.perf_counter() - start
+            sh.write_manifest(roots[name], writer.shards, image_size=args.size)
+            written[name] = writer.shards
+        for sample in samples:
+            sample.image_format = "png"
+        shard_bytes = {name: sum(info.size for info in infos) for name, infos in written.items()}
+        eval_bytes = sum(info.eval_size for info in written["s3"])
 
-        cfg = DataConfig(url=root, image_size=args.size, batch_size=args.batch_size, num_workers=args.workers,
+        cfg = DataConfig(url=roots["s3"], image_size=args.size, batch_size=args.batch_size, num_workers=args.workers,
                          shuffle_buffer=64)
-        loader = make_loader(cfg, "train", resampled=False, seed=0)
+        loaders = {name: make_loader(dataclasses.replace(cfg, url=root), "train", resampled=False, seed=0)
+                   for name, root in roots.items()}
         encoded = [sh.encode_sample(sample) for sample in samples]
         ceiling = InMemoryTriplets(encoded, cfg, args.size)
-        times = time_epochs(
-            {
-                "s3": lambda: iter(loader),
-                "ceiling": lambda: iter(torch.utils.data.DataLoader(ceiling, batch_size=None, num_workers=args.workers)),
-            },
-            args.epochs, args.samples,
-        )
+        candidates = {name: (lambda loader=loader: iter(loader)) for name, loader in loaders.items()}
+        candidates["ceiling"] = lambda: iter(torch.utils.data.DataLoader(ceiling, batch_size=None,
+                                                                          num_workers=args.workers))
+        times = time_epochs(candidates, args.epochs, args.samples)
         s3_times, ceiling_times = times["s3"]["wall"], times["ceiling"]["wall"]
     finally:
         server.stop()
+    writer.shards = written["s3"]
 
     s3_rate = args.samples / statistics.median(s3_times)
     ceiling_rate = args.samples / statistics.median(ceiling_times)
@@ -273,14 +287,28 @@ def main(argv: list[str] | None = None) -> int:
         "s3_cpu_fraction_of_ceiling": round(ceiling_cpu / s3_cpu, 3),
         "synth_triplets_per_s": round(synth_rate, 3) if synth_rate is not None else None,
         "shard_write_triplets_per_s": round(args.samples / write_s, 2),
-        "shard_mib_per_triplet": round(shard_bytes / args.samples / 2**20, 3),
+        "shard_mib_per_triplet": round(shard_bytes["s3"] / args.samples / 2**20, 3),
+        "eval_companion_mib_per_triplet": round(eval_bytes / args.samples / 2**20, 3),
+        "inline_shard_mib_per_triplet": round(shard_bytes["inline"] / args.samples / 2**20, 3),
+        "inline_s3_triplets_per_s": round(args.samples / statistics.median(times["inline"]["wall"]), 2),
+        "s3_over_inline": round(statistics.median(times["inline"]["wall"]) / statistics.median(s3_times), 3),
+        "s3_cpu_over_inline": round((cpu_ms("inline", "cpu_main") + cpu_ms("inline", "cpu_workers")) / s3_cpu, 3),
     }
+    if "jpg" in times:
+        results.update({
+            "jpg_shard_mib_per_triplet": round(shard_bytes["jpg"] / args.samples / 2**20, 3),
+            "jpg_s3_triplets_per_s": round(args.samples / statistics.median(times["jpg"]["wall"]), 2),
+            "jpg_over_inline": round(statistics.median(times["inline"]["wall"]) / statistics.median(times["jpg"]["wall"]), 3),
+        })
     units = {
         "s3_triplets_per_s": "triplets/s", "decode_ceiling_triplets_per_s": "triplets/s",
         "s3_fraction_of_ceiling": "ratio", "synth_triplets_per_s": "triplets/s",
         "s3_cpu_ms_per_triplet": "ms", "s3_worker_cpu_ms_per_triplet": "ms", "ceiling_cpu_ms_per_triplet": "ms",
         "s3_cpu_fraction_of_ceiling": "ratio",
         "shard_write_triplets_per_s": "triplets/s", "shard_mib_per_triplet": "MiB",
+        "eval_companion_mib_per_triplet": "MiB", "inline_shard_mib_per_triplet": "MiB",
+        "inline_s3_triplets_per_s": "triplets/s", "s3_over_inline": "ratio", "s3_cpu_over_inline": "ratio",
+        "jpg_shard_mib_per_triplet": "MiB", "jpg_s3_triplets_per_s": "triplets/s", "jpg_over_inline": "ratio",
     }
     settings = {
         "size": args.size, "samples": args.samples, "unique": len(unique), "data": data_source,
@@ -301,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'S3 loader (full pipeline)':<36}{s3_rate:>12.1f}")
     print(f"{'decode-only ceiling (in memory)':<36}{ceiling_rate:>12.1f}")
     print(f"{'S3 / ceiling':<36}{s3_rate / ceiling_rate:>12.1%}")
+    print(f"{'S3, meshes inside the shards':<36}{results['inline_s3_triplets_per_s']:>12.1f}"
+          f"   ({results['inline_shard_mib_per_triplet']} MiB/triplet; companions {results['s3_over_inline']:.2f}x)")
+    if "jpg" in times:
+        print(f"{'S3, JPEG views':<36}{results['jpg_s3_triplets_per_s']:>12.1f}"
+              f"   ({results['jpg_shard_mib_per_triplet']} MiB/triplet; {results['jpg_over_inline']:.2f}x the inline)")
     print(f"{'CPU ms per triplet':<36}{'S3':>12}{'ceiling':>12}")
     print(f"{'  main process (S3: + moto server)':<36}{cpu_ms('s3', 'cpu_main'):>12.2f}{cpu_ms('ceiling', 'cpu_main'):>12.2f}")
     print(f"{'  DataLoader workers':<36}{cpu_ms('s3', 'cpu_workers'):>12.2f}{cpu_ms('ceiling', 'cpu_workers'):>12.2f}")
