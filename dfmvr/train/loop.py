@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Container, Iterator
 
@@ -44,7 +44,7 @@ from dfmvr.tracking import GIVEN_MASKS_METRIC, PARSED_MASKS_METRIC, VAL_METRIC, 
 from dfmvr.train.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from dfmvr.train.metrics import aligned_vertex_rmse_mm
 from dfmvr.train.objective import reconstruction_losses
-from dfmvr.train.schedule import StepBudget, StepPlan, build_optimizer, pose_row_rates
+from dfmvr.train.schedule import RowRates, StepBudget, StepPlan, build_optimizer, pose_row_rates
 from dfmvr.train.weights import WeightAverage, restore_norm_stats, snapshot_norm_stats
 
 _logger = logging.getLogger(__name__)
@@ -263,23 +263,310 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         NonFiniteLossError: after ``train.max_nan_steps`` non-finite losses in a row (the last
             good state is checkpointed first).
     """
-    device = session.device
-    rank, world = session.rank, session.world_size
-    torch.manual_seed(cfg.seed + rank)
-    face_model = build_face_model(cfg.facemodel)
-    core = build_model(cfg, device=device, face_model=face_model)
-    core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
-    model = prepare_model(core) if prepare_model else core
-    core = unwrap(model)
-    plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
-    opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
-    row_rates = pose_row_rates(core, cfg.optim)
-    frozen_parse_net = mask_cache = None
+    trainer = _Trainer.set_up(cfg, session, tracker=tracker, parse_net=parse_net, prepare_model=prepare_model,
+                              on_step=on_step, deadline=deadline)
+    trainer.restore(on_resume)
+    # the data comes after the restore: the training stream is seeded from the restored step
+    trainer.open_data()
+    return trainer.train()
+
+
+@dataclass(kw_only=True, slots=True)
+class _Trainer:
+    """One rank's run of :func:`run_loop`: what it trains with, where it stands, and its steps."""
+
+    cfg: Config
+    session: Any
+    tracker: Any
+    parse_net: dict | None
+    on_step: Callable[[int], None] | None
+    deadline: float | None
+    face_model: Any
+    model: torch.nn.Module
+    """What takes the steps: the DDP wrapper around ``core``, or ``core`` itself."""
+    core: DFMVR
+    plan: StepPlan
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    row_rates: RowRates
+    frozen_parse_net: Any
+    mask_cache: Any
+    average: WeightAverage | None
+    # the data (:meth:`open_data`)
+    budget: StepBudget | None = None
+    loader: Any = None
+    batches: Iterator | None = None
+    val_batches: Callable[[], Iterator] | None = None
+    mask_source: str = "given"
+    config_dict: dict = field(default_factory=dict)
+    # where the run stands
+    step: int = 0
+    counters: dict[str, float] = field(default_factory=lambda: {"skipped_samples": 0.0, "nan_steps": 0.0})
+    nan_streak: int = 0
+    best_val: float = math.inf
+    last_val: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    window: dict[str, list[float]] = field(default_factory=dict)
+    """term -> [sum, steps that computed it] (lazy terms skip steps)."""
+    t_last: float = 0.0
+    samples_since: int = 0
+    grad_norm: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """This rank's number."""
+        return self.session.rank
+
+    @property
+    def world(self) -> int:
+        """How many ranks train."""
+        return self.session.world_size
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device."""
+        return self.session.device
+
+    @classmethod
+    def set_up(cls, cfg: Config, session, *, tracker, parse_net: dict | None, prepare_model,
+               on_step: Callable[[int], None] | None, deadline: float | None) -> _Trainer:
+        """The model (wrapped for DDP), optimizer, schedule, parse net, mask cache and weight average."""
+        device = session.device
+        torch.manual_seed(cfg.seed + session.rank)
+        face_model = build_face_model(cfg.facemodel)
+        core = build_model(cfg, device=device, face_model=face_model)
+        core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
+        model = prepare_model(core) if prepare_model else core
+        core = unwrap(model)
+        plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
+        opt, sched = build_optimizer(model.parameters(), cfg.optim, plan)
+        row_rates = pose_row_rates(core, cfg.optim)
+        frozen_parse_net, mask_cache = _parse_net_parts(cfg, parse_net, device)
+        if reads_parse_net_masks(cfg.model):
+            core.set_input_parse_net(frozen_parse_net)
+        # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
+        # could serve it; only rank 0 validates and saves it
+        average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
+        return cls(cfg=cfg, session=session, tracker=tracker, parse_net=parse_net, on_step=on_step,
+                   deadline=deadline, face_model=face_model, model=model, core=core, plan=plan, opt=opt,
+                   sched=sched, row_rates=row_rates, frozen_parse_net=frozen_parse_net, mask_cache=mask_cache,
+                   average=average)
+
+    def restore(self, on_resume: Callable[[dict], None] | None) -> None:
+        """Load the session's checkpoint, if any: weights, average, optimizer, schedule, step, plan, counters."""
+        restore = self.session.checkpoint_to_restore()
+        if not restore:
+            return
+        try:
+            payload = load_checkpoint(restore, map_location=self.device)
+        finally:
+            self.session.restored()
+        check_face_signature(payload, self.face_model.signature(), str(restore))
+        self.core.load_state_dict(payload.get("model_live", payload["model"]))
+        if self.average:
+            self.average.load_state_dict(payload["model"])
+        if payload.get("optimizer"):
+            self.opt.load_state_dict(payload["optimizer"])
+        if payload.get("scheduler"):
+            self.sched.load_state_dict(payload["scheduler"])
+        self.step = int(payload["step"])
+        extra = payload.get("extra", {})
+        saved_plan = extra.get("plan")
+        if self.deadline is not None and saved_plan and saved_plan.get("deadline") == self.deadline:
+            # a worker group restarted within the job goes on with the plan it had fitted; a resume
+            # by a later job starts from its own train.steps and fits them to its own budget
+            self.plan.steps, self.plan.cosine_after = int(saved_plan["steps"]), int(saved_plan["cosine_after"])
+        self.counters.update({k: float(v) for k, v in extra.get("counters", {}).items()})
+        _logger.info("rank %d: resumed from %s at step %d", self.rank, restore, self.step)
+        if on_resume:
+            on_resume({"checkpoint": str(restore), "step": self.step, "model": state_digest(self.core.state_dict()),
+                       "optimizer": state_digest(self.opt.state_dict())})
+
+    def open_data(self) -> None:
+        """The time budget, the training stream (seeded from the step) and the validation passes."""
+        cfg = self.cfg
+        self.budget = (StepBudget(self.plan, deadline=self.deadline, max_steps=cfg.train.steps,
+                                  cosine_after=cfg.optim.cosine_after) if self.deadline is not None else None)
+        self.loader = _train_loader(cfg, self.rank, self.world, seed=cfg.seed * 1000003 + self.step,
+                                    mask_cache=self.mask_cache)
+        pick_subjects, _ = validation_halves(cfg) if self.rank == 0 else (None, None)
+        # the checkpoint's validations read one half of the subjects, and score only what the model
+        # reads: the other masks' figure is the holdout report's (dfmvr.train.report)
+        self.val_batches = _val_batches(cfg, self.mask_cache, pick_subjects)
+        self.mask_source = self.mask_cache.source if self.mask_cache is not None else "given"
+        self.batches = iter(self.loader)
+        self.config_dict = redact_all(to_dict(cfg))  # checkpoints are copied around: no credentials in them
+        self.t_last, self.samples_since = time.perf_counter(), 0
+
+    def train(self) -> dict[str, float]:
+        """Steps until the plan's end (skipped steps do not count); the last metrics."""
+        self.model.train()
+        while self.step < self.plan.steps:
+            batch = self.next_batch()
+            if self.train_step(batch):
+                self.after_step(batch)
+        return {"step": float(self.step), **self.metrics, **self.last_val}
+
+    def next_batch(self):
+        """The next training batch, on the device (the stream starts again when it ends)."""
+        while True:
+            try:
+                batch = next(self.batches)
+                break
+            except StopIteration:
+                self.batches = iter(self.loader)
+        self.counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
+        if batch.mask_source != self.mask_source:  # a loader of the wrong masks would train the upper bound silently
+            raise RuntimeError(f"the training batches carry {batch.mask_source} masks, the run uses {self.mask_source}")
+        return batch.to(self.device)
+
+    def train_step(self, batch) -> bool:
+        """Forward, losses, backward and clipping on ``batch``, then the update; False if skipped."""
+        cfg, core = self.cfg, self.core
+        norm_stats = snapshot_norm_stats(core)  # a skipped step must not leave its batch in BN statistics
+        out = self.model(batch.images, batch.masks if core.cfg.mask_input else None,
+                         shape_grad_2d=cfg.loss.shape_grad_2d, backbone_grad_2d=cfg.loss.backbone_grad_2d,
+                         render=picture_step(cfg.loss, self.step))
+        total, terms = reconstruction_losses(core, out, batch, cfg.loss, self.step, self.frozen_parse_net)
+        finite = _finite_on_every_rank(total, self.world)
+        if finite:
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+            # the norm is computed even without clipping: a non-finite gradient must not reach
+            # the weights, or the last good state would be lost with it
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+            finite = bool(torch.isfinite(self.grad_norm))
+        if not finite:
+            self.skip(terms, norm_stats)
+            return False
+        self.update(batch, terms)
+        return True
+
+    def skip(self, terms: dict[str, torch.Tensor], norm_stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Drop a non-finite step; after ``train.max_nan_steps`` in a row, checkpoint and raise."""
+        self.nan_streak += 1
+        self.counters["nan_steps"] += 1
+        self.opt.zero_grad(set_to_none=True)
+        restore_norm_stats(norm_stats)
+        _logger.warning("rank %d step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
+                        self.rank, self.step, {k: float(v.detach()) for k, v in terms.items()}, self.nan_streak)
+        if self.tracker:
+            self.tracker.log_metrics({"train/nan_steps": self.counters["nan_steps"]}, self.step)
+        if self.nan_streak >= self.cfg.train.max_nan_steps:
+            stop = {"step": float(self.step), "train/nan_steps": self.counters["nan_steps"], **self.last_val,
+                    VAL_METRIC: self.last_val.get(VAL_METRIC, math.inf)}
+            self.report(stop, with_checkpoint=True)
+            raise NonFiniteLossError(
+                f"{self.nan_streak} non-finite losses in a row at step {self.step} (train.max_nan_steps="
+                f"{self.cfg.train.max_nan_steps}); the last good state is checkpointed at step {self.step}"
+            )
+
+    def update(self, batch, terms: dict[str, torch.Tensor]) -> None:
+        """A good step's update: the weights, the schedule, the step, the average, the window's sums."""
+        self.nan_streak = 0
+        self.row_rates.step(self.opt)
+        self.sched.step()
+        self.step += 1
+        if self.average:
+            self.average.update(self.core, self.step)
+        if self.on_step:
+            self.on_step(self.step)
+        self.samples_since += batch.images.shape[0]
+        for k, v in terms.items():
+            acc = self.window.setdefault(k, [0.0, 0])
+            acc[0] += float(v.detach())
+            acc[1] += 1
+
+    def after_step(self, batch) -> None:
+        """What the new step's number calls for: refit the plan, log the window, validate, checkpoint."""
+        step, every = self.step, self.cfg.train
+        if self.budget is not None and step % every.log_every == 0:
+            _refit(self.budget, step, self.rank, self.world, self.device)
+        if step % every.log_every == 0 or step == self.plan.steps:
+            self.log_window(batch)
+        is_val = step % every.val_every == 0 or step == self.plan.steps
+        if is_val:
+            self.run_validation()
+        if is_val or step % every.ckpt_every == 0:
+            # every checkpoint carries the latest validation metric: Ray keeps the best k by it
+            self.report({"step": float(step), **self.metrics, **self.last_val,
+                         VAL_METRIC: self.last_val.get(VAL_METRIC, math.inf)}, with_checkpoint=True)
+
+    def log_window(self, batch) -> None:
+        """The window's mean terms, lr and rate (summed over ranks) to the tracker; the ETA log line."""
+        world, device, counters = self.world, self.device, self.counters
+        now = time.perf_counter()
+        rate = _all_reduce_sum(self.samples_since / max(now - self.t_last, 1e-9), world, device)
+        self.t_last, self.samples_since = now, 0
+        metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v / n for k, (v, n) in self.window.items()}
+        metrics.update({"train/lr": self.sched.get_last_lr()[0], "train/triplets_per_s": rate,
+                        "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
+                        "train/nan_steps": counters["nan_steps"]})
+        metrics["train/grad_norm"] = float(self.grad_norm)
+        if self.budget is not None:
+            metrics["train/steps_planned"] = float(self.plan.steps)
+        self.metrics, self.window = metrics, {}
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.step)
+        eta = (self.plan.steps - self.step) * batch.images.shape[0] * world / max(rate, 1e-9)
+        _logger.info("step %d/%d loss %.4f %.1f triplets/s ETA %dm%02ds", self.step, self.plan.steps,
+                     metrics.get("train/loss", float("nan")), rate, eta // 60, eta % 60)
+
+    def run_validation(self) -> None:
+        """Rank 0 validates the weights a checkpoint saves; every rank takes its metrics (``last_val``)."""
+        scored = self.average.model if self.average else self.core
+        val_metrics, view = (validate(scored, self.val_batches(), self.cfg, self.frozen_parse_net,
+                                      max_samples=self.cfg.train.val_samples, step=self.step, other_masks=False)
+                             if self.rank == 0 else ({}, None))
+        last_val = _broadcast(val_metrics, self.world)
+        # the worst validation of the run so far, carried in every report (the job's summary
+        # shows it: a model that trained without non-finite steps must never predict one)
+        self.counters["val_nonfinite_max"] = max(self.counters.get("val_nonfinite_max", 0.0),
+                                                 last_val.get("val/loss_nonfinite_predictions", 0.0))
+        last_val["val/nonfinite_max"] = self.counters["val_nonfinite_max"]
+        self.last_val = last_val
+        if self.tracker:
+            self.tracker.log_metrics(last_val, self.step)
+            if view is not None and self.cfg.tracking.log_images:
+                self.tracker.log_validation_images(view, self.step)
+        self.best_val = min(self.best_val, last_val.get(VAL_METRIC, math.inf))
+
+    def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        """``session.report`` on every rank, with rank 0's checkpoint when ``with_checkpoint``."""
+        tmp = self.checkpoint_dir(metrics) if with_checkpoint else None
+        try:
+            self.session.report(metrics, Path(tmp.name) if tmp else None)
+        finally:
+            if tmp:
+                tmp.cleanup()
+
+    def checkpoint_dir(self, metrics: dict[str, float]) -> tempfile.TemporaryDirectory | None:
+        """On rank 0, a temporary directory holding the checkpoint of now; None on the others."""
+        if self.rank != 0:
+            return None
+        tmp = tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-")
+        core, average, plan = self.core, self.average, self.plan
+        save_checkpoint(
+            tmp.name, model_state=average.state_dict() if average else core.state_dict(),
+            live_model_state=core.state_dict() if average else None, optimizer_state=self.opt.state_dict(),
+            scheduler_state=self.sched.state_dict(), step=self.step, config=self.config_dict,
+            face_signature=self.face_model.signature(), metrics=metrics, parse_net=self.parse_net,
+            extra={"counters": self.counters, "data_position": {"step": self.step, "seed": self.cfg.seed},
+                   "plan": {"steps": plan.steps, "cosine_after": plan.cosine_after, "deadline": self.deadline},
+                   # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
+                   "mlflow_run_id": getattr(self.tracker, "run_id", None)},
+        )
+        return tmp
+
+
+def _parse_net_parts(cfg: Config, parse_net: dict | None, device: torch.device) -> tuple[Any, Any]:
+    """``(frozen parse net, mask cache)`` of the run, each None where it does not use one."""
+    frozen = mask_cache = None
     # frozen for the mask loss, for the network's input masks, and to score a model that reads the
     # given masks on the parse net's too (validate)
     if parse_net is not None and (cfg.loss.mask_loss or cfg.model.mask_input):
-        frozen_parse_net = frozen_parse_net_of(parse_net, cfg.model.parse_net or "the job's parse net", device,
-                                               amp=cfg.train.parse_net_amp)
+        frozen = frozen_parse_net_of(parse_net, cfg.model.parse_net or "the job's parse net", device,
+                                     amp=cfg.train.parse_net_amp)
     if uses_parse_net_masks(cfg.model):
         if parse_net is None:
             raise ValueError("model.input_masks is parse_net but the job has no parse net (model.parse_net empty, "
@@ -287,185 +574,18 @@ def run_loop(cfg: Config, session, *, tracker=None, parse_net: dict | None = Non
         from dfmvr.train.masks import find_mask_cache
 
         mask_cache = find_mask_cache(cfg, parse_net)  # the parse net's masks, made once by the driver
-    if reads_parse_net_masks(cfg.model):
-        core.set_input_parse_net(frozen_parse_net)
-    # the weight average lives on every rank (DDP keeps the live weights identical), so any rank
-    # could serve it; only rank 0 validates and saves it
-    average = WeightAverage(core, cfg.optim) if cfg.optim.ema_decay else None
+    return frozen, mask_cache
 
-    step = 0
-    counters = {"skipped_samples": 0.0, "nan_steps": 0.0}
-    restore = session.checkpoint_to_restore()
-    if restore:
-        try:
-            payload = load_checkpoint(restore, map_location=device)
-        finally:
-            session.restored()
-        check_face_signature(payload, face_model.signature(), str(restore))
-        core.load_state_dict(payload.get("model_live", payload["model"]))
-        if average:
-            average.load_state_dict(payload["model"])
-        if payload.get("optimizer"):
-            opt.load_state_dict(payload["optimizer"])
-        if payload.get("scheduler"):
-            sched.load_state_dict(payload["scheduler"])
-        step = int(payload["step"])
-        extra = payload.get("extra", {})
-        saved_plan = extra.get("plan")
-        if deadline is not None and saved_plan and saved_plan.get("deadline") == deadline:
-            # a worker group restarted within the job goes on with the plan it had fitted; a resume
-            # by a later job starts from its own train.steps and fits them to its own budget
-            plan.steps, plan.cosine_after = int(saved_plan["steps"]), int(saved_plan["cosine_after"])
-        counters.update({k: float(v) for k, v in extra.get("counters", {}).items()})
-        _logger.info("rank %d: resumed from %s at step %d", rank, restore, step)
-        if on_resume:
-            on_resume({"checkpoint": str(restore), "step": step, "model": state_digest(core.state_dict()),
-                       "optimizer": state_digest(opt.state_dict())})
 
-    budget = (StepBudget(plan, deadline=deadline, max_steps=cfg.train.steps, cosine_after=cfg.optim.cosine_after)
-              if deadline is not None else None)
-    loader = _train_loader(cfg, rank, world, seed=cfg.seed * 1000003 + step, mask_cache=mask_cache)
-    pick_subjects, _ = validation_halves(cfg) if rank == 0 else (None, None)
-    # the checkpoint's validations read one half of the subjects, and score only what the model
-    # reads: the other masks' figure is the holdout report's (dfmvr.train.report)
-    val_iter = _val_batches(cfg, mask_cache, pick_subjects)
-    mask_source = mask_cache.source if mask_cache is not None else "given"
-    it = iter(loader)
-    config_dict = redact_all(to_dict(cfg))  # checkpoints are copied around: no credentials in them
-    best_val = math.inf
-    last_val: dict[str, float] = {}
-    nan_streak = 0
-    t_last, samples_since = time.perf_counter(), 0
-    window: dict[str, list[float]] = {}  # term -> [sum, steps that computed it] (lazy terms skip steps)
-    metrics: dict[str, float] = {}
-
-    def checkpoint_dir(metrics_now: dict[str, float]) -> tempfile.TemporaryDirectory | None:
-        if rank != 0:
-            return None
-        tmp = tempfile.TemporaryDirectory(prefix="dfmvr-ckpt-")
-        save_checkpoint(
-            tmp.name, model_state=average.state_dict() if average else core.state_dict(),
-            live_model_state=core.state_dict() if average else None, optimizer_state=opt.state_dict(),
-            scheduler_state=sched.state_dict(), step=step, config=config_dict,
-            face_signature=face_model.signature(), metrics=metrics_now, parse_net=parse_net,
-            extra={"counters": counters, "data_position": {"step": step, "seed": cfg.seed},
-                   "plan": {"steps": plan.steps, "cosine_after": plan.cosine_after, "deadline": deadline},
-                   # lets jobs/evaluate.py log to this run when given the checkpoint as a plain path
-                   "mlflow_run_id": getattr(tracker, "run_id", None)},
-        )
-        return tmp
-
-    def report(metrics_now: dict[str, float], with_checkpoint: bool) -> None:
-        tmp = checkpoint_dir(metrics_now) if with_checkpoint else None
-        try:
-            session.report(metrics_now, Path(tmp.name) if tmp else None)
-        finally:
-            if tmp:
-                tmp.cleanup()
-
-    model.train()
-    while step < plan.steps:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            continue
-        counters["skipped_samples"] += float(getattr(batch, "skipped", 0))
-        if batch.mask_source != mask_source:  # a loader of the wrong masks would train the upper bound silently
-            raise RuntimeError(f"the training batches carry {batch.mask_source} masks, the run uses {mask_source}")
-        batch = batch.to(device)
-        norm_stats = snapshot_norm_stats(core)  # a skipped step must not leave its batch in BN statistics
-        out = model(batch.images, batch.masks if core.cfg.mask_input else None, shape_grad_2d=cfg.loss.shape_grad_2d,
-                    backbone_grad_2d=cfg.loss.backbone_grad_2d, render=picture_step(cfg.loss, step))
-        total, terms = reconstruction_losses(core, out, batch, cfg.loss, step, frozen_parse_net)
-        finite = torch.isfinite(total).all()
-        if world > 1 and dist.is_initialized():
-            # every rank must agree to skip, or DDP's all-reduce would hang on the others
-            flag = finite.to(torch.float32).reshape(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.item() > 0
-        if bool(finite):
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            # the norm is computed even without clipping: a non-finite gradient must not reach
-            # the weights, or the last good state would be lost with it
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            finite = bool(torch.isfinite(grad_norm))
-        if not finite:
-            nan_streak += 1
-            counters["nan_steps"] += 1
-            opt.zero_grad(set_to_none=True)
-            restore_norm_stats(norm_stats)
-            _logger.warning("rank %d step %d: non-finite loss or gradient (%s), step skipped (%d in a row)",
-                            rank, step, {k: float(v.detach()) for k, v in terms.items()}, nan_streak)
-            if tracker:
-                tracker.log_metrics({"train/nan_steps": counters["nan_steps"]}, step)
-            if nan_streak >= cfg.train.max_nan_steps:
-                stop = {"step": float(step), "train/nan_steps": counters["nan_steps"], **last_val,
-                        VAL_METRIC: last_val.get(VAL_METRIC, math.inf)}
-                report(stop, with_checkpoint=True)
-                raise NonFiniteLossError(
-                    f"{nan_streak} non-finite losses in a row at step {step} (train.max_nan_steps="
-                    f"{cfg.train.max_nan_steps}); the last good state is checkpointed at step {step}"
-                )
-            continue
-        nan_streak = 0
-        row_rates.step(opt)
-        sched.step()
-        step += 1
-        if average:
-            average.update(core, step)
-        if on_step:
-            on_step(step)
-        samples_since += batch.images.shape[0]
-        for k, v in terms.items():
-            acc = window.setdefault(k, [0.0, 0])
-            acc[0] += float(v.detach())
-            acc[1] += 1
-
-        if budget is not None and step % cfg.train.log_every == 0:
-            _refit(budget, step, rank, world, device)
-        if step % cfg.train.log_every == 0 or step == plan.steps:
-            now = time.perf_counter()
-            local_rate = samples_since / max(now - t_last, 1e-9)
-            rate = _all_reduce_sum(local_rate, world, device)
-            t_last, samples_since = now, 0
-            metrics = {f"train/loss_{k}" if k != "total" else "train/loss": v / n for k, (v, n) in window.items()}
-            metrics.update({"train/lr": sched.get_last_lr()[0], "train/triplets_per_s": rate,
-                            "train/skipped_samples": _all_reduce_sum(counters["skipped_samples"], world, device),
-                            "train/nan_steps": counters["nan_steps"]})
-            metrics["train/grad_norm"] = float(grad_norm)
-            if budget is not None:
-                metrics["train/steps_planned"] = float(plan.steps)
-            window = {}
-            if tracker:
-                tracker.log_metrics(metrics, step)
-            eta = (plan.steps - step) * batch.images.shape[0] * world / max(rate, 1e-9)
-            _logger.info("step %d/%d loss %.4f %.1f triplets/s ETA %dm%02ds", step, plan.steps,
-                         metrics.get("train/loss", float("nan")), rate, eta // 60, eta % 60)
-
-        is_val = step % cfg.train.val_every == 0 or step == plan.steps
-        is_ckpt = is_val or step % cfg.train.ckpt_every == 0
-        if is_val:
-            scored = average.model if average else core
-            val_metrics, view = (validate(scored, val_iter(), cfg, frozen_parse_net, max_samples=cfg.train.val_samples,
-                                          step=step, other_masks=False) if rank == 0 else ({}, None))
-            last_val = _broadcast(val_metrics, world)
-            # the worst validation of the run so far, carried in every report (the job's summary
-            # shows it: a model that trained without non-finite steps must never predict one)
-            counters["val_nonfinite_max"] = max(counters.get("val_nonfinite_max", 0.0),
-                                                last_val.get("val/loss_nonfinite_predictions", 0.0))
-            last_val["val/nonfinite_max"] = counters["val_nonfinite_max"]
-            if tracker:
-                tracker.log_metrics(last_val, step)
-                if view is not None and cfg.tracking.log_images:
-                    tracker.log_validation_images(view, step)
-            best_val = min(best_val, last_val.get(VAL_METRIC, math.inf))
-        if is_ckpt:
-            # every checkpoint carries the latest validation metric: Ray keeps the best k by it
-            report({"step": float(step), **{k: v for k, v in metrics.items()}, **last_val,
-                    VAL_METRIC: last_val.get(VAL_METRIC, math.inf)}, with_checkpoint=True)
-    return {"step": float(step), **metrics, **last_val}
+def _finite_on_every_rank(total: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on this rank and, under DDP, on every other one."""
+    finite = torch.isfinite(total).all()
+    if world > 1 and dist.is_initialized():
+        # every rank must agree to skip, or DDP's all-reduce would hang on the others
+        flag = finite.to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() > 0
+    return bool(finite)
 
 
 def _refit(budget: StepBudget, step: int, rank: int, world: int, device: torch.device) -> None:
