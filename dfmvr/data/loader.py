@@ -43,7 +43,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -117,31 +117,35 @@ class SplitByRank:
 
 
 @dataclass(kw_only=True, slots=True)
-class ShardShuffle:
-    """Shuffle this worker's shard list, differently each epoch (same on every call of an epoch)."""
+class EpochSeeded:
+    """What a seeded stage holds: the base seed, this rank and the epoch (set by the parent);
+    :meth:`epoch_seed` mixes them with the DataLoader worker and the stage's own stream number."""
 
     seed: int
     rank: int
     state: EpochState
 
+    def epoch_seed(self, stream: int) -> int:
+        worker, _ = worker_info()
+        return mix_seed(self.seed, self.rank, worker, self.state.epoch, stream)
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardShuffle(EpochSeeded):
+    """Shuffle this worker's shard list, differently each epoch (same on every call of an epoch)."""
+
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         shards = list(src)
-        worker, _ = worker_info()
-        random.Random(mix_seed(self.seed, self.rank, worker, self.state.epoch, 1)).shuffle(shards)
+        random.Random(self.epoch_seed(1)).shuffle(shards)
         yield from shards
 
 
 @dataclass(kw_only=True, slots=True)
-class WorkerSeed:
+class WorkerSeed(EpochSeeded):
     """Seed for ``webdataset.ResampledShards``: distinct per rank, worker and epoch."""
 
-    seed: int
-    rank: int
-    state: EpochState
-
     def __call__(self) -> int:
-        worker, _ = worker_info()
-        return mix_seed(self.seed, self.rank, worker, self.state.epoch, 2)
+        return self.epoch_seed(2)
 
 
 class ShardReadError(RuntimeError):
@@ -222,20 +226,16 @@ class SubjectFilter:
 
 
 @dataclass(kw_only=True, slots=True)
-class SampleShuffle:
+class SampleShuffle(EpochSeeded):
     """Shuffle buffer over encoded samples, seeded per rank, worker and epoch."""
 
     bufsize: int
-    seed: int
-    rank: int
-    state: EpochState
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         if self.bufsize <= 1:
             yield from src
             return
-        worker, _ = worker_info()
-        rng = random.Random(mix_seed(self.seed, self.rank, worker, self.state.epoch, 3))
+        rng = random.Random(self.epoch_seed(3))
         # start yielding once a quarter of the buffer is full: shorter wait for the first batch
         yield from webdataset.shuffle(self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)(src)
 
@@ -259,7 +259,7 @@ def decode_or_skip(src: Iterator[dict], decode, rng: np.random.Generator, tally:
 
 
 @dataclass(kw_only=True, slots=True)
-class TripletDecoder:
+class TripletDecoder(EpochSeeded):
     """Pipeline stage: decode, check and transform samples; drop and count the bad ones.
 
     Public so that benchmarks can run exactly the loader's per-sample work without storage.
@@ -270,9 +270,6 @@ class TripletDecoder:
     color_jitter: float
     weight_map: str
     with_gt: bool
-    seed: int
-    rank: int
-    state: EpochState
     tally: Tally
     parsed_masks: bool = False
     """The pipeline's masks are the parse net's, from the mask cache's entries joined to each sample
@@ -281,9 +278,7 @@ class TripletDecoder:
     """With ``parsed_masks``: keep the sample's own masks too (``given_masks``)."""
 
     def __call__(self, src: Iterator[dict]) -> Iterator[TripletItem]:
-        worker, _ = worker_info()
-        rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
-        yield from decode_or_skip(src, self.decode, rng, self.tally)
+        yield from decode_or_skip(src, self.decode, np.random.default_rng(self.epoch_seed(4)), self.tally)
 
     def decode(self, raw: dict, rng: np.random.Generator) -> TripletItem:
         """One webdataset sample -> :class:`TripletItem`; raises ValueError naming what is wrong
@@ -378,6 +373,7 @@ class Batcher(BatchStage):
                        keep_given=self.keep_given)
 
 
+@dataclass(eq=False)
 class ShardLoader:
     """An iterable of :class:`~dfmvr.data.batch.Batch` over one split; see :func:`make_loader`.
 
@@ -388,30 +384,19 @@ class ShardLoader:
         manifest: the manifest the loader reads.
     """
 
-    def __init__(
-        self,
-        pipeline: webdataset.DataPipeline,
-        *,
-        manifest: Manifest,
-        split: str,
-        state: EpochState,
-        num_workers: int,
-        batches_per_epoch: int | None,
-        pin_memory: bool,
-        prefetch_factor: int,
-        multiprocessing_context: str | None = None,
-    ) -> None:
-        self.pipeline = pipeline
-        self.manifest = manifest
-        self.split = split
-        self.num_workers = num_workers
-        self.batches_per_epoch = batches_per_epoch
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.skipped = 0
-        self.epoch = 0
-        self._state = state
+    pipeline: webdataset.DataPipeline
+    _: KW_ONLY
+    manifest: Manifest
+    split: str
+    state: EpochState
+    """The pipeline's stages read the epoch from it; ``iter()`` sets it."""
+    num_workers: int
+    batches_per_epoch: int | None
+    pin_memory: bool
+    prefetch_factor: int
+    multiprocessing_context: str | None = None
+    skipped: int = field(default=0, init=False)
+    epoch: int = field(default=0, init=False)
 
     def __len__(self) -> int:
         """Batches per epoch (resampled mode only; a plain pass has no fixed length)."""
@@ -420,7 +405,7 @@ class ShardLoader:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        self._state.epoch = self.epoch
+        self.state.epoch = self.epoch
         self.epoch += 1
         loader = torch.utils.data.DataLoader(
             self.pipeline,
@@ -472,6 +457,16 @@ def shard_stages(urls: list[str], *, resampled: bool, epoch_samples: int, seed: 
     return stages
 
 
+def stage_rank(rank: int | None, world_size: int | None) -> int:
+    """This process's rank, to seed its stages by: ``rank``, or webdataset's (``RANK``) when None;
+    ``rank`` and ``world_size`` are checked to come together and agree (ValueError naming them)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"rank and world_size: give both or neither, got rank={rank}, world_size={world_size}")
+    if world_size is not None and not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    return rank if rank is not None else webdataset.utils.pytorch_worker_info()[0]
+
+
 def epoch_pipeline(stages: list[Any], *, resampled: bool, epoch_samples: int, batch_size: int,
                    num_workers: int) -> tuple[webdataset.DataPipeline, int | None]:
     """``(pipeline, batches per epoch)``: the stages chained, cut after the same number of batches
@@ -481,6 +476,27 @@ def epoch_pipeline(stages: list[Any], *, resampled: bool, epoch_samples: int, ba
         return pipeline, None
     per_worker = batches_per_worker(epoch_samples, batch_size, num_workers)
     return pipeline.with_epoch(per_worker), per_worker * max(1, num_workers)
+
+
+def pipeline_loader(stages: list[Any], *, manifest: Manifest, split: str, state: EpochState, resampled: bool,
+                    epoch_samples: int, batch_size: int, num_workers: int, rank: int | None, world_size: int | None,
+                    pin_memory: bool, prefetch_factor: int, multiprocessing_context: str | None,
+                    kind: str = "loader", sizes: str = "") -> ShardLoader:
+    """The end of every loader (:func:`make_loader`, :func:`dfmvr.data.parsing_shards.make_parsing_loader`):
+    the stages chained (:func:`epoch_pipeline`), one log line saying what the ``kind`` of loader reads
+    (``sizes``: a note after its sample count), and the :class:`ShardLoader` over them."""
+    pipeline, batches_per_epoch = epoch_pipeline(stages, resampled=resampled, epoch_samples=epoch_samples,
+                                                 batch_size=batch_size, num_workers=num_workers)
+    _logger.info(
+        "%s %s split %r: %d shards, %d samples%s, %s, batch %d, %d workers%s",
+        kind, manifest.url, split, len(manifest.shard_urls(split)), manifest.split(split).count, sizes,
+        f"resampled {batches_per_epoch} batches/epoch" if resampled else "one pass",
+        batch_size, num_workers,
+        f", rank {rank}/{world_size}" if rank is not None else "",
+    )
+    return ShardLoader(pipeline, manifest=manifest, split=split, state=state, num_workers=num_workers,
+                       batches_per_epoch=batches_per_epoch, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                       multiprocessing_context=multiprocessing_context)
 
 
 def make_loader(
@@ -550,13 +566,9 @@ def make_loader(
     epoch_samples = data_cfg.epoch_samples if epoch_samples is None else epoch_samples
     batch_size = data_cfg.batch_size if batch_size is None else batch_size
     num_workers = data_cfg.num_workers if num_workers is None else num_workers
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"rank and world_size: give both or neither, got rank={rank}, world_size={world_size}")
-    if world_size is not None and not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    seed_rank = stage_rank(rank, world_size)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size >= 1 and num_workers >= 0 expected, got {batch_size}, {num_workers}")
-    seed_rank = rank if rank is not None else webdataset.utils.pytorch_worker_info()[0]
 
     state = EpochState()
     tally = Tally()
@@ -595,26 +607,10 @@ def make_loader(
     stages.append(Batcher(batch_size=batch_size, with_gt=with_gt, tally=tally,
                           mask_source=mask_cache.source if mask_cache is not None else "given",
                           keep_given=mask_cache is not None and keep_given_masks))
-    pipeline, batches_per_epoch = epoch_pipeline(stages, resampled=resampled, epoch_samples=epoch_samples,
-                                                 batch_size=batch_size, num_workers=num_workers)
-    _logger.info(
-        "loader %s split %r: %d shards, %d samples, %s, batch %d, %d workers%s",
-        manifest.url, split, len(urls), manifest.split(split).count,
-        f"resampled {batches_per_epoch} batches/epoch" if resampled else "one pass",
-        batch_size, num_workers,
-        f", rank {rank}/{world_size}" if rank is not None else "",
-    )
-    return ShardLoader(
-        pipeline,
-        manifest=manifest,
-        split=split,
-        state=state,
-        num_workers=num_workers,
-        batches_per_epoch=batches_per_epoch,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        multiprocessing_context=multiprocessing_context,
-    )
+    return pipeline_loader(stages, manifest=manifest, split=split, state=state, resampled=resampled,
+                           epoch_samples=epoch_samples, batch_size=batch_size, num_workers=num_workers, rank=rank,
+                           world_size=world_size, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                           multiprocessing_context=multiprocessing_context)
 
 
 __all__ = ["BatchStage", "Batcher", "EpochState", "ShardLoader", "SkipReport", "SubjectFilter", "Tally", "TripletDecoder",

@@ -40,23 +40,22 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset
 
 # the capture loader's stages and the shards' entry codecs: the same shard selection, loss
 # counting and shuffling, and image entries encoded, size-checked from their header before
 # decoding, and decoded exactly as in the capture shards
 from dfmvr.data.loader import (
     BatchStage,
+    EpochSeeded,
     EpochState,
     SampleShuffle,
     ShardLoader,
     Tally,
     TarSamples,
     decode_or_skip,
-    epoch_pipeline,
-    mix_seed,
+    pipeline_loader,
     shard_stages,
-    worker_info,
+    stage_rank,
 )
 from dfmvr.data.shards import (
     IMAGE_FORMATS,
@@ -335,7 +334,7 @@ class ParsingBatch:
 
 
 @dataclass(kw_only=True, slots=True)
-class ParsingDecoder:
+class ParsingDecoder(EpochSeeded):
     """Pipeline stage: decode, check, resize (and colour-jitter) samples; drop and count the bad ones."""
 
     shard_size: int
@@ -350,9 +349,8 @@ class ParsingDecoder:
     state: EpochState = field(default_factory=EpochState)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[ParsingItem]:
-        worker, _ = worker_info()
-        rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, self.state.epoch, 4))
-        yield from decode_or_skip(src, self.decode, rng, self.tally, noun="parsing sample")
+        yield from decode_or_skip(src, self.decode, np.random.default_rng(self.epoch_seed(4)), self.tally,
+                                  noun="parsing sample")
 
     def decode(self, raw: dict, rng: np.random.Generator) -> ParsingItem:
         """One webdataset sample -> :class:`ParsingItem`; raises ValueError naming what is wrong."""
@@ -446,13 +444,9 @@ def make_parsing_loader(
     if image_size < 1 or batch_size < 1 or num_workers < 0:
         raise ValueError(f"image_size >= 1, batch_size >= 1 and num_workers >= 0 expected, got {image_size}, "
                          f"{batch_size}, {num_workers}")
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"rank and world_size: give both or neither, got rank={rank}, world_size={world_size}")
-    if world_size is not None and not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    seed_rank = stage_rank(rank, world_size)
     if color_jitter < 0:
         raise ValueError(f"color_jitter: expected >= 0, got {color_jitter}")
-    seed_rank = rank if rank is not None else webdataset.utils.pytorch_worker_info()[0]
     epoch_samples = manifest.split(split).count if epoch_samples is None else epoch_samples
 
     state = EpochState()
@@ -467,23 +461,11 @@ def make_parsing_loader(
     stages.append(ParsingDecoder(shard_size=manifest.image_size, image_size=image_size, tally=tally,
                                  color_jitter=color_jitter, seed=seed, rank=seed_rank, state=state))
     stages.append(ParsingBatcher(batch_size=batch_size, tally=tally))
-    pipeline, batches_per_epoch = epoch_pipeline(stages, resampled=resampled, epoch_samples=epoch_samples,
-                                                 batch_size=batch_size, num_workers=num_workers)
-    _logger.info("parsing loader %s split %r: %d shards, %d samples at %d px -> %d px, %s, batch %d, %d workers%s",
-                 manifest.url, split, len(urls), manifest.split(split).count, manifest.image_size, image_size,
-                 f"resampled {batches_per_epoch} batches/epoch" if resampled else "one pass",
-                 batch_size, num_workers, f", rank {rank}/{world_size}" if rank is not None else "")
-    return ShardLoader(
-        pipeline,
-        manifest=manifest,
-        split=split,
-        state=state,
-        num_workers=num_workers,
-        batches_per_epoch=batches_per_epoch,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        multiprocessing_context=multiprocessing_context,
-    )
+    return pipeline_loader(stages, manifest=manifest, split=split, state=state, resampled=resampled,
+                           epoch_samples=epoch_samples, batch_size=batch_size, num_workers=num_workers, rank=rank,
+                           world_size=world_size, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                           multiprocessing_context=multiprocessing_context, kind="parsing loader",
+                           sizes=f" at {manifest.image_size} px -> {image_size} px")
 
 
 __all__ = [
