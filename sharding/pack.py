@@ -38,16 +38,18 @@ from typing import Iterator, Literal
 
 
 from dfmvr.config import FaceModelConfig
-from dfmvr.data.shards import Sample, ShardInfo, ShardWriter, write_manifest
+from dfmvr.data.shards import Sample, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.align import AlignmentTemplate
 from sharding.progress import (
+    PackedSummary,
     RootBusyError,
+    SplitWriters,
     add_run_options,
     load_progress,
     log_to_stderr,
-    next_index,
     ordered_map,
+    progress_bar,
     report,
     root_lock,
     save_progress,
@@ -143,32 +145,16 @@ class PackConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class PackSummary:
-    """What a pack run did."""
+class PackSummary(PackedSummary):
+    """What a pack run did: captures (``skipped``: ``(folder, reason)``)."""
 
-    packed: int
-    """Captures written."""
-    per_split: dict[str, int]
-    """Captures per split."""
-    skipped: list[tuple[str, str]]
-    """``(folder, reason)`` of every refused capture."""
+    unit = "captures"
+
     without_masks: int
     """Captures packed with no masks."""
-    manifest: str | None
-    """URL of the written manifest (None when nothing was packed)."""
-    shards: list[str] = field(default_factory=list)
 
-    def lines(self) -> list[str]:
-        """Human-readable summary lines."""
-        out = [f"packed {self.packed} captures: " + ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))]
-        if self.without_masks:
-            out.append(f"{self.without_masks} captures packed without masks: {MASKLESS_HINT}")
-        if self.skipped:
-            out.append(f"skipped {len(self.skipped)} captures:")
-            out.extend(f"  {folder}: {reason}" for folder, reason in self.skipped)
-        if self.manifest:
-            out.append(f"manifest: {self.manifest}")
-        return out
+    def notes(self) -> list[str]:
+        return [f"{self.without_masks} captures packed without masks: {MASKLESS_HINT}"] if self.without_masks else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,51 +231,26 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
         _logger.info("resuming: %d shards (%d captures) of an interrupted run kept; packing the rest",
                      len(recorded), len(done_keys))
         sources = [s for s in sources if _sample_key(s) not in done_keys]
-    writers: dict[str, ShardWriter] = {}
     skipped: list[tuple[str, str]] = []
-    per_split: dict[str, int] = {}
-    for info in recorded:
-        per_split[info.split] = per_split.get(info.split, 0) + info.count
-    infos: list[ShardInfo] = list(recorded)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sources), unit="capture", file=sys.stderr, desc="pack")
-    try:
+    # on an error or Ctrl-C the unfinished shards are discarded, never published half full;
+    # without a manifest the root lists nothing of this run
+    with (progress_bar(progress, total=len(sources), unit="capture", desc="pack") as tick,
+          SplitWriters(cfg, recorded, ShardWriter, without_masks=maskless) as writers):
         for src, sample, notes, error in _iter_loaded(sources, template, cfg):
-            if bar is not None:
-                bar.update(1)
+            tick()
             for note in notes:
                 _logger.warning(note)
             if sample is None:
                 _logger.error("skipping %s: %s", src.folder, error)
                 skipped.append((str(src.folder), str(error)))
                 continue
-            split = src.split or split_of[src.subject]
-            if split not in writers:
-                writers[split] = ShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint,
-                                             start_index=next_index(recorded, split))
-            writer = writers[split]
-            before = len(writer.shards)
             if sample.masks is None:  # counted with the captures of an interrupted run's kept shards
                 maskless.add(sample.key)
                 _logger.info("%s: packed without masks (%s)", src.folder, MASKLESS_HINT)
-            writer.write(sample)
-            if len(writer.shards) > before:  # this write published the writer's full shard: record it
-                published = recorded + [i for w in writers.values() for i in w.shards]
-                save_progress(cfg, published, maskless & {k for i in published for k in i.keys})
-            per_split[split] = per_split.get(split, 0) + 1
-        for writer in writers.values():
-            infos.extend(writer.close())
+            writers.write(src.split or split_of[src.subject], sample)
+        infos = writers.close()
         save_progress(cfg, infos, maskless)
-    finally:
-        if bar is not None:
-            bar.close()
-        # on an error or Ctrl-C the unfinished shards are discarded, never published half full;
-        # without a manifest the root lists nothing of this run
-        for writer in writers.values():
-            writer.abort()
+    per_split = writers.per_split
     manifest = None
     without_masks = len(maskless)
     packed = sum(per_split.values())

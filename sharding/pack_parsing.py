@@ -64,12 +64,11 @@ from dfmvr.data.parsing_shards import (
     ParsingShardWriter,
     write_parsing_manifest,
 )
-from dfmvr.data.shards import ShardInfo
 from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import InputError
-from sharding.progress import (RootBusyError, add_run_options, load_progress, log_to_stderr, next_index, ordered_map,
-                               report, root_lock, save_progress)
+from sharding.progress import (PackedSummary, RootBusyError, SplitWriters, add_run_options, load_progress, log_to_stderr,
+                               ordered_map, progress_bar, report, root_lock, save_progress)
 from sharding.parsing_layouts import (LAPA_FIVE_POINTS, LAYOUT_NAMES, ParsingSource, class_table, discover_parsing,
                                       load_celebamask_hq, load_lapa)
 
@@ -176,38 +175,22 @@ def _iter_loaded(sources: list[ParsingSource], cfg: ParsingPackConfig, template:
 
 
 @dataclass(kw_only=True, slots=True)
-class ParsingPackSummary:
-    """What a run did."""
+class ParsingPackSummary(PackedSummary):
+    """What a run did: samples (``skipped``: ``(file, reason)``)."""
 
     layout: str
-    packed: int
-    """Samples in the shards (those kept from an interrupted run included)."""
-    per_split: dict[str, int]
-    """Samples per split."""
-    skipped: list[tuple[str, str]]
-    """``(file, reason)`` of every refused sample; the reason names the file and what was expected."""
     n_skipped: int
     """``len(skipped)``."""
-    manifest: str | None
-    """URL of the written manifest (None when nothing was packed)."""
-    shards: list[str] = field(default_factory=list)
     resumed: int = 0
     """Samples kept from the shards of an interrupted run of the same command."""
     class_table: dict[str, str] = field(default_factory=dict)
     """Source label -> dfmvr class (:func:`class_table`)."""
 
-    def lines(self) -> list[str]:
-        """Human-readable summary lines."""
-        out = [f"packed {self.packed} {self.layout} samples: "
-               + ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))]
-        if self.resumed:
-            out.append(f"{self.resumed} of them kept from an interrupted run")
-        if self.skipped:
-            out.append(f"skipped {self.n_skipped} samples:")
-            out.extend(f"  {where}: {reason}" for where, reason in self.skipped)
-        if self.manifest:
-            out.append(f"manifest: {self.manifest}")
-        return out
+    def packed_what(self) -> str:
+        return f"{self.layout} samples"
+
+    def notes(self) -> list[str]:
+        return [f"{self.resumed} of them kept from an interrupted run"] if self.resumed else []
 
 
 def pack(cfg: ParsingPackConfig, *, sources: list[ParsingSource] | None = None,
@@ -250,9 +233,6 @@ def _pack(cfg: ParsingPackConfig, sources: list[ParsingSource], *, progress: boo
         _logger.info("resuming: %d shards (%d samples) of an interrupted run kept; packing the rest",
                      len(recorded), len(done))
     skipped: list[tuple[str, str]] = []
-    per_split: dict[str, int] = {}
-    for info in recorded:
-        per_split[info.split] = per_split.get(info.split, 0) + info.count
     todo: list[ParsingSource] = []
     seen: dict[str, str] = {}
     for src in sources:
@@ -263,41 +243,20 @@ def _pack(cfg: ParsingPackConfig, sources: list[ParsingSource], *, progress: boo
         seen[src.key] = src.where
         if src.key not in done:
             todo.append(src)
-    writers: dict[str, ParsingShardWriter] = {}
-    infos: list[ShardInfo] = list(recorded)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="sample", file=sys.stderr, desc=f"pack {cfg.layout}")
-    try:
+    # on an error or Ctrl-C the unfinished shards are discarded, never published half full
+    with (progress_bar(progress, total=len(todo), unit="sample", desc=f"pack {cfg.layout}") as tick,
+          SplitWriters(cfg, recorded, ParsingShardWriter) as writers):
         for src, sample, error in _iter_loaded(todo, cfg, template_points):
-            if bar is not None:
-                bar.update(1)
+            tick()
             if sample is None:
                 _logger.error("skipping %s: %s", src.where, error)
                 skipped.append((src.where, str(error)))
                 continue
-            split = src.split or split_of[src.subject]
-            if split not in writers:
-                writers[split] = ParsingShardWriter(cfg.out, split, max_count=cfg.max_count, endpoint=cfg.endpoint,
-                                                    start_index=next_index(recorded, split))
-            writer = writers[split]
-            before = len(writer.shards)
-            writer.write(sample)
-            if len(writer.shards) > before:  # this write published the writer's full shard: record it
-                save_progress(cfg, recorded + [i for w in writers.values() for i in w.shards], set())
-            per_split[split] = per_split.get(split, 0) + 1
-        for writer in writers.values():
-            infos.extend(writer.close())
+            writers.write(src.split or split_of[src.subject], sample)
+        infos = writers.close()
         if infos:
             save_progress(cfg, infos, set())
-    finally:
-        if bar is not None:
-            bar.close()
-        # on an error or Ctrl-C the unfinished shards are discarded, never published half full
-        for writer in writers.values():
-            writer.abort()
+    per_split = writers.per_split
     packed = sum(per_split.values())
     manifest = None
     table = class_table(cfg.layout)

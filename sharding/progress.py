@@ -3,9 +3,10 @@ root (:func:`root_lock`: a local exclusive create or an S3 conditional put), the
 that makes a packer resumable (:func:`load_progress`, :func:`save_progress` over the one record
 every shard-writing job keeps, :mod:`dfmvr.data.progress`: every published shard with its size
 and sha256, under a fingerprint of the settings; a rerun with the same settings keeps the intact
-ones and packs the rest), shard numbering that continues after them
-(:func:`next_index`), loading captures on worker processes in input order
-(:func:`ordered_map`), and a packer's ending (:func:`report`).
+ones and packs the rest), the shard writers of a run, one per split, numbered after them and
+recording each shard as it is published (:class:`SplitWriters`), its progress bar
+(:func:`progress_bar`), loading captures on worker processes in input order
+(:func:`ordered_map`), and a packer's ending (:class:`PackedSummary`, :func:`report`).
 
 ``cfg`` is any packer's config with ``out``, ``endpoint`` and ``fingerprint()``.
 """
@@ -21,9 +22,9 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ClassVar, Iterator
 
 from dfmvr.data import storage
 from dfmvr.data.progress import PROGRESS_NAME, Recorded, ShardProgress
@@ -98,6 +99,109 @@ def next_index(infos: list[ShardInfo], split: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+class SplitWriters:
+    """The writing half of a packer's run, for a ``with`` block: one ``writer_class`` per split
+    (:class:`~dfmvr.data.shards.ShardWriter` or a writer of another sample kind) under ``cfg.out``,
+    ``cfg.max_count`` samples a shard, numbered after the shards an interrupted run left
+    (``recorded``); every shard a write publishes is recorded at once (:func:`save_progress`, with
+    its keys among ``without_masks``, a set the packer may add to as it goes). Leaving the block
+    discards the unfinished shards: on an error or Ctrl-C nothing is published half full.
+
+    Attributes:
+        per_split: samples per split, the recorded shards' included.
+    """
+
+    def __init__(self, cfg, recorded: list[ShardInfo], writer_class: type,
+                 without_masks: set[str] | None = None) -> None:
+        self.cfg = cfg
+        self.recorded = recorded
+        self.writer_class = writer_class
+        self.without_masks = without_masks if without_masks is not None else set()
+        self.writers: dict[str, object] = {}
+        self.per_split: dict[str, int] = {}
+        for info in recorded:
+            self.per_split[info.split] = self.per_split.get(info.split, 0) + info.count
+
+    def __enter__(self) -> "SplitWriters":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+    def write(self, split: str, sample) -> None:
+        """Write ``sample`` to ``split``'s writer (made on its first sample)."""
+        if split not in self.writers:
+            self.writers[split] = self.writer_class(self.cfg.out, split, max_count=self.cfg.max_count,
+                                                    endpoint=self.cfg.endpoint,
+                                                    start_index=next_index(self.recorded, split))
+        writer = self.writers[split]
+        before = len(writer.shards)
+        writer.write(sample)
+        if len(writer.shards) > before:  # this write published the writer's full shard: record it
+            published = self.recorded + [i for w in self.writers.values() for i in w.shards]
+            save_progress(self.cfg, published, self.without_masks & {k for i in published for k in i.keys})
+        self.per_split[split] = self.per_split.get(split, 0) + 1
+
+    def close(self) -> list[ShardInfo]:
+        """Publish the last shards; every shard of the run, the recorded ones first."""
+        infos = list(self.recorded)
+        for writer in self.writers.values():
+            infos.extend(writer.close())
+        return infos
+
+
+@contextmanager
+def progress_bar(show: bool, *, total: int, unit: str, desc: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr for the block when ``show`` (tqdm); yields ``tick()``: one more done."""
+    if not show:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit=unit, file=sys.stderr, desc=desc) as bar:
+        yield lambda: bar.update(1)
+
+
+@dataclass(kw_only=True, slots=True)
+class PackedSummary:
+    """What a packer's run did: the fields every packer reports, and its summary lines
+    (a packer adds its own fields, :meth:`notes` and :attr:`unit`)."""
+
+    unit: ClassVar[str] = "samples"
+    """What the packer packs, plural (the summary lines' noun)."""
+
+    packed: int
+    """Packed (those kept from an interrupted run included)."""
+    per_split: dict[str, int]
+    """Packed per split."""
+    skipped: list[tuple[str, str]]
+    """``(where, reason)`` of every refused one; the reason names the file and what was expected."""
+    manifest: str | None
+    """URL of the written manifest (None when nothing was packed)."""
+    shards: list[str] = field(default_factory=list)
+
+    def packed_what(self) -> str:
+        """The first line's noun (:attr:`unit`, or more precise)."""
+        return self.unit
+
+    def notes(self) -> list[str]:
+        """Lines of the packer's own, between the count and the skipped ones."""
+        return []
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines."""
+        out = [f"packed {self.packed} {self.packed_what()}: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))]
+        out.extend(self.notes())
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} {self.unit}:")
+            out.extend(f"  {where}: {reason}" for where, reason in self.skipped)
+        if self.manifest:
+            out.append(f"manifest: {self.manifest}")
+        return out
+
+
 def add_run_options(p: argparse.ArgumentParser, *, progress_bar: bool = True) -> None:
     """The options every sharding command line takes: ``--summary-json`` and ``--no-progress``."""
     p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
@@ -140,5 +244,5 @@ def ordered_map(fn, items: list, *, workers: int, initializer, initargs: tuple, 
         yield from zip(items, pool.map(fn, items, chunksize=chunksize))
 
 
-__all__ = ["LOCK_NAME", "add_run_options", "log_to_stderr", "PROGRESS_NAME", "RootBusyError", "load_progress", "next_index", "ordered_map", "report",
+__all__ = ["LOCK_NAME", "add_run_options", "log_to_stderr", "PROGRESS_NAME", "PackedSummary", "RootBusyError", "SplitWriters", "load_progress", "next_index", "ordered_map", "progress_bar", "report",
            "root_lock", "save_progress"]
