@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +36,23 @@ def trial_error_text(trial) -> str:
     return f"trial {trial.trial_id} ended with status {trial.status} and no recorded error"
 
 
+@dataclass(kw_only=True, eq=False)
 class SweepCallback(Callback):
     """Journal results, close child runs. Holds only plain data: Tune pickles it with the sweep."""
 
-    def __init__(self, *, journal: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 train_storage: str, total_steps: int):
-        self.journal_path = journal
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.train_storage = train_storage
-        self.total_steps = total_steps
+    journal: str
+    """The sweep's result journal (:class:`~dfmvr.tune.journal.ResultJournal`)."""
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    """The sweep's MLflow run: the trials' runs are its children."""
+    train_storage: str
+    """Where the trials' checkpoints are (Ray Train storage)."""
+    total_steps: int
 
     def _journal(self) -> dict[str, list[dict[str, Any]]]:
         # read afresh: ASHA appends its stop events to the same file (small: a line per report)
-        return ResultJournal(self.journal_path).read()
+        return ResultJournal(self.journal).read()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "step" not in result:
@@ -59,7 +62,7 @@ class SweepCallback(Callback):
                "metric": float(metric) if metric is not None else None,
                "checkpoint": result.get(CHECKPOINT_PATH_KEY), "time_total_s": result.get("time_total_s"),
                "extra": {k: float(v) for k, v in result.items() if k.startswith("angles/")}}
-        ResultJournal(self.journal_path).append(rec)
+        ResultJournal(self.journal).append(rec)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         # a trial restarted after an interruption may have finished in its first attempt: the
