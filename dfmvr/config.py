@@ -32,6 +32,13 @@ def _check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
 
 
+def check_at_least(name: str, value: float, minimum: float, note: str = "") -> None:
+    """The check every config section repeats: ``ValueError("{name}: expected >= {minimum}{note},
+    got {value}")`` unless ``value >= minimum`` (``note``: a unit or what the bound means, `` px``)."""
+    if value < minimum:
+        raise ValueError(f"{name}: expected >= {minimum}{note}, got {value}")
+
+
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -55,8 +62,7 @@ class FaceModelConfig:
         _check_choice("facemodel.source", self.source, ("procedural", "bfm"))
         if self.source == "bfm" and not self.bfm_path:
             raise ValueError("facemodel.bfm_path: required when facemodel.source is 'bfm', got ''")
-        if self.n_vertices < 200:
-            raise ValueError(f"facemodel.n_vertices: expected >= 200, got {self.n_vertices}")
+        check_at_least("facemodel.n_vertices", self.n_vertices, 200)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,8 +84,7 @@ class RenderConfig:
 
     def __post_init__(self) -> None:
         _check_choice("render.backend", self.backend, ("auto", "torch", "pytorch3d"))
-        if self.image_size < 16:
-            raise ValueError(f"render.image_size: expected >= 16 px, got {self.image_size}")
+        check_at_least("render.image_size", self.image_size, 16, " px")
         _check_positive("render.focal_224", self.focal_224)
         if not 0 < self.znear < self.zfar:
             raise ValueError(f"render.znear/zfar: expected 0 < znear < zfar, got {self.znear}, {self.zfar}")
@@ -131,16 +136,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("synth_subjects", "synth_captures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.max_bad_shards_in_a_row < 1:
-            raise ValueError(f"data.max_bad_shards_in_a_row: expected >= 1, got {self.max_bad_shards_in_a_row}")
-        if self.image_size < 16:
-            raise ValueError(f"data.image_size: expected >= 16 px, got {self.image_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size: expected >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+            check_at_least(f"data.{name}", getattr(self, name), 1)
+        check_at_least("data.max_bad_shards_in_a_row", self.max_bad_shards_in_a_row, 1)
+        check_at_least("data.image_size", self.image_size, 16, " px")
+        check_at_least("data.batch_size", self.batch_size, 1)
+        check_at_least("data.num_workers", self.num_workers, 0)
         _check_positive("data.color_jitter", self.color_jitter, allow_zero=True)
         _check_choice("data.weight_map", self.weight_map, ("paper", "reference"))
 
@@ -246,8 +246,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("photo", "mask", "lm2d", "lm3d", "reg", "gamma", "reflect"):
             _check_positive(f"loss.{name}", getattr(self, name), allow_zero=True)
-        if self.mask_loss_start_step < 0:
-            raise ValueError(f"loss.mask_loss_start_step: expected >= 0, got {self.mask_loss_start_step}")
+        check_at_least("loss.mask_loss_start_step", self.mask_loss_start_step, 0)
         for name in ("shape_grad_2d", "backbone_grad_2d"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"loss.{name}: expected a number in [0, 1], got {getattr(self, name)}")
@@ -283,14 +282,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
         _check_positive("optim.pose_lr_scale", self.pose_lr_scale)
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        check_at_least("optim.warmup_steps", self.warmup_steps, 0)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"optim.ema_decay: expected 0 (off) or a number in (0, 1), got {self.ema_decay}")
         _check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("optim.grad_clip", self.grad_clip, allow_zero=True)
-        if self.cosine_after < 0:
-            raise ValueError(f"optim.cosine_after: expected >= 0, got {self.cosine_after}")
+        check_at_least("optim.cosine_after", self.cosine_after, 0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -368,15 +365,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "val_every", "ckpt_every", "log_every", "val_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"train.num_workers: expected >= 0 (0 = auto), got {self.num_workers}")
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        check_at_least("train.num_workers", self.num_workers, 0, " (0 = auto)")
         _check_choice("train.use_gpu", self.use_gpu, ("auto", "true", "false"))
         _check_choice("train.placement_strategy", self.placement_strategy,
                       ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-        if self.max_nan_steps < 1:
-            raise ValueError(f"train.max_nan_steps: expected >= 1, got {self.max_nan_steps}")
+        check_at_least("train.max_nan_steps", self.max_nan_steps, 1)
         if not (self.time_budget_s >= 0 and math.isfinite(self.time_budget_s)):
             raise ValueError(f"train.time_budget_s: expected seconds >= 0 (0 = no budget), got {self.time_budget_s}")
 
@@ -456,8 +450,7 @@ class ParseNetConfig:
 
     def __post_init__(self) -> None:
         for name in ("width", "steps", "batch_size", "val_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parsenet.{name}: expected >= 1, got {getattr(self, name)}")
+            check_at_least(f"parsenet.{name}", getattr(self, name), 1)
         if not self.arch:
             raise ValueError("parsenet.arch: expected a registered parse-net architecture, got ''")
         if self.class_weights and (len(self.class_weights) != 10
@@ -474,8 +467,7 @@ class ParseNetConfig:
             raise ValueError(f"parsenet.augment: expected a strength in [0, 1], got {self.augment}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"parsenet.min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
-        if self.val_samples < 0:
-            raise ValueError(f"parsenet.val_samples: expected >= 0 (0 = whole split), got {self.val_samples}")
+        check_at_least("parsenet.val_samples", self.val_samples, 0, " (0 = whole split)")
         if self.out.startswith("s3://"):
             raise ValueError(f"parsenet.out: expected a local file path (model.parse_net loads local files), got {self.out!r}")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 
-from dfmvr.config import FaceModelConfig
+from dfmvr.config import FaceModelConfig, check_at_least
 from dfmvr.data.shards import Sample, ShardWriter, write_manifest
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions
 from dfmvr.data.align import AlignmentTemplate
@@ -132,12 +132,10 @@ class PackConfig:
             raise ValueError(f"landmarker: expected 'mesh' or 'ibug68', got {self.landmarker!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {sorted(LAYOUTS)}, got {self.layout!r}")
-        if self.size < 16:
-            raise ValueError(f"size: expected >= 16 px, got {self.size}")
+        check_at_least("size", self.size, 16, " px")
         if len(self.yaw_deg) != 3:
             raise ValueError(f"yaw_deg: expected 3 angles (left, front, right), got {self.yaw_deg!r}")
-        if self.max_count < 1:
-            raise ValueError(f"max_count: expected >= 1, got {self.max_count}")
+        check_at_least("max_count", self.max_count, 1)
         for name in ("scan_units", "lm3d_units"):
             if getattr(self, name) not in DM_PER_UNIT:
                 raise ValueError(f"{name}: expected one of {sorted(DM_PER_UNIT)}, got {getattr(self, name)!r}")

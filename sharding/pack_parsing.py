@@ -57,7 +57,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from dfmvr.config import FaceModelConfig
+from dfmvr.config import FaceModelConfig, check_at_least
 from dfmvr.data.align import AlignmentTemplate
 from dfmvr.data.parsing_shards import (
     ParsingSample,
@@ -112,10 +112,8 @@ class ParsingPackConfig:
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_NAMES:
             raise ValueError(f"layout: expected one of {list(LAYOUT_NAMES)}, got {self.layout!r}")
-        if self.size < 16:
-            raise ValueError(f"size: expected >= 16 px, got {self.size}")
-        if self.limit < 0:
-            raise ValueError(f"limit: expected >= 0 (0: everything), got {self.limit}")
+        check_at_least("size", self.size, 16, " px")
+        check_at_least("limit", self.limit, 0, " (0: everything)")
         if self.image_format not in ("png", "jpg"):
             raise ValueError(f"image_format: expected 'png' or 'jpg', got {self.image_format!r}")
         if self.max_count < 1 or self.workers < 1:

@@ -38,6 +38,8 @@ from typing import BinaryIO, Iterator
 
 import webdataset
 
+from dfmvr.config import check_at_least
+
 _logger = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
@@ -69,16 +71,14 @@ class TransferSettings:
     """Seconds to wait for a response."""
 
     def __post_init__(self) -> None:
-        if self.multipart_threshold < 1:
-            raise ValueError(f"multipart_threshold: expected >= 1 byte, got {self.multipart_threshold}")
+        check_at_least("multipart_threshold", self.multipart_threshold, 1, " byte")
         if self.multipart_chunksize < 5 << 20:
             raise ValueError(f"multipart_chunksize: expected >= 5 MiB (S3 minimum part), got {self.multipart_chunksize}")
         if self.attempts < 1 or self.botocore_max_attempts < 1:
             raise ValueError(
                 f"attempts/botocore_max_attempts: expected >= 1, got {self.attempts}, {self.botocore_max_attempts}"
             )
-        if self.backoff_s < 0:
-            raise ValueError(f"backoff_s: expected >= 0, got {self.backoff_s}")
+        check_at_least("backoff_s", self.backoff_s, 0)
 
 
 def is_s3(url: str) -> bool:

@@ -51,7 +51,7 @@ import cv2
 import numpy as np
 import torch
 
-from dfmvr.config import FaceModelConfig
+from dfmvr.config import FaceModelConfig, check_at_least
 from dfmvr.data import storage
 from dfmvr.data.progress import PROGRESS_NAME, ShardProgress  # noqa: F401  (PROGRESS_NAME: the record's name)
 from dfmvr.data.shards import (VIEWS, Sample, ShardWriter, decode_sample, eval_companion_url, shard_samples,
@@ -122,14 +122,11 @@ class SynthConfig:
     def __post_init__(self) -> None:
         if self.n_subjects < 1 or self.n_captures < 1:
             raise ValueError(f"n_subjects/n_captures: expected >= 1, got {self.n_subjects}, {self.n_captures}")
-        if self.size < 16:
-            raise ValueError(f"size: expected >= 16 px, got {self.size}")
+        check_at_least("size", self.size, 16, " px")
         if len(self.yaw_deg) != 3 or not all(math.isfinite(float(y)) for y in self.yaw_deg):
             raise ValueError(f"yaw_deg: expected 3 finite angles (left, front, right), got {self.yaw_deg!r}")
-        if self.workers < 1:
-            raise ValueError(f"workers: expected >= 1, got {self.workers}")
-        if self.max_count < 1:
-            raise ValueError(f"max_count: expected >= 1, got {self.max_count}")
+        check_at_least("workers", self.workers, 1)
+        check_at_least("max_count", self.max_count, 1)
         if self.image_format not in ("png", "jpg"):
             raise ValueError(f"image_format: expected 'png' or 'jpg', got {self.image_format!r}")
         self.yaw_deg = tuple(float(y) for y in self.yaw_deg)

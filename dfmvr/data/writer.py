@@ -17,6 +17,7 @@ from typing import Any
 
 import webdataset
 
+from dfmvr.config import check_at_least
 from dfmvr.data import storage
 from dfmvr.data.schema import EVAL_ENTRIES, Sample, check_split, encode_sample, eval_companion_url
 
@@ -117,12 +118,9 @@ class ShardWriter:
         split_eval: bool = True,
     ) -> None:
         check_split(split)
-        if max_count < 1:
-            raise ValueError(f"max_count: expected >= 1, got {max_count}")
-        if max_size < 1:
-            raise ValueError(f"max_size: expected >= 1 byte, got {max_size}")
-        if start_index < 0:
-            raise ValueError(f"start_index: expected >= 0, got {start_index}")
+        check_at_least("max_count", max_count, 1)
+        check_at_least("max_size", max_size, 1, " byte")
+        check_at_least("start_index", start_index, 0)
         self.root = root
         self.split = split
         self.max_count = max_count

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import torch
 
+from dfmvr.config import check_at_least
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.shards import VIEWS, read_manifest
 from dfmvr.data.samples import ShardChunk, Skipped, make_decoder, plan_chunks, read_chunk
@@ -87,8 +88,7 @@ class EvalConfig:
     jaw left out as on photos)."""
 
     def __post_init__(self) -> None:
-        if self.fit_steps < 0:
-            raise ValueError(f"fit_steps: expected >= 0, got {self.fit_steps}")
+        check_at_least("fit_steps", self.fit_steps, 0)
         if self.fit_from not in ("network", "mean"):
             raise ValueError(f"fit_from: expected 'network' or 'mean', got {self.fit_from!r}")
         if self.fit_landmarks not in ("given", "mesh"):
@@ -96,11 +96,9 @@ class EvalConfig:
         if not self.out:
             raise ValueError("out: expected an output folder, got ''")
         for name in ("batch_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+            check_at_least(name, getattr(self, name), 1)
         for name in ("ray_threshold", "n_overlays", "max_samples", "icp_iters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+            check_at_least(name, getattr(self, name), 0)
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device: expected 'cpu', 'cuda' or 'auto', got {self.device!r}")
 

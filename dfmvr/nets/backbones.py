@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from dfmvr.config import check_at_least
 from dfmvr.nets.blocks import AttentionGate, DoubleConv, init_weights
 from dfmvr.nets.registry import register_backbone
 
@@ -68,8 +69,7 @@ class MultiViewBackbone(nn.Module):
             raise ValueError(
                 f"backbone: expected in_channels, width, n_views >= 1, got {in_channels}, {width}, {n_views}"
             )
-        if levels < 2:
-            raise ValueError(f"model.levels: expected >= 2, got {levels}")
+        check_at_least("model.levels", levels, 2)
         self.in_channels = in_channels
         self.width = width
         self.levels = levels
