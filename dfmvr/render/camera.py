@@ -21,14 +21,16 @@ class Camera:
         center: principal point (both axes) in pixels at this size.
         distance: camera position on world +z, decimetres.
         znear, zfar: clipping range, as distances from the camera.
+
+    The design's numbers are :meth:`at_size`'s defaults (focal length and principal point at 224 px).
     """
 
-    image_size: int = 224
-    focal: float = 1015.0
-    center: float = 112.0
-    distance: float = 10.0
-    znear: float = 5.0
-    zfar: float = 15.0
+    image_size: int
+    focal: float
+    center: float
+    distance: float
+    znear: float
+    zfar: float
 
     @classmethod
     def at_size(cls, image_size: int, *, focal_224: float = 1015.0, distance: float = 10.0,
