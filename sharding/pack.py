@@ -45,7 +45,9 @@ from sharding.progress import (
     PackedSummary,
     RootBusyError,
     SplitWriters,
+    add_pack_options,
     add_run_options,
+    face_model_from_args,
     load_progress,
     log_to_stderr,
     ordered_map,
@@ -279,22 +281,12 @@ def _pack(cfg: PackConfig, *, progress: bool) -> PackSummary:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharding.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="dataset folder")
-    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
+    add_pack_options(p, max_count=200, workers_help="processes reading and aligning captures",
+                     facemodel_help="face model whose mean face gives the alignment templates")
     p.add_argument("--layout", default="generic", choices=sorted(LAYOUTS))
-    p.add_argument("--size", type=int, default=224, help="output crop side in pixels")
-    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions by subject")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle")
     p.add_argument("--yaw", default="-45,0,45", help="nominal yaw of left,front,right in degrees")
-    p.add_argument("--max-count", type=int, default=200, help="samples per shard")
-    p.add_argument("--image-format", default="png", choices=("png", "jpg"))
     p.add_argument("--scan-units", default="mm", choices=sorted(DM_PER_UNIT), help="unit of scans/meshes in the input")
     p.add_argument("--lm3d-units", default="mm", choices=sorted(DM_PER_UNIT), help="unit of 3D landmarks in the input")
-    p.add_argument("--workers", type=int, default=1, help="processes reading and aligning captures")
-    p.add_argument("--facemodel", default="procedural", choices=("procedural", "bfm"),
-                   help="face model whose mean face gives the alignment templates")
-    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
-    p.add_argument("--n-vertices", type=int, default=4000, help="procedural model size for the templates")
     p.add_argument("--view-dirs", default=None, help="pixelface: e.g. left=0,front=1,right=2")
     p.add_argument("--lm3d-drop", default=None,
                    help=f"pixelface: 0-based indices dropped from the 106 3D landmarks (default {PIXELFACE_LM3D_DROP})")
@@ -330,13 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         options["cameras"] = parse_view_map(args.cameras, "--cameras")
     if args.poses:
         options["poses"] = parse_view_map(args.poses, "--poses")
-    facemodel = FaceModelConfig(source=args.facemodel, bfm_path=args.bfm_path, n_vertices=args.n_vertices)
     cfg = PackConfig(
         input=args.input, out=args.out, layout=args.layout, size=args.size,
         splits=parse_fractions(args.splits), seed=args.seed,
         yaw_deg=tuple(float(v) for v in args.yaw.split(",")), max_count=args.max_count,
         image_format=args.image_format, scan_units=args.scan_units, lm3d_units=args.lm3d_units,
-        workers=args.workers, facemodel=facemodel, layout_options=options,
+        workers=args.workers, facemodel=face_model_from_args(args), layout_options=options,
         landmarks=args.landmarks, accept_ibug_68=args.accept_ibug_68, landmarker=args.landmarker,
         largest_face=args.largest_face,
     )

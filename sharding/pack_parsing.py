@@ -67,7 +67,8 @@ from dfmvr.data.parsing_shards import (
 from dfmvr.data.splits import assign_splits, parse_fractions
 from dfmvr.facemodel.model import PARSE_CLASSES
 from sharding.layouts import InputError
-from sharding.progress import (PackedSummary, RootBusyError, SplitWriters, add_run_options, load_progress, log_to_stderr,
+from sharding.progress import (PackedSummary, RootBusyError, SplitWriters, add_pack_options, add_run_options,
+                               face_model_from_args, load_progress, log_to_stderr,
                                ordered_map, progress_bar, report, root_lock, save_progress)
 from sharding.parsing_layouts import (LAPA_FIVE_POINTS, LAYOUT_NAMES, ParsingSource, class_table, discover_parsing,
                                       load_celebamask_hq, load_lapa)
@@ -290,20 +291,10 @@ def _pack(cfg: ParsingPackConfig, sources: list[ParsingSource], *, progress: boo
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharding.pack_parsing", description=__doc__.split("\n\n")[0])
     p.add_argument("--layout", required=True, help=f"one of {', '.join(LAYOUT_NAMES)}")
-    p.add_argument("--input", required=True, help="dataset folder")
-    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
-    p.add_argument("--size", type=int, default=224, help="output side in pixels")
-    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions by subject")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle")
+    add_pack_options(p, max_count=1000, workers_help="processes reading the samples",
+                     facemodel_help="lapa: face model whose mean face gives the alignment template")
     p.add_argument("--limit", type=int, default=0, help="pack only the first N samples found (0: all)")
-    p.add_argument("--image-format", default="png", help="png (lossless) or jpg")
-    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
-    p.add_argument("--workers", type=int, default=1, help="processes reading the samples")
     p.add_argument("--identities", default="", help="celebamask-hq: CelebA's identity_CelebA.txt (default: in --input)")
-    p.add_argument("--facemodel", default="procedural", help="lapa: face model of the alignment template "
-                   "(procedural or bfm)")
-    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
-    p.add_argument("--n-vertices", type=int, default=4000, help="procedural model size for the template")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     add_run_options(p)
     return p
@@ -322,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             splits=parse_fractions(args.splits), seed=args.seed, limit=args.limit,
             image_format=args.image_format, max_count=args.max_count, workers=args.workers,
             identities=args.identities,
-            facemodel=FaceModelConfig(source=args.facemodel, bfm_path=args.bfm_path, n_vertices=args.n_vertices),
+            facemodel=face_model_from_args(args),
             endpoint=args.endpoint,
         )
         # every argument error surfaces here, before anything is written

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
+from dfmvr.config import FaceModelConfig
 from dfmvr.data import storage
 from dfmvr.data.progress import PROGRESS_NAME, Recorded, ShardProgress
 from dfmvr.data.shards import ShardInfo
@@ -202,6 +203,28 @@ class PackedSummary:
         return out
 
 
+def add_pack_options(p: argparse.ArgumentParser, *, max_count: int, workers_help: str, facemodel_help: str) -> None:
+    """The options both packers take (``sharding.pack``, ``sharding.pack_parsing``): input and shard
+    root, output size, splits and their seed, samples per shard, image format, worker processes,
+    and the face model of the alignment templates (:func:`face_model_from_args`)."""
+    p.add_argument("--input", required=True, help="dataset folder")
+    p.add_argument("--out", required=True, help="shard root: a directory or s3://bucket/prefix")
+    p.add_argument("--size", type=int, default=224, help="output side in pixels")
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,val,test fractions by subject")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject shuffle")
+    p.add_argument("--max-count", type=int, default=max_count, help="samples per shard")
+    p.add_argument("--image-format", default="png", choices=("png", "jpg"), help="png (lossless) or jpg")
+    p.add_argument("--workers", type=int, default=1, help=workers_help)
+    p.add_argument("--facemodel", default="procedural", choices=("procedural", "bfm"), help=facemodel_help)
+    p.add_argument("--bfm-path", default="", help="BFM_model_front.mat when --facemodel bfm")
+    p.add_argument("--n-vertices", type=int, default=4000, help="procedural model size for the templates")
+
+
+def face_model_from_args(args: argparse.Namespace) -> FaceModelConfig:
+    """The face model that :func:`add_pack_options`' options name."""
+    return FaceModelConfig(source=args.facemodel, bfm_path=args.bfm_path, n_vertices=args.n_vertices)
+
+
 def add_run_options(p: argparse.ArgumentParser, *, progress_bar: bool = True) -> None:
     """The options every sharding command line takes: ``--summary-json`` and ``--no-progress``."""
     p.add_argument("--summary-json", default=None, help="write the summary here as JSON")
@@ -244,5 +267,5 @@ def ordered_map(fn, items: list, *, workers: int, initializer, initargs: tuple, 
         yield from zip(items, pool.map(fn, items, chunksize=chunksize))
 
 
-__all__ = ["LOCK_NAME", "add_run_options", "log_to_stderr", "PROGRESS_NAME", "PackedSummary", "RootBusyError", "SplitWriters", "load_progress", "next_index", "ordered_map", "progress_bar", "report",
+__all__ = ["LOCK_NAME", "add_pack_options", "add_run_options", "face_model_from_args", "log_to_stderr", "PROGRESS_NAME", "PackedSummary", "RootBusyError", "SplitWriters", "load_progress", "next_index", "ordered_map", "progress_bar", "report",
            "root_lock", "save_progress"]
