@@ -12,11 +12,16 @@ regressor, the decoder (face model, shading, rasteriser, landmarks), each loss t
 (``reconstruction_losses``), ``backward`` and the optimiser step; the operator table is
 ``key_averages()`` sorted by self time (CPU, or CUDA with ``--device cuda``), so each
 microsecond counts once. On a GPU the same command gives the kernels' table (the device
-script ``benchmarks/gpu_profile.sh`` runs it before and after the changes).
+script ``benchmarks/gpu_check.sh`` runs it).
+
+It also counts the step's arithmetic (``torch.utils.flop_counter``: convolutions and matrix
+products, forward and backward) and times a float32 2048 x 2048 matrix product on the same
+threads: the step's floor at that rate, against today's step.
 
 ``--json`` prints one JSON object as the last line (docs/design.md "Machine-readable results"):
 ``units`` "s" and "%"; ``parts`` (seconds per step and share), ``ops`` (the top rows: name,
-self seconds per step, share, calls per step), ``step_s``.
+self seconds per step, share, calls per step), ``step_s``, ``step_gflop``, ``gemm_gflops``,
+``floor_s_at_gemm_rate``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,22 @@ def build(preset: str, batch: int, device: torch.device, bf16: bool):
     return step
 
 
+def gemm_rate(device: torch.device, n: int = 2048, repeat: int = 10) -> float:
+    """GFLOP/s of a float32 ``n x n`` matrix product on this device and thread count (the best of
+    ``repeat``): what the machine's math library sustains on the friendliest shape."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true")
@@ -106,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     step = build(args.preset, args.batch, device, args.bf16)
     step()  # warm-up: allocations, oneDNN primitives, the rasteriser's buffers
+    # the step's arithmetic against the machine's own float32 matrix-multiply rate: how far from
+    # the floor the step runs (a same-numbers speed-up cannot pass the floor)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    step_gflop = counter.get_total_flops() / 1e9
+    gemm_gflops = gemm_rate(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -133,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             "calls": e.count // n} for e in ops[:args.rows]]
     print(f"{args.preset} step, batch {args.batch}, {args.threads} threads, {device.type}"
           f"{' bf16' if args.bf16 else ''}: {step_s:.3f} s a step ({args.batch / step_s:.2f} triplets/s)")
+    floor_s = step_gflop / gemm_gflops
+    print(f"arithmetic: {step_gflop:.1f} GFLOP a step (convolutions and matrix products, forward and backward); "
+          f"float32 matrix multiply here {gemm_gflops:.0f} GFLOP/s: the step at that rate would take {floor_s:.2f} s, "
+          f"{floor_s / step_s:.0%} of today's")
     print(f"{'part':<12}{'s / step':>10}{'share':>8}")
     for name, v in parts.items():
         print(f"{name:<12}{v['s']:>10.3f}{v['pct']:>7.1f}%")
@@ -143,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"benchmark": "profile_step", "units": {"time": "s", "share": "%"}, "preset": args.preset,
                           "batch": args.batch, "threads": args.threads, "device": device.type, "bf16": args.bf16,
                           "step_s": round(step_s, 4), "triplets_per_s": round(args.batch / step_s, 3),
-                          "parts": parts, "ops": top, "torch": torch.__version__, "machine": platform.processor()
+                          "parts": parts, "ops": top, "step_gflop": round(step_gflop, 2),
+                          "gemm_gflops": round(gemm_gflops, 1), "floor_s_at_gemm_rate": round(floor_s, 3), "torch": torch.__version__, "machine": platform.processor()
                           or platform.machine(), "cpus": os.cpu_count()}))
     return 0
 
