@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh            # needs .venv (make setup) carried to the machine
 #
 # 1. Where the paper step's time goes on the GPU: the kernels' table at batch 64 in bf16 (the
-#    paper preset's training precision on CUDA) and at batch 8 (launch-bound), torch.profiler.
+#    paper preset's training precision on CUDA), again with the network channels-last
+#    (train.channels_last), and at batch 8 (launch-bound), torch.profiler.
 # 2. Two Ray Train workers sharing the one GPU (0.5 GPU each): DDP through NCCL, then gloo if
 #    NCCL refuses two ranks on one device; the all-reduce and identical weights checked.
 # 3. A few minutes of both presets' learning and their triplets/s (benchmarks/gpu_presets.py).
@@ -17,12 +18,14 @@ PY=.venv/bin/python
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 timeout 150 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 \
     > "$OUT/profile_b64_bf16.txt" 2>&1
+timeout 150 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 --channels-last \
+    > "$OUT/profile_b64_bf16_channels_last.txt" 2>&1
 timeout 90 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 8 --steps 5 --rows 25 \
     > "$OUT/profile_b8_bf16.txt" 2>&1
 timeout 120 $PY benchmarks/two_workers.py --json --preset tiny --steps 20 --batch 16 --backend nccl \
     > "$OUT/two_workers_nccl.txt" 2>&1 || \
 timeout 120 $PY benchmarks/two_workers.py --json --preset tiny --steps 20 --batch 16 --backend gloo \
     > "$OUT/two_workers_gloo.txt" 2>&1
-timeout 330 $PY benchmarks/gpu_presets.py --json --presets tiny,paper --seconds 60,120 \
+timeout 240 $PY benchmarks/gpu_presets.py --json --presets tiny,paper --seconds 45,75 \
     > "$OUT/gpu_presets.txt" 2>&1
 tail -n 1 "$OUT"/*.txt

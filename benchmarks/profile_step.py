@@ -3,7 +3,7 @@
 term of ``reconstruction_losses`` and the Adam update), by part of the step and by operator.
 
     .venv/bin/python benchmarks/profile_step.py [--json] [--preset paper] [--batch 2] [--threads 2]
-        [--steps 2] [--device cpu|cuda] [--bf16] [--rows 15]
+        [--steps 2] [--device cpu|cuda] [--bf16] [--channels-last] [--rows 15]
 
 The step is the one ``benchmarks/train_step.py`` times (random tensors with a real batch's
 shapes, the untrained model rendering the mean face at the nominal yaws); one warm-up step,
@@ -49,11 +49,13 @@ from dfmvr.train.objective import reconstruction_losses  # noqa: E402
 PARTS = ("backbone", "regressor", "decode", "losses", "backward", "optimizer")
 
 
-def build(preset: str, batch: int, device: torch.device, bf16: bool):
+def build(preset: str, batch: int, device: torch.device, bf16: bool, channels_last: bool = False):
     cfg = apply_overrides(get_preset(preset), {"render.backend": "torch"})
     face_model = build_face_model(cfg.facemodel)
     torch.manual_seed(0)
     model = build_model(cfg, device=device, face_model=face_model).train()
+    if channels_last:  # train.channels_last
+        model = model.to(memory_format=torch.channels_last)
     model.amp_dtype = torch.bfloat16 if bf16 else None
     data = random_batch(cfg, face_model, batch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
@@ -122,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the network part")
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--channels-last", action="store_true", help="the network in channels-last (train.channels_last)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    step = build(args.preset, args.batch, device, args.bf16)
+    step = build(args.preset, args.batch, device, args.bf16, args.channels_last)
     step()  # warm-up: allocations, oneDNN primitives, the rasteriser's buffers
     # the step's arithmetic against the machine's own float32 matrix-multiply rate: how far from
     # the floor the step runs (a same-numbers speed-up cannot pass the floor)
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"benchmark": "profile_step", "units": {"time": "s", "share": "%"}, "preset": args.preset,
                           "batch": args.batch, "threads": args.threads, "device": device.type, "bf16": args.bf16,
+                          "channels_last": args.channels_last,
                           "step_s": round(step_s, 4), "triplets_per_s": round(args.batch / step_s, 3),
                           "parts": parts, "ops": top, "step_gflop": round(step_gflop, 2),
                           "gemm_gflops": round(gemm_gflops, 1), "floor_s_at_gemm_rate": round(floor_s, 3), "torch": torch.__version__, "machine": platform.processor()

@@ -330,6 +330,12 @@ class TrainConfig:
     cpu_amp: bool = False
     """bf16 autocast of the network part on CPU workers whose CPU has native bf16 (oneDNN's
     AVX512-BF16/AMX path); float32 on other CPUs. The face model, renderer and losses stay float32."""
+    channels_last: bool = False
+    """Keep the network's weights and activations channels-last (NHWC). The same step in another
+    memory layout (losses and gradients equal to float rounding, ``tests/unit/test_model.py``):
+    1.08x the paper step on the 2-core Xeon, 0.97x on an EPYC (docs/benchmarks.md, "Where the paper
+    step's time goes"); on GPUs the layout cuDNN's tensor-core convolutions prefer
+    (``benchmarks/gpu_check.sh`` measures both)."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm under DDP."""
     max_failures: int = 2

@@ -336,6 +336,8 @@ class _Trainer:
         face_model = build_face_model(cfg.facemodel)
         core = build_model(cfg, device=device, face_model=face_model)
         core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
+        if cfg.train.channels_last:
+            core = core.to(memory_format=torch.channels_last)  # before DDP: its buckets follow the layout
         model = prepare_model(core) if prepare_model else core
         core = unwrap(model)
         plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
