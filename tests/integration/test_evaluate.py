@@ -197,17 +197,20 @@ def test_evaluate_job_on_ray_matches_in_process_and_logs_to_the_run(trained, tmp
 
 
 def _raw_samples(shards: Path, split: str) -> list[dict]:
-    """The encoded samples (webdataset dicts of bytes) of a split, in manifest order."""
+    """The encoded samples (webdataset dicts of bytes) of a split, in manifest order, with their
+    evaluation companions' entries (the meshes)."""
     import tarfile
 
     from dfmvr.data.shards import read_manifest
 
     samples: dict[str, dict] = {}
-    for url in read_manifest(str(shards)).shard_urls(split):
-        with tarfile.open(url) as tar:
-            for member in tar.getmembers():
-                key, entry = member.name.split(".", 1)
-                samples.setdefault(key, {"__key__": key})[entry] = tar.extractfile(member).read()
+    for shard in read_manifest(str(shards)).split(split).shards:
+        assert shard.eval_url, f"{shard.url}: the synthetic shards keep their meshes in an evaluation companion"
+        for url in (shard.url, shard.eval_url):
+            with tarfile.open(url) as tar:
+                for member in tar.getmembers():
+                    key, entry = member.name.split(".", 1)
+                    samples.setdefault(key, {"__key__": key})[entry] = tar.extractfile(member).read()
     return list(samples.values())
 
 
@@ -267,6 +270,7 @@ def test_bad_samples_are_skipped_named_and_listed(trained, tmp_path):
     noleft = _renamed(good, "noleft")
     del noleft["left.png"]
     root = tmp_path / "bad"
+    # written as one tar with the meshes inside (the layout before evaluation companions): still read
     _write_shard(root, "test", [nofaces, good, nanverts, outside, noleft], 64)
 
     from dfmvr.evaluate.run import EvalConfig, evaluate
