@@ -426,16 +426,19 @@ def test_ray_job_submit_runs_the_training_job(synth_root, tmp_path):
 
 
 def _stop_processes_mentioning(marker: str) -> None:
-    """Stop our own Ray head (every process whose command line names our temp dir); ``ray stop``
-    would stop every Ray process on the machine."""
+    """Stop our own Ray head (every process whose command line or environment names our temp dir:
+    Ray's workers retitle themselves, ``ray::TrainController``, but keep the head's ``RAY_TMPDIR``;
+    one left behind outlived the suite with 1 GB); ``ray stop`` would stop every Ray process on the
+    machine."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
+                named = b" ".join((proc / part).read_bytes().replace(b"\0", b" ") for part in ("cmdline", "environ"))
             except OSError:
                 continue
+            if marker.encode() in named:
+                pids.append(int(proc.name))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
