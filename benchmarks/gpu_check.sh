@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device check for a lent GPU (about 15 minutes in all, tries included): one prepared script,
+# The device check for a lent GPU (at most 11.5 minutes of commands, each with its own limit, so
+# that the machine's start fits in a session's 15 minutes of device time): one prepared script,
 # run from the repository root on the device machine, its JSON lines under $OUT (or ./work/gpu).
 #
 #   bash benchmarks/gpu_check.sh            # needs .venv (make setup) carried to the machine
@@ -16,16 +17,16 @@ OUT="${OUT:-work/gpu}"
 mkdir -p "$OUT"
 PY=.venv/bin/python
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 150 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 \
+timeout 120 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 \
     > "$OUT/profile_b64_bf16.txt" 2>&1
-timeout 150 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 --channels-last \
+timeout 120 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 64 --steps 3 --rows 25 --channels-last \
     > "$OUT/profile_b64_bf16_channels_last.txt" 2>&1
-timeout 90 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 8 --steps 5 --rows 25 \
+timeout 60 $PY benchmarks/profile_step.py --json --device cuda --bf16 --batch 8 --steps 5 --rows 25 \
     > "$OUT/profile_b8_bf16.txt" 2>&1
 timeout 120 $PY benchmarks/two_workers.py --json --preset tiny --steps 20 --batch 16 --backend nccl \
     > "$OUT/two_workers_nccl.txt" 2>&1 || \
-timeout 120 $PY benchmarks/two_workers.py --json --preset tiny --steps 20 --batch 16 --backend gloo \
+timeout 90 $PY benchmarks/two_workers.py --json --preset tiny --steps 20 --batch 16 --backend gloo \
     > "$OUT/two_workers_gloo.txt" 2>&1
-timeout 240 $PY benchmarks/gpu_presets.py --json --presets tiny,paper --seconds 45,75 \
+timeout 180 $PY benchmarks/gpu_presets.py --json --presets tiny,paper --seconds 30,60 \
     > "$OUT/gpu_presets.txt" 2>&1
 tail -n 1 "$OUT"/*.txt
