@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.model import DFMVR, build_model  # noqa: E402
 from dfmvr.train.parsing import N_PARSE_CLASSES  # noqa: E402
@@ -88,8 +89,7 @@ def main() -> None:
         results = {"eager_ms": 1000 * eager, "compiled_ms": 1000 * compiled, "eager_again_ms": 1000 * again,
                    "compile_s": first, "speedup": eager / compiled}
         print(json.dumps({"benchmark": "compile_encode", "results": results, "settings": vars(args),
-                          "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                      "python": platform.python_version(), "loadavg": os.getloadavg()}}))
+                          "machine": machine_record()}))
 
 
 if __name__ == "__main__":

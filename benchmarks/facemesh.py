@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.data.align import corner_points  # noqa: E402
 from dfmvr.facemesh import FaceMesh, part_masks, points68  # noqa: E402
@@ -277,10 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{res['mesh_masks']['miou']:.3f} parse net {res['parse_net_masks']['miou']:.3f}{pipe_txt}")
         print(f"{size:3d} px ms per face: {ms[str(size)]}")
     if args.json:
-        machine = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                   "processor": platform.processor() or platform.machine(), "loadavg": os.getloadavg()}
         print(json.dumps({"benchmark": "facemesh", "args": vars(args), "results": results, "ms": ms,
-                          "machine": machine}))
+                          "machine": machine_record()}))
     return 0
 
 

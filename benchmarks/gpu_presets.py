@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.data.synth import generate  # noqa: E402
@@ -188,10 +190,9 @@ def main() -> None:
             results[f"{name}_triplets_per_s_batch{key}"] = rate
         if "curve" in r:
             results[f"{name}_val_gain_pct_last"] = r["curve"]["points"][-1]["gain_pct"]
-    machine = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     if args.json:
-        print(json.dumps({"benchmark": "gpu_presets", "results": results, "presets": presets, "machine": machine}))
+        print(json.dumps({"benchmark": "gpu_presets", "results": results, "presets": presets,
+                          "machine": machine_record(device=str(device))}))
 
 
 if __name__ == "__main__":

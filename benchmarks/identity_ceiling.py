@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
@@ -148,9 +149,7 @@ def main() -> None:
                   "final_train_gain_pct": "%", "final_val_rmse_mm": "mm", "triplets_seen": "triplets",
                   "load_s": "s"},
         "history": history,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "loadavg": os.getloadavg()},
+        "machine": machine_record(),
     }
     if args.json:
         print(json.dumps(summary))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 
 def worktree(rev: str, work: Path) -> Path:
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "rounds": args.rounds, "data": data, "overrides": args.overrides,
                                        "baseline_overrides": args.baseline_overrides},
                           "runs": runs,
-                          "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                                      "processor": platform.processor() or platform.machine()}}))
+                          "machine": machine_record()}))
     return 0
 
 

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -59,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from identity_ceiling import ceiling_curve  # noqa: E402
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.nets import read_parsenet_file  # noqa: E402
@@ -266,9 +265,7 @@ def main() -> None:
                          "data": str(args.data), "val_data": str(args.val_data or args.data),
                          "train_triplets": len(train)},
             "curves": curves,
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "loadavg": os.getloadavg()},
+            "machine": machine_record(device=args.device),
         }))
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -27,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.nets import read_parsenet_file  # noqa: E402
@@ -71,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"benchmark": "learning_floor", "results": results,
                           "units": {k: "%" for k in results}, "runs": runs,
-                          "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                                      "python": platform.python_version(),
-                                      "processor": platform.processor() or platform.machine()}}))
+                          "machine": machine_record()}))
     return 0
 
 

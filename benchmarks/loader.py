@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -46,6 +45,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import DataConfig  # noqa: E402
 from dfmvr.data import shards as sh  # noqa: E402
@@ -319,10 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if synth_note:
         settings["synth_note"] = synth_note
-    machine = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-    }
     print(f"data: {data_source} ({len(unique)} unique, {args.samples} triplets, {args.size} px, "
           f"{len(writer.shards)} shards, {results['shard_mib_per_triplet']} MiB/triplet)")
     print(f"{'measurement':<36}{'triplets/s':>12}")
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthetic generation not measured: {synth_note}")
     if args.json:
         print(json.dumps({"benchmark": "loader", "results": results, "units": units, "settings": settings,
-                          "machine": machine}))
+                          "machine": machine_record()}))
     return 0
 
 

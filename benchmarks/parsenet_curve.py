@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides, parse_cli_overrides  # noqa: E402
 from dfmvr.facemodel.model import PARSE_CLASSES  # noqa: E402
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         units = {k: ("s" if k.endswith("_seconds") else "images/s" if k.endswith("_per_s") else "IoU") for k in results}
         print(json.dumps({"benchmark": "parsenet_curve", "results": results, "units": units, "curves": curves,
                           "variants": variants, "steps": args.steps,
-                          "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads,
-                                      "torch": torch.__version__, "python": platform.python_version(),
-                                      "processor": platform.processor() or platform.machine()}}))
+                          "machine": machine_record(torch_threads=args.threads)}))
     return 0
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -29,6 +27,9 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.model import network_masks, uses_parse_net_masks  # noqa: E402
@@ -106,8 +107,7 @@ def main() -> None:
             "benchmark": "precise_bn", "results": results,
             "settings": {"checkpoint": args.checkpoint, "data": args.data, "val": args.val, "batches": args.batches,
                          "batchnorm_layers": len(norms)},
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "torch": torch.__version__},
+            "machine": machine_record(),
         }))
 
 

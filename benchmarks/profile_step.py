@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import machine_record  # noqa: E402
 from train_step import random_batch  # noqa: E402  (benchmarks/train_step.py: the same step)
 from dfmvr.config import apply_overrides  # noqa: E402
 from dfmvr.facemodel import build_face_model  # noqa: E402
@@ -181,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                           "channels_last": args.channels_last,
                           "step_s": round(step_s, 4), "triplets_per_s": round(args.batch / step_s, 3),
                           "parts": parts, "ops": top, "step_gflop": round(step_gflop, 2),
-                          "gemm_gflops": round(gemm_gflops, 1), "floor_s_at_gemm_rate": round(floor_s, 3), "torch": torch.__version__, "machine": platform.processor()
-                          or platform.machine(), "cpus": os.cpu_count()}))
+                          "gemm_gflops": round(gemm_gflops, 1), "floor_s_at_gemm_rate": round(floor_s, 3),
+                          "machine": machine_record(device=device.type)}))
     return 0
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.facemodel.geometry import rigid_transform  # noqa: E402
 from dfmvr.render import Camera, Renderer  # noqa: E402
@@ -183,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "render",
             "results": results,
             "units": units,
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "platform": platform.platform(),
-                        "python": platform.python_version(), "device": str(device),
-                        "load_average": list(os.getloadavg())},
+            "machine": machine_record(device=str(device)),
             "config": {"mesh": mesh_name, "batch": args.batch, "size": args.size, "backends": backends,
                        "repeat": args.repeat, "pytorch3d_repeat": args.pytorch3d_repeat},
         }

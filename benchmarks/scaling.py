@@ -59,7 +59,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -71,6 +70,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 _logger = logging.getLogger("benchmarks.scaling")
 
@@ -354,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     data_url = make_shards(work)
 
     import ray
-    import torch
 
     # Ray's scratch on a short path (unix socket paths are limited to about 107 bytes)
     scratch = Path("/tmp") / f"dfmvr-scaling-{os.getpid()}"
@@ -424,11 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "scaling",
             "results": results,
             "units": units,
-            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-                        "platform": platform.platform(), "python": platform.python_version(),
-                        "backend": "gloo", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-                        "load_average_start": load_start,
-                        "load_average_end": list(os.getloadavg())},
+            "machine": machine_record(ray=ray.__version__, backend="gloo",
+                                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+                                      load_average_start=load_start),
             "config": {"preset": "tiny", "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
                        "submit_steps": args.submit_steps, "shards": data_url,
                        "runs": runs, "submit": submit},

@@ -43,7 +43,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -56,6 +55,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
 
 from dfmvr.config import Config  # noqa: E402
 from dfmvr.data.batch import Batch  # noqa: E402
@@ -505,11 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "train_step",
             "results": results,
             "units": units,
-            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__, "platform": platform.platform(),
-                        "python": platform.python_version(), "device": "cpu",
-                        "loadavg_start": load_start, "loadavg_end": load_end,
-                        "mkldnn": torch.backends.mkldnn.is_available()},
+            "machine": machine_record(load_average_start=load_start, load_average_end=load_end,
+                                      mkldnn=torch.backends.mkldnn.is_available()),
             "config": {"presets": presets, "backbones": backbones, "batches": _ints(args.batches),
                        "paper_batches": _ints(args.paper_batches), "repeat": args.repeat,
                        "tiny_repeat": args.tiny_repeat, "mode": primary, "compare_modes": args.compare_modes},
