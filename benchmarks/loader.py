@@ -2,6 +2,7 @@
 decode-only ceiling, and synthetic generation throughput.
 
     .venv/bin/python benchmarks/loader.py [--json] [--size 224] [--samples 512] [--data auto]
+        [--workers 2] [--no-jpg]
 
 1. Makes the data: ``--data synth`` renders faces with ``dfmvr.data.synth`` (``auto`` uses it when it
    imports and runs, else falls back to ``ellipses``: procedural ellipse "faces" drawn with
@@ -9,7 +10,11 @@ decode-only ceiling, and synthetic generation throughput.
    samples are made and repeated under distinct keys up to ``--samples`` (decode work per
    sample is what matters, not content).
 2. Starts a moto S3 server on 127.0.0.1 (this process, one thread), writes the samples as shards
-   (``--max-count`` per shard) with ``ShardWriter`` and a manifest.
+   (``--max-count`` per shard) with ``ShardWriter`` and a manifest, in three layouts read side by
+   side: today's (``s3``: the meshes in each shard's evaluation companion, which training never
+   fetches), ``inline`` (the layout before companions: the meshes inside the training shards) and
+   ``jpg`` (today's with JPEG views; ``--no-jpg`` leaves it out). ``shard_mib_per_triplet`` is
+   what the training loader reads per triplet.
 3. S3 loader: ``make_loader`` (non-resampled, shuffled, batch ``--batch-size``, ``--workers``
    DataLoader workers) over the whole split, one warm-up epoch, then ``--epochs`` timed epochs.
 4. Decode-only ceiling: the same encoded samples (identical PNG bytes) held in memory, split
