@@ -246,18 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         roots, written = {}, {}
         for name, (image_format, split_eval) in layouts.items():
             roots[name] = f"s3://bench/{name}"
-            for sample in samples:
-                sample.image_format = image_format
             start = time.perf_counter()
             with sh.ShardWriter(roots[name], "train", max_count=args.max_count, split_eval=split_eval) as writer:
                 for sample in samples:
-                    writer.write(sample)
+                    writer.write(dataclasses.replace(sample, image_format=image_format))
             if name == "s3":
                 write_s = time.perf_counter() - start
             sh.write_manifest(roots[name], writer.shards, image_size=args.size)
             written[name] = writer.shards
-        for sample in samples:
-            sample.image_format = "png"
         shard_bytes = {name: sum(info.size for info in infos) for name, infos in written.items()}
         eval_bytes = sum(info.eval_size for info in written["s3"])
 
@@ -274,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         s3_times, ceiling_times = times["s3"]["wall"], times["ceiling"]["wall"]
     finally:
         server.stop()
-    writer.shards = written["s3"]
 
     s3_rate = args.samples / statistics.median(s3_times)
     ceiling_rate = args.samples / statistics.median(ceiling_times)
@@ -320,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "size": args.size, "samples": args.samples, "unique": len(unique), "data": data_source,
         "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs, "max_count": args.max_count,
-        "shards": len(writer.shards), "s3_epoch_s": [round(t, 3) for t in s3_times],
+        "shards": len(written["s3"]), "s3_epoch_s": [round(t, 3) for t in s3_times],
         "ceiling_epoch_s": [round(t, 3) for t in ceiling_times],
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if synth_note:
         settings["synth_note"] = synth_note
     print(f"data: {data_source} ({len(unique)} unique, {args.samples} triplets, {args.size} px, "
-          f"{len(writer.shards)} shards, {results['shard_mib_per_triplet']} MiB/triplet)")
+          f"{len(written['s3'])} shards, {results['shard_mib_per_triplet']} MiB/triplet)")
     print(f"{'measurement':<36}{'triplets/s':>12}")
     print(f"{'S3 loader (full pipeline)':<36}{s3_rate:>12.1f}")
     print(f"{'decode-only ceiling (in memory)':<36}{ceiling_rate:>12.1f}")

@@ -50,7 +50,7 @@ from dfmvr.data.shards import (
     shard_samples,
     write_manifest,
 )
-from dfmvr.nets.parsenet import BiSeNet, load_parsenet
+from dfmvr.nets.parsenet import BiSeNet, load_parsenet, parsenet_digest
 from dfmvr.train.parsing import predict_masks
 from sharding.progress import add_run_options, log_to_stderr
 
@@ -161,10 +161,11 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
     provenance = f"parsenet:{Path(parse_net).name}"
     summary = FillSummary(manifest=None, parse_net=str(parse_net))
     t0 = time.perf_counter()
-    # resumable like every shard-writing job: an output shard recorded from the same input shard
-    # with the same parse net is kept
-    fingerprint = hashlib.sha256(json.dumps([manifest.url, storage.sha256_and_size(parse_net)[0]]).encode()).hexdigest()
-    progress = ShardProgress(out_root, fingerprint[:16], endpoint=endpoint)
+    # resumable like every shard-writing job: an output shard made whole from the same input shard,
+    # by the same weights under the same name (the masks' provenance), is kept
+    weights = parsenet_digest({"meta": model.meta, "state_dict": model.state_dict()})
+    fingerprint = hashlib.sha256(json.dumps([manifest.url, weights, provenance]).encode()).hexdigest()[:16]
+    progress = ShardProgress(out_root, fingerprint, endpoint=endpoint)
     recorded = progress.load()
     infos: list[ShardInfo] = []
     for split, entry in manifest.splits.items():
@@ -172,16 +173,19 @@ def fill_masks(input_root: str, out_root: str, parse_net: str, *, batch_size: in
             done = recorded.get(f"{split}-{index:06d}.tar")
             if done is not None and done.extra.get("source_sha256") == shard.sha256:
                 info = done.info
-                summary.filled += done.extra.get("filled", 0)
-                summary.kept += done.extra.get("kept", 0)
+                summary.filled += done.extra["filled"]
+                summary.kept += done.extra["kept"]
+                summary.skipped += done.extra["skipped"]
                 _logger.info("%s: kept from an earlier run (%d samples)", info.url, info.count)
             else:
-                before = (summary.filled, summary.kept)
+                before = (summary.filled, summary.kept, len(summary.skipped), len(summary.lost))
                 info = _fill_shard(model, manifest, shard, split, out_root, index, provenance, batch_size, endpoint,
                                    summary)
-                if info is not None:
+                # a shard read only in part (an outage, a damaged tar) is published but not recorded:
+                # the next run reads it again
+                if info is not None and len(summary.lost) == before[3]:
                     progress.record(info, source_sha256=shard.sha256, filled=summary.filled - before[0],
-                                    kept=summary.kept - before[1])
+                                    kept=summary.kept - before[1], skipped=summary.skipped[before[2]:])
             if info is not None:
                 infos.append(info)
                 summary.shards.append(info.url)

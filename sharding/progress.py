@@ -28,7 +28,7 @@ from typing import Callable, ClassVar, Iterator
 
 from dfmvr.config import FaceModelConfig
 from dfmvr.data import storage
-from dfmvr.data.progress import PROGRESS_NAME, Recorded, ShardProgress
+from dfmvr.data.progress import Recorded, ShardProgress
 from dfmvr.data.shards import ShardInfo
 
 _logger = logging.getLogger(__name__)
@@ -267,5 +267,5 @@ def ordered_map(fn, items: list, *, workers: int, initializer, initargs: tuple, 
         yield from zip(items, pool.map(fn, items, chunksize=chunksize))
 
 
-__all__ = ["LOCK_NAME", "add_pack_options", "add_run_options", "face_model_from_args", "log_to_stderr", "PROGRESS_NAME", "PackedSummary", "RootBusyError", "SplitWriters", "load_progress", "next_index", "ordered_map", "progress_bar", "report",
+__all__ = ["LOCK_NAME", "add_pack_options", "add_run_options", "face_model_from_args", "log_to_stderr", "PackedSummary", "RootBusyError", "SplitWriters", "load_progress", "next_index", "ordered_map", "progress_bar", "report",
            "root_lock", "save_progress"]

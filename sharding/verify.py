@@ -27,7 +27,8 @@ class ShardProblem:
 
 
 def verify(root: str, *, endpoint: str | None = None) -> tuple[int, list[ShardProblem]]:
-    """``(shards checked, problems)`` for every shard the manifest at ``root`` lists.
+    """``(files checked, problems)`` for every shard the manifest at ``root`` lists and its
+    evaluation companion.
 
     Raises:
         ManifestError: the manifest is missing or unreadable (names the root).
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for pr in problems:
         print(f"BAD {pr.url}: {pr.problem}")
-    print(f"{checked - len(problems)} of {checked} shards match the manifest")
+    print(f"{checked - len(problems)} of {checked} files (shards and evaluation companions) match the manifest")
     if args.json:
         Path(args.json).write_text(json.dumps({"checked": checked, "problems": [asdict(p) for p in problems]}, indent=1))
     return 0 if not problems else 1

@@ -175,8 +175,8 @@ class TarSamples:
             handler = ShardErrors()
             yielded = 0
             # a shard that cannot be opened is counted like an empty one
-            companions = [found.get(url) for found in (self.eval_companions if self.with_gt else None,
-                                                       self.companions) if found and found.get(url)]
+            companions = [c for c in ((self.eval_companions or {}).get(url) if self.with_gt else None,
+                                      (self.companions or {}).get(url)) if c]
             with shard_samples(url, endpoint=self.endpoint, handler=handler,
                                select_files=None if self.with_gt else without_gt, companions=companions) as samples:
                 for sample in samples:

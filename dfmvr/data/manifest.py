@@ -171,8 +171,8 @@ def write_manifest(
         )
     if verify:
         for info in shards:
-            for url, expected in ((info.url, info.size), (info.eval_url, info.eval_size)):
-                stored = storage.size(url, endpoint=endpoint) if url else 0
+            for url, expected, _ in info.files():
+                stored = storage.size(url, endpoint=endpoint)
                 if stored != expected:
                     raise ManifestError(f"{url}: stored size {stored} bytes, expected {expected} bytes; not listing it")
     splits: dict[str, Any] = {}

@@ -46,7 +46,6 @@ class ShardProgress:
     """
 
     def __init__(self, root: str, fingerprint: str, *, endpoint: str | None = None) -> None:
-        self.root = root
         self.fingerprint = fingerprint
         self.endpoint = endpoint
         self.url = storage.join(root, PROGRESS_NAME)
@@ -60,7 +59,7 @@ class ShardProgress:
             doc = json.loads(storage.read_bytes(self.url, endpoint=self.endpoint))
         except FileNotFoundError:
             return {}
-        except (ValueError, UnicodeDecodeError) as exn:
+        except ValueError as exn:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             _logger.warning("%s: unreadable (%s); writing every shard again", self.url, exn)
             return {}
         if not isinstance(doc, dict) or doc.get("fingerprint") != self.fingerprint:
@@ -93,11 +92,9 @@ class ShardProgress:
         storage.write_bytes(self.url, json.dumps(doc, indent=1).encode(), endpoint=self.endpoint)
 
     def _intact(self, info: ShardInfo) -> bool:
-        files = [(info.url, info.sha256, info.size)]
-        if info.eval_url:
-            files.append((info.eval_url, info.eval_sha256, info.eval_size))
         try:
-            return all(storage.sha256_and_size(url, endpoint=self.endpoint) == (sha, size) for url, sha, size in files)
+            return all(storage.sha256_and_size(url, endpoint=self.endpoint) == (sha256, size)
+                       for url, size, sha256 in info.files())
         except (FileNotFoundError, storage.StorageError):
             return False
 

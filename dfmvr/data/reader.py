@@ -4,12 +4,15 @@ parse net's cached masks) and without the entries a reader never decodes (:func:
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import webdataset
 
 from dfmvr.data import storage
+
+_logger = logging.getLogger(__name__)
 
 
 
@@ -89,8 +92,10 @@ def _join_by_key(samples: Iterator[dict], extra: Iterator[dict]) -> Iterator[dic
     """Each sample with the entries of the ``extra`` sample of its key, streamed: at most
     :data:`JOIN_WINDOW` companion samples are held (an evaluation companion holds 200 meshes of
     1.2 MiB each; reading it whole would hold them all). A sample whose companion entries are
-    not within the window comes without them."""
+    not within the window comes without them (writers keep one order, so this happens only to a
+    companion out of order, or when the shard lost a run of samples; it is logged once)."""
     pending: dict[str, dict] = {}  # read ahead, in companion order
+    warned = False
     for sample in samples:
         key = sample["__key__"]
         while key not in pending and len(pending) < JOIN_WINDOW:
@@ -99,6 +104,11 @@ def _join_by_key(samples: Iterator[dict], extra: Iterator[dict]) -> Iterator[dic
                 break
             pending[item["__key__"]] = item
         if key not in pending:
+            if len(pending) >= JOIN_WINDOW and not warned:
+                warned = True
+                _logger.warning("%s: %d companion samples read ahead and none is %s's; the companion is out of "
+                                "order or its shard lost samples: samples from here on may come without its entries",
+                                sample.get("__url__"), JOIN_WINDOW, key)
             yield sample
             continue
         # one order in both: what was read before this sample's entries belongs to samples passed by

@@ -53,7 +53,7 @@ import torch
 
 from dfmvr.config import FaceModelConfig, check_at_least
 from dfmvr.data import storage
-from dfmvr.data.progress import PROGRESS_NAME, ShardProgress  # noqa: F401  (PROGRESS_NAME: the record's name)
+from dfmvr.data.progress import ShardProgress
 from dfmvr.data.shards import (VIEWS, Sample, ShardWriter, decode_sample, eval_companion_url, shard_samples,
                                write_manifest)
 from dfmvr.data.splits import SPLIT_NAMES, assign_splits, parse_fractions

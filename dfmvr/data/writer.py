@@ -53,6 +53,11 @@ class ShardInfo:
         """The evaluation companion's URL, or None when the shard has none."""
         return eval_companion_url(self.url) if self.eval_size else None
 
+    def files(self) -> list[tuple[str, int, str]]:
+        """``(url, size, sha256)`` of the shard and of its evaluation companion when it has one."""
+        return [(self.url, self.size, self.sha256)] + (
+            [(self.eval_url, self.eval_size, self.eval_sha256)] if self.eval_url else [])
+
 
 class _StagedTar:
     """One tar staged in a local temporary file (``mtime`` 0: the same samples give the same bytes
@@ -62,10 +67,8 @@ class _StagedTar:
         fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".tar", dir=tmp_dir)
         self.file = os.fdopen(fd, "wb")
         self.tar = webdataset.TarWriter(self.file, mtime=0)
-        self.count = 0
 
     def write(self, encoded: dict[str, Any]) -> int:
-        self.count += 1
         return self.tar.write(encoded)
 
     def publish(self, url: str, endpoint: str | None, transfer) -> tuple[int, str]:
@@ -80,7 +83,6 @@ class _StagedTar:
     def discard(self) -> None:
         self.close()
         Path(self.path).unlink(missing_ok=True)
-
 
 
 class ShardWriter:
@@ -242,6 +244,8 @@ class ShardWriter:
             if evaluation is not None:  # first, so that a published shard always has its companion
                 eval_size, eval_sha256 = evaluation.publish(eval_companion_url(url), self.endpoint, self.transfer)
             nbytes, sha256 = staged.publish(url, self.endpoint, self.transfer)
+            if evaluation is None:  # none left from an earlier write of this index: a companion beside a shard is its own
+                storage.delete(eval_companion_url(url), endpoint=self.endpoint)
         finally:
             staged.discard()
             if evaluation is not None:

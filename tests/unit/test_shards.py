@@ -245,6 +245,11 @@ def test_ground_truth_goes_to_the_evaluation_companion_and_joins_back(tmp_path):
         else:
             np.testing.assert_array_equal(item.gt_vertices, sample.gt["vertices"])
 
+    # the same index written again without meshes leaves no companion of the earlier write behind
+    with sh.ShardWriter(str(tmp_path), "test", max_count=5) as writer:
+        writer.write(samples[2])
+    assert writer.shards[0].eval_url is None and not Path(info.eval_url).exists()
+
 
 def test_the_companion_join_streams_and_survives_lost_samples():
     from dfmvr.data import reader

@@ -15,7 +15,8 @@ import torch
 from dfmvr.data.shards import read_manifest
 from dfmvr.facemodel.geometry import compute_shape, rigid_transform
 from dfmvr.render.camera import Camera
-from dfmvr.data.synth import PROGRESS_NAME, generate, iter_shard_samples, write_preview
+from dfmvr.data.progress import PROGRESS_NAME
+from dfmvr.data.synth import generate, iter_shard_samples, write_preview
 
 SIZE = 64
 N_VERTICES = 1500
