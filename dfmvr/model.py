@@ -145,8 +145,9 @@ def build_model(cfg, *, device: torch.device | str = "cpu", face_model: FaceMode
                 payload: dict | None = None, source: str = "", parse_net: nn.Module | None = None) -> "DFMVR":
     """The one way a :class:`DFMVR` is made from a :class:`dfmvr.config.Config`: its face model
     (``face_model``, else built from ``cfg.facemodel``), the network, and with a checkpoint's
-    ``payload`` the face-model signature check and its weights; on ``device``; with
-    ``parse_net`` (frozen) set as the parse net whose masks it reads when it reads them.
+    ``payload`` the face-model signature check and its weights; on ``device``, channels-last when
+    ``train.channels_last``; with ``parse_net`` (frozen) set as the parse net whose masks it reads
+    when it reads them.
 
     Raises:
         ValueError: a checkpoint of another face model or layout, weights that do not fit, or a
@@ -165,7 +166,7 @@ def build_model(cfg, *, device: torch.device | str = "cpu", face_model: FaceMode
             detail = " ".join(str(e).split())
             raise ValueError(f"checkpoint {source}: weights do not fit the model its config describes "
                              f"({detail:.400})") from e
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
     if reads_parse_net_masks(cfg.model):
         if parse_net is None and payload is not None:
             raise ValueError(f"checkpoint {source}: the network reads the parse net's masks "

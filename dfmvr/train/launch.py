@@ -22,14 +22,6 @@ from dfmvr.train.resume import check_resumable, previous_checkpoint, unique_run_
 _logger = logging.getLogger(__name__)
 
 
-def quiet_state_api_warnings() -> None:
-    """Worker set-up of the job's own local Ray, which has no dashboard and so no State API: Ray
-    Train's placement-group cleaner asks the State API about its controller every second and warns
-    each time it cannot (about 700 lines in a 13-minute job). Without the State API the cleaner
-    can do nothing anyway; the job shuts its Ray down at the end, placement groups with it."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 class PreflightError(RuntimeError):
     """A check before Ray starts failed (unreachable S3 or MLflow, missing or bad shards)."""
 
@@ -138,7 +130,7 @@ def train(cfg: Config, *, overrides_note: str = "", started: float | None = None
         # cores, docs/notes/training-readings.md, "Where the acceptance of issue #11 stands");
         # `ray start --head` gives one for ray job submit and the UI
         ray.init(configure_logging=False, log_to_driver=True, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": "dfmvr.train.launch.quiet_state_api_warnings"})
+                 runtime_env={"worker_process_setup_hook": "dfmvr.train.ray_setup.quiet_state_api_warnings"})
     scaling, n_workers, use_gpu = _scaling(cfg)
 
     experiment_id = tracking.setup_experiment(tracking_uri, cfg.tracking.experiment, work)

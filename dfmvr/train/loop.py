@@ -303,7 +303,6 @@ class _Trainer:
     step: int = 0
     counters: dict[str, float] = field(default_factory=lambda: {"skipped_samples": 0.0, "nan_steps": 0.0})
     nan_streak: int = 0
-    best_val: float = math.inf
     last_val: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     window: dict[str, list[float]] = field(default_factory=dict)
@@ -336,8 +335,6 @@ class _Trainer:
         face_model = build_face_model(cfg.facemodel)
         core = build_model(cfg, device=device, face_model=face_model)
         core.amp_dtype = autocast_dtype(device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp)
-        if cfg.train.channels_last:
-            core = core.to(memory_format=torch.channels_last)  # before DDP: its buckets follow the layout
         model = prepare_model(core) if prepare_model else core
         core = unwrap(model)
         plan = StepPlan(cfg.train.steps, cfg.optim.cosine_after)
@@ -531,7 +528,6 @@ class _Trainer:
             self.tracker.log_metrics(last_val, self.step)
             if view is not None and self.cfg.tracking.log_images:
                 self.tracker.log_validation_images(view, self.step)
-        self.best_val = min(self.best_val, last_val.get(VAL_METRIC, math.inf))
 
     def report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
         """``session.report`` on every rank, with rank 0's checkpoint when ``with_checkpoint``."""

@@ -40,8 +40,9 @@ def trial_error_text(trial) -> str:
 class SweepCallback(Callback):
     """Journal results, close child runs. Holds only plain data: Tune pickles it with the sweep."""
 
-    journal: str
-    """The sweep's result journal (:class:`~dfmvr.tune.journal.ResultJournal`)."""
+    journal_path: str
+    """The sweep's result journal (:class:`~dfmvr.tune.journal.ResultJournal`); the name an
+    interrupted sweep's pickled callback holds, so ``Tuner.restore`` still finds it."""
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -52,7 +53,7 @@ class SweepCallback(Callback):
 
     def _journal(self) -> dict[str, list[dict[str, Any]]]:
         # read afresh: ASHA appends its stop events to the same file (small: a line per report)
-        return ResultJournal(self.journal).read()
+        return ResultJournal(self.journal_path).read()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "step" not in result:
@@ -62,7 +63,7 @@ class SweepCallback(Callback):
                "metric": float(metric) if metric is not None else None,
                "checkpoint": result.get(CHECKPOINT_PATH_KEY), "time_total_s": result.get("time_total_s"),
                "extra": {k: float(v) for k, v in result.items() if k.startswith("angles/")}}
-        ResultJournal(self.journal).append(rec)
+        ResultJournal(self.journal_path).append(rec)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         # a trial restarted after an interruption may have finished in its first attempt: the

@@ -237,7 +237,7 @@ def run_sweep(cfg: Config, plan: SweepPlan, *, resume: bool = False, note: str =
             run_config=tune.RunConfig(
                 name=tcfg.name, storage_path=tune_storage,
                 failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
-                callbacks=[SweepCallback(journal=journal, tracking_uri=tracking_uri, experiment_id=experiment_id,
+                callbacks=[SweepCallback(journal_path=journal, tracking_uri=tracking_uri, experiment_id=experiment_id,
                                          parent_run_id=parent_run_id, train_storage=train_storage,
                                          total_steps=cfg.train.steps)],
             ),
@@ -276,7 +276,7 @@ def _finish(cfg: Config, plan: SweepPlan, grid, *, ctx, dists, folder: Path, cli
         grid, journal, total_steps=cfg.train.steps, names=names, descriptions=ctx.descriptions, labels=labels,
         run_ids={k: r.info.run_id for k, r in child_runs.items() if k})
     # a trial the driver was not there to see end (killed driver, then restore) is closed now
-    closer = SweepCallback(journal=str(folder / JOURNAL_FILE), tracking_uri=ctx.tracking_uri,
+    closer = SweepCallback(journal_path=str(folder / JOURNAL_FILE), tracking_uri=ctx.tracking_uri,
                            experiment_id=ctx.experiment_id, parent_run_id=parent, train_storage=ctx.train_storage,
                            total_steps=cfg.train.steps)
     for rec in records:

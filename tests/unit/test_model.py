@@ -11,7 +11,7 @@ from dfmvr.config import apply_overrides
 from dfmvr.data.batch import TripletItem, collate
 from dfmvr.data.transforms import weight_map
 from dfmvr.facemodel import build_face_model
-from dfmvr.model import DFMVR, autocast_dtype, input_channels, mask_channels, parsed_masks
+from dfmvr.model import DFMVR, autocast_dtype, build_model, input_channels, mask_channels, parsed_masks
 from dfmvr.nets import BiSeNet
 from dfmvr.presets import tiny
 from dfmvr.train.objective import reconstruction_losses
@@ -221,9 +221,9 @@ def test_channels_last_is_the_same_step(setup):
     steps = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        model = _with_head_weights(DFMVR(cfg.model, cfg.render, fm).train())
+        model = _with_head_weights(build_model(apply_overrides(cfg, {"train.channels_last": channels_last}),
+                                               face_model=fm).train())
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)
             assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                        and not p.is_contiguous() for p in model.parameters())
         out = model(batch.images, batch.masks)
