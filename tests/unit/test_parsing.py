@@ -22,6 +22,7 @@ import torch
 
 from dfmvr.config import apply_overrides
 from dfmvr.data.augment import AugmentSettings, PhotoAugment
+from dfmvr.data.progress import PROGRESS_NAME
 from dfmvr.data.loader import make_loader
 from dfmvr.data.shards import VIEWS, ShardWriter, read_manifest, write_manifest
 from dfmvr.facemodel.model import N_PARSE_CLASSES, PARSE_CLASSES
@@ -308,6 +309,30 @@ def test_fill_masks_end_to_end(trained, dataset, tmp_path):
     again = json.loads(summary_json.read_text())
     assert (again["filled"], again["kept"]) == (summary["filled"], summary["kept"])
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+
+
+def test_fill_masks_reads_a_shard_cut_short_again(trained, dataset, tmp_path):
+    """An input shard that yields fewer samples than its manifest lists (cut short here; an outage
+    or damage in real life) is written from what could be read, but not recorded as done: the same
+    command again reads it again, and keeps the shards it did record."""
+    result, _ = trained
+    ckpt = save_parsenet(tmp_path / "net" / "parsenet.pt", result.model.eval(), {"image_size": SIZE})
+    result.model.train()
+    strip_masks(dataset, tmp_path / "in")
+    cut = tmp_path / "in" / "train-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--out", str(out), "--parse-net", str(ckpt), "--batch-size", "3",
+            "--device", "cpu", "--summary-json", str(tmp_path / "summary.json")]
+    assert fill_main(args) == 0
+    assert [lost["shard"] for lost in json.loads((tmp_path / "summary.json").read_text())["lost"]] == [str(cut)]
+    recorded = json.loads((out / PROGRESS_NAME).read_text())["shards"]
+    assert "train-000000.tar" not in recorded and len(recorded) >= 2
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert fill_main(args) == 0
+    again = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert again["train-000000.tar"] != mtimes["train-000000.tar"]
+    assert {n: t for n, t in again.items() if n in recorded} == {n: t for n, t in mtimes.items() if n in recorded}
 
 
 def test_fill_masks_refuses_bad_checkpoints_and_manifests(dataset, tmp_path, capsys):
